@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian 12 machine for blocktrace: the system tools it serves and is tested
+# against, a virtual environment that can see Debian's python3-libnbd, and the package itself.
+# Idempotent: installs only what is missing.  Usage: scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-utils qemu-system-x86 qemu-system-common  # qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon
+  libnbd-bin python3-libnbd nbdfuse              # nbdinfo, nbdcopy, nbdsh, nbdfuse, module nbd
+  nbdkit fio e2fsprogs fuse3 util-linux          # fio's nbd engine, mkfs.ext4/debugfs, losetup
+  python3-venv python3-pip
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's python3-libnbd is not on PyPI: the venv must be made by Debian's own interpreter
+# with --system-site-packages so that `import nbd` works inside it.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import nbd' 2>/dev/null; then
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.blocktrace-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test]'
+  touch "$stamp"
+fi
