@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""Side-by-side NBD benchmark: fio's nbd engine against blocktrace and its peers, same run.
+
+Every contender serves the same raw image over a Unix socket; fio (ioengine=nbd, one
+connection) drives each workload against each contender in turn, with a fresh server (and a
+fresh log, for the tracing contenders) per measurement.  The report gives absolute figures,
+ratios against the named baseline, and each server's peak RSS (VmHWM).  Timings are only ever
+reported here, never asserted by tests.
+
+Usage:
+    .venv/bin/python bench/nbd_fio.py [--runtime S] [--size MiB] [--only NAME,...]
+                                      [--markdown FILE] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1024 * 1024
+EXPORT = "disk"
+PYTHON = sys.executable
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    rw: str
+    bs: str
+    iodepth: int
+    metric: str  # "iops" or "MB/s"
+    direction: str  # fio JSON section: "read" or "write"
+
+
+WORKLOADS = [
+    Workload("4k randwrite QD16", "randwrite", "4k", 16, "iops", "write"),
+    Workload("4k randread QD16", "randread", "4k", 16, "iops", "read"),
+    Workload("1M seqwrite QD8", "write", "1M", 8, "MB/s", "write"),
+]
+
+
+@dataclass
+class Contender:
+    """A server to measure: ``command(image, socket, workdir)`` returns its argv."""
+
+    name: str
+    command: Callable[[Path, Path, Path], list[str]]
+    setup: Callable[[Path], None] = lambda workdir: None
+    peak_rss: int = 0
+    results: dict[str, float] = field(default_factory=dict)
+
+
+def qemu_nbd(image: Path, sock: Path, workdir: Path) -> list[str]:
+    return ["qemu-nbd", "-t", "-f", "raw", "-x", EXPORT, "-k", str(sock), "--cache=writeback",
+            "--discard=unmap", str(image)]
+
+
+def qemu_nbd_blklogwrites(image: Path, sock: Path, workdir: Path) -> list[str]:
+    log = workdir / "qemu.log"
+    log.write_bytes(b"")
+    opts = (f"driver=blklogwrites,file.driver=file,file.filename={image},"
+            f"log.driver=file,log.filename={log},log-sector-size=512")
+    return ["qemu-nbd", "-t", "--image-opts", opts, "-x", EXPORT, "-k", str(sock),
+            "--cache=writeback", "--discard=unmap"]
+
+
+def blocktrace(*extra: str) -> Callable[[Path, Path, Path], list[str]]:
+    def command(image: Path, sock: Path, workdir: Path) -> list[str]:
+        args = [a.replace("{log}", str(workdir / "trace.log")) for a in extra]
+        return [PYTHON, "-m", "blocktrace", "serve", f"{EXPORT}={image}", "--socket", str(sock),
+                *args]
+    return command
+
+
+CONTENDERS = [
+    Contender("qemu-nbd", qemu_nbd),
+    Contender("blocktrace", blocktrace()),
+    Contender("qemu-nbd+blklogwrites", qemu_nbd_blklogwrites),
+    Contender("blocktrace+log background",
+              blocktrace("--trace", f"{EXPORT}=log:{{log}},copy-mode=background")),
+    Contender("blocktrace+log write-blocking",
+              blocktrace("--trace", f"{EXPORT}=log:{{log}},copy-mode=write-blocking")),
+]
+
+#: (row name, contender, baseline, goal) printed as ratios
+RATIOS = [
+    ("blocktrace / qemu-nbd", "blocktrace", "qemu-nbd", 1.0),
+    ("traced background / qemu-nbd+blklogwrites", "blocktrace+log background",
+     "qemu-nbd+blklogwrites", None),
+    ("traced write-blocking / qemu-nbd+blklogwrites", "blocktrace+log write-blocking",
+     "qemu-nbd+blklogwrites", None),
+    ("traced background / untraced blocktrace", "blocktrace+log background", "blocktrace", 0.8),
+]
+
+
+def wait_listening(sock: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}: {proc.args}")
+        if sock.exists():
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(str(sock))
+                    return
+                except OSError:
+                    pass
+        time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on {sock}")
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM of a live process, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_fio(uri: str, w: Workload, size: int, runtime: int) -> float:
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={w.rw}",
+           f"--bs={w.bs}", f"--iodepth={w.iodepth}", f"--size={size}", "--time_based",
+           f"--runtime={runtime}", "--ramp_time=1", "--norandommap", "--randrepeat=0",
+           "--output-format=json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + 120, check=True)
+    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0][w.direction]
+    return float(job["iops"]) if w.metric == "iops" else float(job["bw"]) * 1024 / 1e6
+
+
+def measure(c: Contender, image: Path, w: Workload, size: int, runtime: int) -> float:
+    with tempfile.TemporaryDirectory(prefix="bench-", dir=image.parent) as tmp:
+        workdir = Path(tmp)
+        sock = workdir / "nbd.sock"
+        proc = subprocess.Popen(c.command(image, sock, workdir), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        try:
+            wait_listening(sock, proc)
+            value = run_fio(f"nbd+unix:///{EXPORT}?socket={sock}", w, size, runtime)
+            c.peak_rss = max(c.peak_rss, peak_rss(proc.pid))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return value
+
+
+def machine() -> str:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    qemu = subprocess.run(["qemu-nbd", "--version"], capture_output=True, text=True)
+    return (f"{os.cpu_count()} cores ({cpu}), {platform.platform()}, Python "
+            f"{platform.python_version()}, {qemu.stdout.splitlines()[0]}, "
+            f"{subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip()}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runtime", type=int, default=8, help="seconds per measurement")
+    ap.add_argument("--size", type=int, default=512, help="image size in MiB")
+    ap.add_argument("--only", help="comma-separated contender names")
+    ap.add_argument("--dir", type=Path, help="where to put the image (default: a temp dir)")
+    ap.add_argument("--markdown", type=Path, help="write the report as Markdown here")
+    ap.add_argument("--json", type=Path, help="write raw results as JSON here")
+    args = ap.parse_args()
+    for tool in ("fio", "qemu-nbd"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is not installed (run scripts/setup.sh)", file=sys.stderr)
+            return 2
+    contenders = CONTENDERS
+    if args.only:
+        wanted = set(args.only.split(","))
+        contenders = [c for c in CONTENDERS if c.name in wanted]
+    size = args.size * MiB
+    base = Path(tempfile.mkdtemp(prefix="blocktrace-bench-", dir=args.dir))
+    try:
+        image = base / "disk.img"
+        with open(image, "wb") as f:  # written, not sparse: reads hit real data
+            chunk = os.urandom(MiB)
+            for _ in range(args.size):
+                f.write(chunk)
+        for w in WORKLOADS:
+            for c in contenders:
+                try:
+                    c.results[w.name] = measure(c, image, w, size, args.runtime)
+                except (RuntimeError, subprocess.SubprocessError) as exc:
+                    print(f"bench: {c.name} / {w.name}: {exc}", file=sys.stderr)
+                print(f"  {w.name:<20} {c.name:<32} {c.results.get(w.name, float('nan')):>12.1f}"
+                      f" {w.metric}", file=sys.stderr)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    report = render(contenders, args)
+    print(report)
+    if args.markdown:
+        args.markdown.write_text(report)
+    if args.json:
+        args.json.write_text(json.dumps(
+            {c.name: {"results": c.results, "peak_rss": c.peak_rss} for c in contenders},
+            indent=2))
+    return 0
+
+
+def render(contenders: list[Contender], args: argparse.Namespace) -> str:
+    by_name = {c.name: c for c in contenders}
+    lines = [f"Machine: {machine()}", "",
+             f"Command: `.venv/bin/python bench/nbd_fio.py --runtime {args.runtime} "
+             f"--size {args.size}`", "",
+             "| contender | " + " | ".join(f"{w.name} ({w.metric})" for w in WORKLOADS)
+             + " | peak RSS (MiB) |",
+             "|---|" + "---:|" * (len(WORKLOADS) + 1)]
+    for c in contenders:
+        cells = [f"{c.results[w.name]:,.0f}" if w.name in c.results else "n/a" for w in WORKLOADS]
+        lines.append(f"| {c.name} | " + " | ".join(cells) + f" | {c.peak_rss / MiB:.0f} |")
+    lines += ["", "| ratio | " + " | ".join(w.name for w in WORKLOADS) + " | goal |",
+              "|---|" + "---:|" * (len(WORKLOADS) + 1)]
+    for label, num, den, goal in RATIOS:
+        if num not in by_name or den not in by_name:
+            continue
+        cells = []
+        for w in WORKLOADS:
+            a, b = by_name[num].results.get(w.name), by_name[den].results.get(w.name)
+            cells.append(f"{a / b:.2f}x" if a and b else "n/a")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {f'>= {goal}x' if goal else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
