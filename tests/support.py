@@ -43,14 +43,28 @@ def require_fuse_and_loop() -> None:
         pytest.skip("machine lacks loop devices (/dev/loop-control)")
 
 
-def run(cmd: Sequence[str | os.PathLike[str]], *, timeout: float = 120, check: bool = True,
-        input: bytes | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: Sequence[str | os.PathLike[str]],
+    *,
+    timeout: float = 120,
+    check: bool = True,
+    input: bytes | None = None,
+    **kw: Any,
+) -> subprocess.CompletedProcess[str]:
     """Run ``cmd``; on failure, fail the test showing stdout and stderr."""
-    proc = subprocess.run([os.fspath(c) for c in cmd], capture_output=True, text=True,
-                          timeout=timeout, input=input.decode() if input else None, **kw)
+    proc = subprocess.run(
+        [os.fspath(c) for c in cmd],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input.decode() if input else None,
+        **kw,
+    )
     if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
-                    f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        pytest.fail(
+            f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 
@@ -70,8 +84,9 @@ def make_image(path: Path, size: int, *, seed: int | None = None) -> Path:
     return path
 
 
-def wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None = None,
-                    timeout: float = 15) -> None:
+def wait_for_socket(
+    path: Path, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15
+) -> None:
     """Wait until a Unix socket accepts connections (or the process died)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -97,17 +112,29 @@ class ServerProcess:
     SIGTERM and must stop cleanly within the timeout (asserted: exit status 0).
     """
 
-    def __init__(self, workdir: Path, images: Sequence[str | os.PathLike[str]],
-                 args: Sequence[str] = (), *, name: str = "nbd") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        images: Sequence[str | os.PathLike[str]],
+        args: Sequence[str] = (),
+        *,
+        name: str = "nbd",
+    ) -> None:
         self.workdir = workdir
         self.socket = workdir / f"{name}.sock"
-        self.cmd = [*BLOCKTRACE, "serve", *map(os.fspath, images), "--socket",
-                    os.fspath(self.socket), *args]
+        self.cmd = [
+            *BLOCKTRACE,
+            "serve",
+            *map(os.fspath, images),
+            "--socket",
+            os.fspath(self.socket),
+            *args,
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr_path = workdir / f"{name}.stderr"
 
     def start(self) -> ServerProcess:
-        self._stderr = open(self.stderr_path, "wb")
+        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()/kill()
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=self._stderr)
         try:
             wait_for_socket(self.socket, None)
