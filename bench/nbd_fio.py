@@ -63,24 +63,56 @@ class Contender:
 
 
 def qemu_nbd(image: Path, sock: Path, workdir: Path) -> list[str]:
-    return ["qemu-nbd", "-t", "-f", "raw", "-x", EXPORT, "-k", str(sock), "--cache=writeback",
-            "--discard=unmap", str(image)]
+    return [
+        "qemu-nbd",
+        "-t",
+        "-f",
+        "raw",
+        "-x",
+        EXPORT,
+        "-k",
+        str(sock),
+        "--cache=writeback",
+        "--discard=unmap",
+        str(image),
+    ]
 
 
 def qemu_nbd_blklogwrites(image: Path, sock: Path, workdir: Path) -> list[str]:
     log = workdir / "qemu.log"
     log.write_bytes(b"")
-    opts = (f"driver=blklogwrites,file.driver=file,file.filename={image},"
-            f"log.driver=file,log.filename={log},log-sector-size=512")
-    return ["qemu-nbd", "-t", "--image-opts", opts, "-x", EXPORT, "-k", str(sock),
-            "--cache=writeback", "--discard=unmap"]
+    opts = (
+        f"driver=blklogwrites,file.driver=file,file.filename={image},"
+        f"log.driver=file,log.filename={log},log-sector-size=512"
+    )
+    return [
+        "qemu-nbd",
+        "-t",
+        "--image-opts",
+        opts,
+        "-x",
+        EXPORT,
+        "-k",
+        str(sock),
+        "--cache=writeback",
+        "--discard=unmap",
+    ]
 
 
 def blocktrace(*extra: str) -> Callable[[Path, Path, Path], list[str]]:
     def command(image: Path, sock: Path, workdir: Path) -> list[str]:
         args = [a.replace("{log}", str(workdir / "trace.log")) for a in extra]
-        return [PYTHON, "-m", "blocktrace", "serve", f"{EXPORT}={image}", "--socket", str(sock),
-                *args]
+        return [
+            PYTHON,
+            "-m",
+            "blocktrace",
+            "serve",
+            f"{EXPORT}={image}",
+            "--socket",
+            str(sock),
+            *args,
+        ]
+
     return command
 
 
@@ -88,19 +120,31 @@ CONTENDERS = [
     Contender("qemu-nbd", qemu_nbd),
     Contender("blocktrace", blocktrace()),
     Contender("qemu-nbd+blklogwrites", qemu_nbd_blklogwrites),
-    Contender("blocktrace+log background",
-              blocktrace("--trace", f"{EXPORT}=log:{{log}},copy-mode=background")),
-    Contender("blocktrace+log write-blocking",
-              blocktrace("--trace", f"{EXPORT}=log:{{log}},copy-mode=write-blocking")),
+    Contender(
+        "blocktrace+log background",
+        blocktrace("--trace", f"{EXPORT}=log:{{log}},copy-mode=background"),
+    ),
+    Contender(
+        "blocktrace+log write-blocking",
+        blocktrace("--trace", f"{EXPORT}=log:{{log}},copy-mode=write-blocking"),
+    ),
 ]
 
 #: (row name, contender, baseline, goal) printed as ratios
 RATIOS = [
     ("blocktrace / qemu-nbd", "blocktrace", "qemu-nbd", 1.0),
-    ("traced background / qemu-nbd+blklogwrites", "blocktrace+log background",
-     "qemu-nbd+blklogwrites", None),
-    ("traced write-blocking / qemu-nbd+blklogwrites", "blocktrace+log write-blocking",
-     "qemu-nbd+blklogwrites", None),
+    (
+        "traced background / qemu-nbd+blklogwrites",
+        "blocktrace+log background",
+        "qemu-nbd+blklogwrites",
+        None,
+    ),
+    (
+        "traced write-blocking / qemu-nbd+blklogwrites",
+        "blocktrace+log write-blocking",
+        "qemu-nbd+blklogwrites",
+        None,
+    ),
     ("traced background / untraced blocktrace", "blocktrace+log background", "blocktrace", 0.8),
 ]
 
@@ -131,12 +175,24 @@ def peak_rss(pid: int) -> int:
 
 
 def run_fio(uri: str, w: Workload, size: int, runtime: int) -> float:
-    cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={w.rw}",
-           f"--bs={w.bs}", f"--iodepth={w.iodepth}", f"--size={size}", "--time_based",
-           f"--runtime={runtime}", "--ramp_time=1", "--norandommap", "--randrepeat=0",
-           "--output-format=json"]
+    cmd = [
+        "fio",
+        "--name=bench",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        f"--rw={w.rw}",
+        f"--bs={w.bs}",
+        f"--iodepth={w.iodepth}",
+        f"--size={size}",
+        "--time_based",
+        f"--runtime={runtime}",
+        "--ramp_time=1",
+        "--norandommap",
+        "--randrepeat=0",
+        "--output-format=json",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + 120, check=True)
-    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0][w.direction]
+    job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0][w.direction]
     return float(job["iops"]) if w.metric == "iops" else float(job["bw"]) * 1024 / 1e6
 
 
@@ -144,8 +200,9 @@ def measure(c: Contender, image: Path, w: Workload, size: int, runtime: int) -> 
     with tempfile.TemporaryDirectory(prefix="bench-", dir=image.parent) as tmp:
         workdir = Path(tmp)
         sock = workdir / "nbd.sock"
-        proc = subprocess.Popen(c.command(image, sock, workdir), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            c.command(image, sock, workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         try:
             wait_listening(sock, proc)
             value = run_fio(f"nbd+unix:///{EXPORT}?socket={sock}", w, size, runtime)
@@ -168,9 +225,11 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     qemu = subprocess.run(["qemu-nbd", "--version"], capture_output=True, text=True)
-    return (f"{os.cpu_count()} cores ({cpu}), {platform.platform()}, Python "
-            f"{platform.python_version()}, {qemu.stdout.splitlines()[0]}, "
-            f"{subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip()}")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {platform.platform()}, Python "
+        f"{platform.python_version()}, {qemu.stdout.splitlines()[0]}, "
+        f"{subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip()}"
+    )
 
 
 def main() -> int:
@@ -204,8 +263,11 @@ def main() -> int:
                     c.results[w.name] = measure(c, image, w, size, args.runtime)
                 except (RuntimeError, subprocess.SubprocessError) as exc:
                     print(f"bench: {c.name} / {w.name}: {exc}", file=sys.stderr)
-                print(f"  {w.name:<20} {c.name:<32} {c.results.get(w.name, float('nan')):>12.1f}"
-                      f" {w.metric}", file=sys.stderr)
+                print(
+                    f"  {w.name:<20} {c.name:<32} {c.results.get(w.name, float('nan')):>12.1f}"
+                    f" {w.metric}",
+                    file=sys.stderr,
+                )
     finally:
         shutil.rmtree(base, ignore_errors=True)
     report = render(contenders, args)
@@ -213,25 +275,35 @@ def main() -> int:
     if args.markdown:
         args.markdown.write_text(report)
     if args.json:
-        args.json.write_text(json.dumps(
-            {c.name: {"results": c.results, "peak_rss": c.peak_rss} for c in contenders},
-            indent=2))
+        args.json.write_text(
+            json.dumps(
+                {c.name: {"results": c.results, "peak_rss": c.peak_rss} for c in contenders},
+                indent=2,
+            )
+        )
     return 0
 
 
 def render(contenders: list[Contender], args: argparse.Namespace) -> str:
     by_name = {c.name: c for c in contenders}
-    lines = [f"Machine: {machine()}", "",
-             f"Command: `.venv/bin/python bench/nbd_fio.py --runtime {args.runtime} "
-             f"--size {args.size}`", "",
-             "| contender | " + " | ".join(f"{w.name} ({w.metric})" for w in WORKLOADS)
-             + " | peak RSS (MiB) |",
-             "|---|" + "---:|" * (len(WORKLOADS) + 1)]
+    lines = [
+        f"Machine: {machine()}",
+        "",
+        f"Command: `.venv/bin/python bench/nbd_fio.py --runtime {args.runtime} --size {args.size}`",
+        "",
+        "| contender | "
+        + " | ".join(f"{w.name} ({w.metric})" for w in WORKLOADS)
+        + " | peak RSS (MiB) |",
+        "|---|" + "---:|" * (len(WORKLOADS) + 1),
+    ]
     for c in contenders:
         cells = [f"{c.results[w.name]:,.0f}" if w.name in c.results else "n/a" for w in WORKLOADS]
         lines.append(f"| {c.name} | " + " | ".join(cells) + f" | {c.peak_rss / MiB:.0f} |")
-    lines += ["", "| ratio | " + " | ".join(w.name for w in WORKLOADS) + " | goal |",
-              "|---|" + "---:|" * (len(WORKLOADS) + 1)]
+    lines += [
+        "",
+        "| ratio | " + " | ".join(w.name for w in WORKLOADS) + " | goal |",
+        "|---|" + "---:|" * (len(WORKLOADS) + 1),
+    ]
     for label, num, den, goal in RATIOS:
         if num not in by_name or den not in by_name:
             continue

@@ -83,8 +83,15 @@ def demo(directory: Path) -> None:
     with open(disk, "wb") as f:
         f.truncate(DISK_SIZE)
     console.rule("[bold]1. serve a 64 MiB disk over NBD, tracing every write to a log")
-    cmd = [*_self(), "serve", os.fspath(disk), "--socket", os.fspath(sock),
-           "--trace", f"disk=log:{log}"]
+    cmd = [
+        *_self(),
+        "serve",
+        os.fspath(disk),
+        "--socket",
+        os.fspath(sock),
+        "--trace",
+        f"disk=log:{log}",
+    ]
     console.print(f"[dim]$ {' '.join(cmd)} &[/dim]")
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -114,16 +121,21 @@ def demo(directory: Path) -> None:
     with open(replayed, "wb") as f:
         f.truncate(DISK_SIZE)
     _run(console, [*_self(), "replay", os.fspath(log), os.fspath(replayed)])
-    result = subprocess.run([*_self(), "verify", os.fspath(disk), os.fspath(replayed)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [*_self(), "verify", os.fspath(disk), os.fspath(replayed)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     console.print(f"[dim]$ blocktrace verify {disk} {replayed}[/dim]")
     console.print(result.stdout.rstrip())
     table = Table(title="blocktrace demo", show_header=False)
     table.add_row("served image", os.fspath(disk))
     table.add_row("trace log (dm-log-writes)", os.fspath(log))
     table.add_row("replayed image", os.fspath(replayed))
-    table.add_row("replay == image", "[green]yes[/green]" if result.returncode == 0
-                  else "[red]NO[/red]")
+    table.add_row(
+        "replay == image", "[green]yes[/green]" if result.returncode == 0 else "[red]NO[/red]"
+    )
     console.print(table)
     if result.returncode != 0:
         raise BlocktraceError("replayed image differs from the served image")

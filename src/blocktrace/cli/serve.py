@@ -1,0 +1,121 @@
+"""``blocktrace serve IMAGE [NAME=IMAGE ...]``: export raw images over NBD until stopped.
+
+Argument handling only: options become a :class:`~blocktrace.service.ServiceConfig`, and
+:class:`~blocktrace.service.Service` does the work.  Other parts add their options here (a
+decorator, a config field, a hook registration in :func:`serve`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import click
+
+from blocktrace.errors import UsageError
+from blocktrace.exports import default_export_name
+from blocktrace.service import DEFAULT_SOCKET, Service, ServiceConfig, parse_listen, run
+from blocktrace.trace.startup import install_traces
+
+
+def parse_image_arg(arg: str) -> tuple[str, str]:
+    """``NAME=IMAGE`` or ``IMAGE`` (name = file stem).  A path that exists as given wins
+    over splitting at ``=``, so images with ``=`` in their names still work."""
+    if "=" in arg and not os.path.exists(arg):
+        name, _, path = arg.partition("=")
+        if not name:
+            raise UsageError(f"{arg!r}: empty export name")
+        if not path:
+            raise UsageError(f"{arg!r}: missing image path")
+        return name, path
+    return default_export_name(arg), arg
+
+
+def build_config(
+    images: tuple[str, ...],
+    socket_path: str | None,
+    listen: tuple[str, ...],
+    read_only: bool,
+) -> ServiceConfig:
+    pairs = [parse_image_arg(a) for a in images]
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise UsageError(f"duplicate export name {name!r} (use NAME=IMAGE)")
+        seen.add(name)
+    # A Unix socket unless only TCP was asked for.
+    if socket_path is None and not listen:
+        socket_path = DEFAULT_SOCKET
+    return ServiceConfig(
+        images=pairs,
+        socket=socket_path or None,
+        listen=[parse_listen(spec) for spec in listen],
+        read_only=read_only,
+    )
+
+
+@click.command()
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE [NAME=IMAGE]...")
+@click.option(
+    "--socket",
+    "socket_path",
+    metavar="PATH",
+    default=None,
+    help=f"NBD Unix socket (mode 0600; default {DEFAULT_SOCKET} unless only --listen is given).",
+)
+@click.option(
+    "--listen",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Also serve NBD over TCP (HOST defaults to 127.0.0.1; repeatable).",
+)
+@click.option("--read-only", is_flag=True, help="Export every image read-only.")
+@click.option(
+    "--trace",
+    "traces",
+    multiple=True,
+    metavar="EXPORT=log:PATH[,OPT=VAL...]",
+    help="Trace an export from the start (options: sync=none|full, "
+    "copy-mode=background|write-blocking, on-target-error=report|break, queue-size=64M, "
+    "sector-size=512, job-id=ID; repeatable).  See docs/trace.md.",
+)
+@click.option(
+    "--qmp",
+    "qmp_path",
+    metavar="PATH",
+    default=None,
+    help="QMP control socket (Unix, mode 0600): block-trace jobs, exports.  See docs/qmp.md.",
+)
+@click.option(
+    "--qmp-listen",
+    "qmp_listen",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Also serve QMP over TCP (HOST defaults to 127.0.0.1; no authentication).",
+)
+def serve(
+    images: tuple[str, ...],
+    socket_path: str | None,
+    listen: tuple[str, ...],
+    read_only: bool,
+    traces: tuple[str, ...] = (),
+    qmp_path: str | None = None,
+    qmp_listen: tuple[str, ...] = (),
+) -> None:
+    """Serve raw disk images over NBD; the first image is the default export.
+
+    Runs in the foreground, logs one line per connection, and stops cleanly on SIGINT or
+    SIGTERM (in-flight requests finished, devices flushed, sockets removed).
+    """
+    logger = logging.getLogger("blocktrace")
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    config = build_config(images, socket_path, listen, read_only)
+    service = Service(config)
+    install_traces(service, traces)
+    if qmp_path or qmp_listen:
+        from blocktrace.qmp.control import install as install_qmp
+        from blocktrace.qmp.server import parse_listen as parse_qmp_listen
+
+        install_qmp(service, unix=qmp_path, tcp=[parse_qmp_listen(s) for s in qmp_listen])
+    run(service.run())

@@ -1,0 +1,83 @@
+"""``blocktrace watch BASE_IMAGE LOG``: file-level events from a recorded write stream.
+
+Argument handling only; the work is :class:`blocktrace.ext4.watcher.Watcher`.  Events go to
+stdout as JSON lines (``--json``, the default when stdout is not a terminal) or one readable
+line each; a summary (records, transactions, pending-set counters) goes to stderr with
+``--stats``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+
+import click
+
+from blocktrace.errors import UsageError
+
+
+@click.command("watch")
+@click.argument("base_image", type=click.Path(dir_okay=False))
+@click.argument("log", type=click.Path(dir_okay=False))
+@click.option(
+    "--json/--human",
+    "as_json",
+    default=None,
+    help="JSON lines (default when stdout is not a terminal) or readable lines.",
+)
+@click.option("--stats", is_flag=True, help="Print engine counters to stderr at the end.")
+@click.option(
+    "--max-pending",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Unowned blocks remembered while waiting for their metadata.",
+)
+@click.option(
+    "--max-pending-bytes",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Bytes of pending block contents kept (oldest dropped first).",
+)
+@click.option("--no-verify", is_flag=True, help="Do not verify blocktrace log checksums.")
+def watch(
+    base_image: str,
+    log: str,
+    as_json: bool | None,
+    stats: bool,
+    max_pending: int | None,
+    max_pending_bytes: int | None,
+    no_verify: bool,
+) -> None:
+    """Follow the ext4 file systems of BASE_IMAGE through the writes recorded in LOG.
+
+    BASE_IMAGE is the raw image as it was when the recording started; LOG is a dm-log-writes
+    log (blocktrace, Linux dm-log-writes or QEMU blklogwrites).  The image is only read.
+    """
+    import os
+
+    from blocktrace.ext4.watcher import Watcher, log_records
+
+    for path, what in ((base_image, "base image"), (log, "log")):
+        if not os.path.isfile(path):
+            raise UsageError(f"{what} {path}: no such file")
+    if as_json is None:
+        as_json = not sys.stdout.isatty()
+    kwargs = {}
+    if max_pending is not None:
+        kwargs["max_pending"] = max_pending
+    if max_pending_bytes is not None:
+        kwargs["max_pending_bytes"] = max_pending_bytes
+    out = sys.stdout
+    with Watcher(base_image, **kwargs) as watcher:
+        try:
+            for event in watcher.feed(log_records(log, verify=not no_verify)):
+                out.write((event.to_json() if as_json else event.describe()) + "\n")
+        except BrokenPipeError:
+            sys.stderr.close()  # e.g. | head: stop quietly
+            return
+        finally:
+            out.flush()
+        if stats:
+            counters = {name: asdict(s) for name, s in watcher.stats().items()}
+            click.echo(json.dumps(counters), err=True)

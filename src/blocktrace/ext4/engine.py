@@ -1,0 +1,420 @@
+"""The ext4 introspection engine: write records in, file-level events out (sans-IO).
+
+Design
+------
+The engine keeps a *view* of the file system (base image + an overlay of the metadata blocks
+the stream wrote) and a model derived from it: block ownership (:mod:`.ownership`), the
+directory tree (:mod:`.namespace`), and each live inode's decoded form and block map.  Writes
+are routed by the owner of each block they touch:
+
+* **journal** blocks go to the :class:`~.journal.Journal`; a commit block applies the
+  transaction's logged copies to their home blocks in the view and *settles* at once;
+* **metadata** blocks (inode tables, directories, extent/indirect blocks, xattr blocks...) are
+  stored in the view and remembered as dirty with their previous content;
+* **data** blocks of a known file become ``write`` events (coalesced per inode);
+* **unowned** blocks are *pending*: data written before the metadata that will own it
+  (delayed allocation writes data, then commits the extent).
+
+*Settling* (at a JBD2 commit, at a flush, and at the end of the stream) diffs every dirty block
+against its previous content: changed inode slots, changed directory entries and re-mapped
+block maps become events; newly mapped blocks claim their pending writes.  Directory changes
+are netted per settle, so an entry that moved between htree blocks is not an event, and an entry
+that left one name and appeared under another is a ``rename``.
+
+Pending policy (bounded memory): at most ``max_pending`` unowned blocks are remembered (block
+number + the record that wrote it, about 100 bytes each); the oldest is forgotten beyond that
+and counted in ``stats.pending_overflow``.  Their contents are kept only within
+``max_pending_bytes`` (oldest dropped first, counted in ``stats.pending_data_dropped``); the
+contents matter only if the block later turns out to be metadata written outside the journal
+(e.g. a symlink target on an old kernel), attribution of file writes needs only the number.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from blocktrace.errors import FormatError
+from blocktrace.ext4 import constants as C
+from blocktrace.ext4.events import FileEvent
+from blocktrace.ext4.fs import ByteSource, DirEntry, Ext4FS, InodeMap, superblock_from_bytes
+from blocktrace.ext4.infer import IState, infer
+from blocktrace.ext4.journal import Journal, Transaction
+from blocktrace.ext4.namespace import Namespace
+from blocktrace.ext4.ownership import Owner, OwnerKind, OwnershipMap
+from blocktrace.ext4.structs import Ext4FormatError, Inode
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PENDING = 1 << 18  #: unowned blocks remembered (about 25 MiB of bookkeeping)
+DEFAULT_MAX_PENDING_BYTES = 64 << 20  #: contents of pending blocks kept
+
+_META_KINDS = {
+    "superblock": OwnerKind.SUPERBLOCK,
+    "group_desc": OwnerKind.GROUP_DESC,
+    "block_bitmap": OwnerKind.BLOCK_BITMAP,
+    "inode_bitmap": OwnerKind.INODE_BITMAP,
+    "inode_table": OwnerKind.INODE_TABLE,
+}
+_TREE_KINDS = {"extent": OwnerKind.EXTENT, "indirect": OwnerKind.INDIRECT}
+
+
+@dataclass(slots=True)
+class EngineStats:
+    records: int = 0
+    bytes: int = 0
+    settles: int = 0
+    transactions: int = 0
+    events: int = 0
+    errors: int = 0
+    pending_blocks: int = 0
+    pending_bytes: int = 0
+    pending_overflow: int = 0  #: unowned blocks forgotten (attribution lost)
+    pending_data_dropped: int = 0  #: pending contents dropped (attribution kept)
+    attributed: int = 0  #: pending blocks later claimed by a file
+
+
+class Ext4Engine:
+    """Follows one ext4 file system through its write stream.  Not thread-safe."""
+
+    def __init__(
+        self,
+        source: ByteSource,
+        *,
+        name: str = "",
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.stats = EngineStats()
+        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        sb = superblock_from_bytes(source.pread(C.EXT4_SUPERBLOCK_OFFSET, 1024))
+        self.block_size = 1024 << sb.s_log_block_size
+        self.overlay: dict[int, bytes] = {}
+        self.pending: OrderedDict[int, int] = OrderedDict()  # block -> record that wrote it
+        self.pending_data: OrderedDict[int, bytes] = OrderedDict()
+        self._pending_bytes = 0
+        self.fs = Ext4FS(sb, self)
+        self.owners = OwnershipMap()
+        self.ns = Namespace()
+        self.istate: dict[int, IState] = {}
+        self.dir_entries: dict[int, tuple[int, list[DirEntry]]] = {}  # block -> (dir, entries)
+        self.dirty: dict[int, bytes] = {}
+        self.writes: dict[int, list[list[int]]] = {}  # ino -> [[lstart, lend, data_record]]
+        self.journal: Journal | None = None
+        self._journal_blocks: dict[int, int] = {}  # jblk -> physical block
+        self._errors: list[FileEvent] = []
+        self._crawl()
+
+    # ------------------------------------------------------------------ view
+    def read_block(self, n: int) -> bytes:
+        data = self.overlay.get(n)
+        if data is None:
+            data = self.pending_data.get(n)
+        if data is None:
+            data = self.source.pread(n * self.block_size, self.block_size)
+        return data
+
+    # ------------------------------------------------------------------ public API
+    def write(self, record: int, offset: int, data: bytes | memoryview) -> list[FileEvent]:
+        """A write of ``data`` at byte ``offset`` of the file system, record number ``record``."""
+        self.stats.records += 1
+        self.stats.bytes += len(data)
+        out: list[FileEvent] = []
+        if not data or offset < 0:
+            return out
+        bs = self.block_size
+        first, last = offset // bs, (offset + len(data) - 1) // bs
+        last = min(last, self.fs.blocks_count - 1)
+        mv = memoryview(data)
+        for start, end, owner in self.owners.overlaps(first, last + 1):
+            if owner is not None and owner.kind is OwnerKind.DATA:
+                self._note_write(owner.ino, owner.lblk, owner.lblk + end - start, record)
+                for b in range(start, end):
+                    self._unpend(b)
+                continue
+            for b in range(start, end):
+                block = self._block_bytes(b, offset, mv)
+                if owner is None:
+                    self._pend(b, record, block)
+                elif owner.kind is OwnerKind.JOURNAL:
+                    out += self._journal_write(record, owner.lblk + b - start, b, block)
+                else:
+                    self._meta_write(b, block)
+        return out
+
+    def zero(self, record: int, offset: int, length: int) -> list[FileEvent]:
+        """A write of zeroes (no payload carried): as a write, without materialising it."""
+        bs = self.block_size
+        out: list[FileEvent] = []
+        first, end = offset // bs, min(-(-(offset + length) // bs), self.fs.blocks_count)
+        zero_block = bytes(bs)
+        for start, stop, owner in self.owners.overlaps(first, end):
+            if owner is not None and owner.kind is OwnerKind.DATA:
+                self._note_write(owner.ino, owner.lblk, owner.lblk + stop - start, record)
+                continue
+            for b in range(start, stop):
+                if owner is None:
+                    self._unpend(b)  # zeroed free space claims nothing
+                    continue
+                lo, hi = max(offset, b * bs), min(offset + length, (b + 1) * bs)
+                out += self.write(record, lo, zero_block[: hi - lo])
+                self.stats.records -= 1
+        return out
+
+    def flush(self, record: int) -> list[FileEvent]:
+        """A flush: everything written so far is durable, so every inference is due now."""
+        self.stats.records += 1
+        return self._settle(record)
+
+    def discard(self, record: int, offset: int, length: int) -> list[FileEvent]:
+        """A discard/trim: ext4 discards free blocks only; forget pending writes there."""
+        self.stats.records += 1
+        bs = self.block_size
+        for b in range(offset // bs, (offset + length) // bs):
+            self._unpend(b)
+        return []
+
+    def finish(self, record: int) -> list[FileEvent]:
+        """End of the stream: settle what is left."""
+        return self._settle(record)
+
+    def owner_of(self, block: int) -> Owner | None:
+        """Which structure owns file-system block ``block`` (None: free or unknown)."""
+        return self.owners.lookup(block)
+
+    def path_of(self, ino: int) -> str:
+        return self.ns.path(ino)
+
+    def take_errors(self) -> list[FileEvent]:
+        errs, self._errors = self._errors, []
+        return errs
+
+    # ------------------------------------------------------------------ crawl
+    def _crawl(self) -> None:
+        """Build the model from the base image: static metadata, journal, tree from the root."""
+        for start, count, kind, group in self.fs.static_metadata():
+            self.owners.assign(start, count, Owner(_META_KINDS[kind], group=group))
+        if self.fs.journal_inum:
+            self._open_journal()
+        queue = [C.EXT4_ROOT_INO]
+        self._track(C.EXT4_ROOT_INO)
+        while queue:
+            d = queue.pop()
+            st = self.istate.get(d)
+            if st is None or not st.inode.is_dir:
+                continue
+            for ext in st.map.extents:
+                for i in range(ext.length):
+                    pblk = ext.pblk + i
+                    entries = self._read_dir_block(pblk)
+                    self.dir_entries[pblk] = (d, entries)
+                    for e in entries:
+                        if e.name in (".", ".."):
+                            continue
+                        known = e.inode in self.istate
+                        self.ns.add(d, e.name, e.inode)
+                        if not known and self._track(e.inode) and self.istate[e.inode].inode.is_dir:
+                            queue.append(e.inode)
+
+    def _open_journal(self) -> None:
+        ino = self.fs.journal_inum
+        try:
+            jmap = self.fs.map_inode(self.fs.read_inode(ino))
+            for ext in jmap.extents:
+                self.owners.assign(ext.pblk, ext.length, Owner(OwnerKind.JOURNAL, ino, ext.lblk))
+                for i in range(ext.length):
+                    self._journal_blocks[ext.lblk + i] = ext.pblk + i
+            sb_blk = self._journal_blocks.get(0)
+            if sb_blk is None:
+                raise Ext4FormatError("journal inode has no block 0")
+            self.journal = Journal(
+                self.read_block(sb_blk), len(self._journal_blocks), self._read_jblock
+            )
+        except FormatError as exc:
+            self._error(-1, f"journal not followed: {exc}", ino)
+
+    def _read_jblock(self, jblk: int) -> bytes:
+        pblk = self._journal_blocks.get(jblk)
+        if pblk is None:
+            raise Ext4FormatError(f"journal block {jblk} outside the journal")
+        return self.read_block(pblk)
+
+    def _track(self, ino: int) -> bool:
+        """Decode inode ``ino`` from the view, map it and claim its blocks; False if unusable."""
+        try:
+            raw = self.fs.read_inode_bytes(ino)
+            inode = Inode.parse(raw)
+            if not inode.in_use:
+                return False
+            imap = self.fs.map_inode(inode)
+        except FormatError as exc:
+            self._error(-1, f"inode {ino}: {exc}", ino)
+            return False
+        self.istate[ino] = IState(inode, imap, raw)
+        self._claim(ino, inode, imap)
+        return True
+
+    def _claim(self, ino: int, inode: Inode, imap: InodeMap) -> None:
+        kind = (
+            OwnerKind.DIR
+            if inode.is_dir
+            else OwnerKind.SYMLINK
+            if inode.is_symlink
+            else OwnerKind.DATA
+        )
+        for ext in imap.extents:
+            self.owners.assign(ext.pblk, ext.length, Owner(kind, ino, ext.lblk))
+        for pblk, tree in imap.meta:
+            self.owners.assign(pblk, 1, Owner(_TREE_KINDS[tree], ino))
+        if inode.file_acl and inode.file_acl < self.fs.blocks_count:
+            self.owners.assign(inode.file_acl, 1, Owner(OwnerKind.XATTR, ino))
+        if kind is not OwnerKind.DATA:
+            for ext in imap.extents:
+                for b in range(ext.pblk, ext.pblk + ext.length):
+                    self._adopt(b)
+        for pblk, _ in imap.meta:
+            self._adopt(pblk)
+
+    def _release(self, ino: int, st: IState) -> None:
+        for ext in st.map.extents:
+            self.owners.release(ext.pblk, ext.length, ino)
+        for pblk, _ in st.map.meta:
+            self.owners.release(pblk, 1, ino)
+        if st.inode.file_acl:
+            self.owners.release(st.inode.file_acl, 1, ino)
+
+    def _read_dir_block(self, pblk: int) -> list[DirEntry]:
+        try:
+            return self.fs.parse_dir_block(self.read_block(pblk))
+        except FormatError as exc:
+            self._error(-1, f"directory block {pblk}: {exc}")
+            return []
+
+    # ------------------------------------------------------------------ write routing
+    def _block_bytes(self, b: int, offset: int, mv: memoryview) -> bytes:
+        bs = self.block_size
+        lo = b * bs - offset
+        if lo >= 0 and lo + bs <= len(mv):
+            return bytes(mv[lo : lo + bs])
+        block = bytearray(self.read_block(b))
+        src_lo, dst_lo = max(lo, 0), max(-lo, 0)
+        n = min(bs - dst_lo, len(mv) - src_lo)
+        block[dst_lo : dst_lo + n] = mv[src_lo : src_lo + n]
+        return bytes(block)
+
+    def _meta_write(self, b: int, block: bytes) -> None:
+        if b not in self.dirty:
+            self.dirty[b] = self.read_block(b)
+        self.overlay[b] = block
+        self._unpend(b)
+
+    def _journal_write(self, record: int, jblk: int, b: int, block: bytes) -> list[FileEvent]:
+        self.overlay[b] = block
+        if self.journal is None:
+            return []
+        tx = self.journal.block_written(jblk, block)
+        if tx is None:
+            return []
+        return self._apply_transaction(record, tx)
+
+    def _apply_transaction(self, record: int, tx: Transaction) -> list[FileEvent]:
+        self.stats.transactions += 1
+        used: list[int] = []
+        magic = struct.pack(">I", C.JBD2_MAGIC_NUMBER)
+        for home, jblk, escaped in tx.blocks:
+            pblk = self._journal_blocks.get(jblk)
+            if pblk is None or home >= self.fs.blocks_count:
+                continue
+            data = self.read_block(pblk)
+            if escaped:
+                data = magic + data[4:]
+            owner = self.owners.lookup(home)
+            if owner is not None and owner.kind is OwnerKind.JOURNAL:
+                continue  # hostile: a transaction may not overwrite the journal itself
+            self._meta_write(home, data)
+            used.append(pblk)
+        events = self._settle(record)
+        for pblk in used:  # logged copies are no longer needed once applied
+            self.overlay.pop(pblk, None)
+        return events
+
+    def _note_write(self, ino: int, lstart: int, lend: int, record: int) -> None:
+        ranges = self.writes.setdefault(ino, [])
+        for r in ranges:
+            if r[0] <= lend and lstart <= r[1]:
+                r[0], r[1] = min(r[0], lstart), max(r[1], lend)
+                r[2] = min(r[2], record)
+                return
+        ranges.append([lstart, lend, record])
+
+    def _pend(self, b: int, record: int, block: bytes) -> None:
+        if b in self.pending:
+            self.pending.move_to_end(b)
+        self.pending[b] = record
+        old = self.pending_data.pop(b, None)
+        if old is not None:
+            self._pending_bytes -= len(old)
+        if self.max_pending_bytes >= len(block):
+            self.pending_data[b] = block
+            self._pending_bytes += len(block)
+            while self._pending_bytes > self.max_pending_bytes:
+                _, dropped = self.pending_data.popitem(last=False)
+                self._pending_bytes -= len(dropped)
+                self.stats.pending_data_dropped += 1
+        while len(self.pending) > self.max_pending:
+            gone, _ = self.pending.popitem(last=False)
+            dropped_data = self.pending_data.pop(gone, None)
+            if dropped_data is not None:
+                self._pending_bytes -= len(dropped_data)
+            self.stats.pending_overflow += 1
+        self.stats.pending_blocks = len(self.pending)
+        self.stats.pending_bytes = self._pending_bytes
+
+    def _unpend(self, b: int) -> int | None:
+        record = self.pending.pop(b, None)
+        if record is not None:
+            data = self.pending_data.pop(b, None)
+            if data is not None:
+                self._pending_bytes -= len(data)
+            self.stats.pending_blocks = len(self.pending)
+            self.stats.pending_bytes = self._pending_bytes
+        return record
+
+    def _adopt(self, b: int) -> None:
+        """A pending block turned out to be metadata: keep its contents in the view."""
+        data = self.pending_data.get(b)
+        if data is not None and b not in self.overlay:
+            self.overlay[b] = data
+        self._unpend(b)
+
+    def _error(self, record: int, message: str, ino: int = 0) -> None:
+        """Report what could not be parsed (as an ``error`` event at the next settle); go on."""
+        self.stats.errors += 1
+        log.debug("%s: %s", self.name or "ext4", message)
+        self._errors.append(
+            FileEvent("error", "", ino=ino, record=record, fs=self.name, message=message)
+        )
+
+    # ------------------------------------------------------------------ settle
+    def _settle(self, record: int) -> list[FileEvent]:
+        self.stats.settles += 1
+        try:
+            events = infer(self, record)
+        except (
+            FormatError,
+            ValueError,
+            IndexError,
+            KeyError,
+            struct.error,
+            RecursionError,
+        ) as exc:  # the watcher must survive any image
+            self._error(record, f"inference failed: {exc!r}")
+            events = []
+        events = self.take_errors() + events
+        self.stats.events += len(events)
+        return events

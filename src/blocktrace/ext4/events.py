@@ -1,0 +1,90 @@
+"""File-level events inferred from the write stream, and their JSON-lines and human forms.
+
+One frozen dataclass for every kind keeps consumers simple (one schema, optional fields absent
+from the JSON); ``kind`` says which optional fields are set.  ``record`` is the number of the
+write-stream record that revealed the event (for journaled metadata, the JBD2 commit block's
+record); a ``write`` also carries ``data_record``, the record that carried the bytes (earlier
+than ``record`` when delayed allocation wrote data before the extent that owns it).  ``time``
+is the guest's own clock as stored in the inode (ctime, or mtime for writes), in seconds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import stat
+from dataclasses import asdict, dataclass
+from typing import Any
+
+#: every event kind, in the order a consumer should expect them within one transaction
+KINDS = (
+    "mkdir",
+    "create",
+    "symlink",
+    "link",
+    "rename",
+    "write",
+    "truncate",
+    "chmod",
+    "chown",
+    "xattr",
+    "delete",
+    "rmdir",
+    "error",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FileEvent:
+    kind: str
+    path: str
+    ino: int = 0
+    record: int = -1
+    time: float | None = None
+    fs: str = ""  #: which file system on the disk ("" for a bare one, else "p1", "p2"...)
+    old_path: str | None = None  #: rename
+    target: str | None = None  #: symlink target; for link, the existing path
+    offset: int | None = None  #: write: byte range within the file
+    length: int | None = None
+    data_record: int | None = None  #: write: record that carried the data
+    size: int | None = None  #: truncate: new size; create/write: size after the change
+    mode: int | None = None  #: chmod (permission bits) and creations (full i_mode)
+    uid: int | None = None
+    gid: int | None = None
+    message: str | None = None  #: error: what could not be parsed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None and v != ""}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FileEvent:
+        return cls(**d)
+
+    def describe(self) -> str:
+        """One human-readable line (the terminal form of ``blocktrace watch``)."""
+        when = "--:--:--"
+        if self.time is not None:
+            when = datetime.datetime.fromtimestamp(self.time, datetime.UTC).strftime("%H:%M:%S")
+        where = f"{self.fs}:" if self.fs else ""
+        head = f"{when} #{self.record:<7} {self.kind:<8} {where}{self.path}"
+        if self.kind == "rename":
+            return f"{when} #{self.record:<7} rename   {where}{self.old_path} -> {self.path}"
+        if self.kind == "symlink":
+            return f"{head} -> {self.target}"
+        if self.kind == "link":
+            return f"{head} (= {self.target})"
+        if self.kind == "write":
+            assert self.offset is not None and self.length is not None
+            return f"{head} [{self.offset}, {self.offset + self.length})"
+        if self.kind == "truncate":
+            return f"{head} size={self.size}"
+        if self.kind == "chmod" and self.mode is not None:
+            return f"{head} {stat.filemode(self.mode)[1:]} ({self.mode & 0o7777:o})"
+        if self.kind == "chown":
+            return f"{head} {self.uid}:{self.gid}"
+        if self.kind == "error":
+            return f"{head} {self.message}"
+        return head

@@ -1,0 +1,370 @@
+"""Read dm-log-writes logs from the kernel, QEMU's blklogwrites and blocktrace.
+
+Design: identify, then iterate.  :class:`LogReader` reads and checks the super block when it is
+opened (so "not a log" is reported before anything else), then :meth:`LogReader.entries` walks
+entries lazily with ``pread``: headers are decoded as they are reached, data is read only when
+asked (:meth:`LogEntry.read_data`) or when a checksum must be verified.
+
+Errors are :class:`~blocktrace.logwrites.format.LogFormatError` subclasses naming the log, the
+entry index and the byte offset of its header.  The rules are replay-log's (``log_entry_valid``)
+plus bounds checks (a counted entry must lie inside the log) plus, for entries carrying our
+trailer, the CRC and the entry index (so a stale entry from an older log is not misread).
+
+Past ``nr_entries`` a log may hold entries that were appended but never counted (a writer
+killed between append and sync, a kernel target not torn down).  :meth:`LogReader.tail`
+describes them; ``salvage=True`` iteration also yields those whose checksum proves them whole.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from blocktrace.errors import StateError
+from blocktrace.logwrites.format import (
+    KNOWN_FLAGS,
+    SUPER_EXT,
+    SUPER_EXT_OFFSET,
+    BadSuperBlock,
+    ChecksumMismatch,
+    EntryHeader,
+    ExtFlag,
+    LogFlag,
+    LogFormatError,
+    SuperBlock,
+    TruncatedLog,
+    entry_crc,
+    unpack_entry_header,
+)
+
+#: Entry data larger than this is verified in a separate pass instead of being held in memory.
+_MAX_INLINE = 64 * 1024 * 1024
+_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LogEntry:
+    """One entry; ``offset`` is the byte offset of its header sector in the log."""
+
+    index: int
+    offset: int
+    header: EntryHeader
+    sector_size: int
+    counted: bool
+    _reader: LogReader = field(repr=False)
+    _data: bytes | None = field(default=None, repr=False)
+
+    @property
+    def sector(self) -> int:
+        return self.header.sector
+
+    @property
+    def nr_sectors(self) -> int:
+        return self.header.nr_sectors
+
+    @property
+    def flags(self) -> int:
+        return self.header.flags
+
+    @property
+    def target_offset(self) -> int:
+        """Byte offset on the recorded device."""
+        return self.header.sector * self.sector_size
+
+    @property
+    def length(self) -> int:
+        """Bytes of the device this entry covers (0 for flush/mark)."""
+        return self.header.nr_sectors * self.sector_size
+
+    @property
+    def data_offset(self) -> int:
+        return self.offset + self.sector_size
+
+    @property
+    def end_offset(self) -> int:
+        """Byte offset of the next entry's header."""
+        return self.data_offset + self.header.data_bytes(self.sector_size)
+
+    @property
+    def pos_after_header(self) -> int:
+        """replay-log's ``-v`` position (log sectors)."""
+        return self.data_offset // self.sector_size
+
+    @property
+    def pos_after_data(self) -> int:
+        """replay-log's ``--find`` position (log sectors)."""
+        return self.end_offset // self.sector_size
+
+    @property
+    def mark(self) -> str | None:
+        return self.header.mark.decode("ascii", "replace") if self.header.is_mark else None
+
+    @property
+    def is_discard(self) -> bool:
+        return bool(self.flags & LogFlag.DISCARD)
+
+    @property
+    def is_zeroes(self) -> bool:
+        """A DISCARD that blocktrace wrote for a WRITE_ZEROES (our trailer says so)."""
+        t = self.header.trailer
+        return self.is_discard and t is not None and bool(t.ext_flags & ExtFlag.ZEROES)
+
+    @property
+    def is_data(self) -> bool:
+        """Changes the device: a write or discard with sectors (what replay applies)."""
+        return self.header.nr_sectors > 0
+
+    @property
+    def ends_record(self) -> bool:
+        """A data entry that completes one recorded request (not a SPLIT piece).  Counting
+        these counts a trace's data records; logs without our trailer: every data entry."""
+        t = self.header.trailer
+        return self.is_data and (t is None or not t.ext_flags & ExtFlag.SPLIT)
+
+    @property
+    def checksummed(self) -> bool:
+        return self.header.trailer is not None
+
+    def read_data(self) -> bytes:
+        """The entry's payload (empty for discards, flushes and marks)."""
+        if self._data is not None:
+            return self._data
+        n = self.header.data_bytes(self.sector_size)
+        return self._reader._pread_exact(n, self.data_offset, self.index) if n else b""
+
+
+@dataclass(frozen=True, slots=True)
+class TailInfo:
+    """What follows the counted entries.  ``state``:
+
+    * ``clean``: nothing (the log ends where the counted entries end, or only zeroes follow);
+    * ``uncounted``: ``entries`` whole entries follow (checksum-verified ones, or plausible
+      headers for logs without checksums), then possibly a torn remainder at ``torn_offset``;
+    * ``torn``: bytes follow that are not a whole valid entry (a write cut short).
+    """
+
+    state: Literal["clean", "uncounted", "torn"]
+    entries: int
+    verified: bool
+    end_offset: int  # end of the last counted or salvageable entry
+    torn_offset: int | None
+    trailing_bytes: int
+
+
+class LogReader:
+    """An open log.  ``LogReader(path)`` raises :class:`BadSuperBlock` unless it is a log."""
+
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
+        self.path = os.fspath(path)
+        self.verify = verify
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise LogFormatError(f"cannot open: {exc.strerror}", path=self.path) from exc
+        try:
+            st = os.fstat(self._fd)
+            self.size = (
+                st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(self._fd, 0, os.SEEK_END)
+            )
+            head = os.pread(self._fd, SUPER_EXT_OFFSET + SUPER_EXT.size, 0)
+            if len(head) < 28:
+                raise BadSuperBlock(
+                    f"too short for a super block ({len(head)} bytes)", offset=0, path=self.path
+                )
+            try:
+                self.super = SuperBlock.unpack(head)
+            except LogFormatError as exc:
+                raise BadSuperBlock(exc.reason, offset=exc.offset, path=self.path) from None
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.sector_size = self.super.sector_size
+        self.nr_entries = self.super.nr_entries
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> LogReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- iteration ---------------------------------------------------------------------------
+
+    def entries(
+        self, start: int = 0, *, with_data: bool = False, salvage: bool = False
+    ) -> Iterator[LogEntry]:
+        """Yield counted entries from index ``start`` (entries before it are walked, headers
+        only).  ``with_data`` loads each payload (verified against its checksum) so replay
+        reads the log once.  ``salvage``: stop quietly at the first bad counted entry (the
+        error is kept in :attr:`salvage_error`) and go on past ``nr_entries`` with entries whose
+        checksum proves them whole."""
+        self.salvage_error: LogFormatError | None = None
+        pos = self.sector_size
+        index = 0
+        try:
+            while index < self.nr_entries:
+                entry = self._entry_at(
+                    index,
+                    pos,
+                    counted=True,
+                    load=with_data and index >= start,
+                    check=self.verify and index >= start,
+                )
+                if index >= start:
+                    yield entry
+                pos = entry.end_offset
+                index += 1
+        except LogFormatError as exc:
+            if not salvage:
+                raise
+            self.salvage_error = exc
+            return
+        if salvage:
+            for entry in self._uncounted(index, pos, load=with_data):
+                if entry.index >= start:
+                    yield entry
+
+    def entry_list(self) -> list[LogEntry]:
+        return list(self.entries())
+
+    def end_of_entries(self) -> int:
+        """Byte offset after the last counted entry (validates every counted header)."""
+        pos = self.sector_size
+        for index in range(self.nr_entries):
+            pos = self._entry_at(index, pos, counted=True, load=False, check=False).end_offset
+        return pos
+
+    def last_log_id(self) -> int | None:
+        """``log_id`` of the last counted entry that carries our trailer."""
+        last = None
+        for entry in self.entries():
+            if entry.header.trailer is not None:
+                last = entry.header.trailer.log_id
+        return last
+
+    def tail(self) -> TailInfo:
+        """Describe what follows the counted entries (see :class:`TailInfo`)."""
+        end = self.end_of_entries()
+        count = 0
+        verified = True
+        for entry in self._uncounted(self.nr_entries, end, load=False, plausible=True):
+            count += 1
+            verified = verified and entry.checksummed
+            end = entry.end_offset
+        trailing = max(0, self.size - end)
+        if trailing and not self._all_zero(end, trailing):
+            return TailInfo(
+                "torn" if not count else "uncounted", count, verified, end, end, trailing
+            )
+        return TailInfo("uncounted" if count else "clean", count, verified, end, None, trailing)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _entry_at(
+        self, index: int, pos: int, *, counted: bool, load: bool, check: bool
+    ) -> LogEntry:
+        S = self.sector_size
+        if pos + S > self.size:
+            raise TruncatedLog(
+                f"log ends at byte {self.size}, inside the entry header",
+                entry=index,
+                offset=pos,
+                path=self.path,
+            )
+        buf = os.pread(self._fd, S, pos)
+        try:
+            hdr = unpack_entry_header(buf, S, entry=index, offset=pos)
+        except LogFormatError as exc:
+            raise type(exc)(exc.reason, entry=index, offset=pos, path=self.path) from None
+        nbytes = hdr.data_bytes(S)
+        if pos + S + nbytes > self.size:
+            raise TruncatedLog(
+                f"log ends at byte {self.size}, inside the entry's {nbytes} data bytes",
+                entry=index,
+                offset=pos,
+                path=self.path,
+            )
+        data = None
+        trailer = hdr.trailer
+        if trailer is not None and trailer.index != index:
+            raise ChecksumMismatch(
+                f"stale entry: its trailer says entry {trailer.index}",
+                entry=index,
+                offset=pos,
+                path=self.path,
+            )
+        if load and nbytes <= _MAX_INLINE:
+            data = self._pread_exact(nbytes, pos + S, index) if nbytes else b""
+        if trailer is not None and (check or not counted):
+            if data is not None:
+                crc = entry_crc(buf, [memoryview(data)])
+            else:
+                crc = entry_crc(buf, list(self._chunks(pos + S, nbytes, index)))
+            if crc != trailer.crc:
+                raise ChecksumMismatch(
+                    f"checksum mismatch (stored {trailer.crc:#010x}, computed {crc:#010x})",
+                    entry=index,
+                    offset=pos,
+                    path=self.path,
+                )
+        return LogEntry(index, pos, hdr, S, counted, self, data)
+
+    def _uncounted(
+        self, index: int, pos: int, *, load: bool, plausible: bool = False
+    ) -> Iterator[LogEntry]:
+        """Entries after the count: checksum-verified ones always; with ``plausible``, also
+        trailer-less headers that look valid (reported, never replayed)."""
+        expect_id = self.super.log_id
+        while True:
+            try:
+                entry = self._entry_at(index, pos, counted=False, load=load, check=True)
+            except LogFormatError:
+                return
+            t = entry.header.trailer
+            if t is None:
+                if not plausible or entry.flags & ~KNOWN_FLAGS:
+                    return
+            elif expect_id is not None and t.log_id != expect_id:
+                return
+            yield entry
+            pos = entry.end_offset
+            index += 1
+
+    def _chunks(self, offset: int, length: int, index: int) -> Iterator[memoryview]:
+        while length:
+            n = min(_CHUNK, length)
+            yield memoryview(self._pread_exact(n, offset, index))
+            offset += n
+            length -= n
+
+    def _pread_exact(self, n: int, offset: int, index: int) -> bytes:
+        if self._fd < 0:
+            raise StateError(f"{self.path}: log reader is closed")
+        data = os.pread(self._fd, n, offset)
+        if len(data) != n:
+            raise TruncatedLog(
+                f"short read of {n} bytes at byte {offset}",
+                entry=index,
+                offset=offset,
+                path=self.path,
+            )
+        return data
+
+    def _all_zero(self, offset: int, length: int) -> bool:
+        while length:
+            n = min(_CHUNK, length)
+            chunk = os.pread(self._fd, n, offset)
+            if not chunk:
+                return True
+            if chunk.count(0) != len(chunk):
+                return False
+            offset += len(chunk)
+            length -= len(chunk)
+        return True

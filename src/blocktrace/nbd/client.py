@@ -1,0 +1,397 @@
+"""asyncio NBD client: a thin adapter over the sans-IO cores (handshake + ReplyParser).
+
+One :class:`asyncio.Protocol` per connection.  Negotiation is the core's
+:class:`~blocktrace.nbd.handshake.ClientHandshake` (fixed newstyle, structured replies,
+``base:allocation``, ``NBD_OPT_GO`` with the export name, falling back to ``EXPORT_NAME``).
+In the transmission phase every request gets a fresh cookie and a future; any number of
+requests are in flight at once (bounded by ``max_in_flight``) and replies, simple or
+structured, are matched by cookie in whatever order the server sends them.
+
+Why a Protocol and not streams: replies are dispatched from ``data_received`` without a reader
+task in between, so a completed request's waiter is woken in the same loop iteration the reply
+arrived in, which keeps a loopback round trip short.
+
+Errors: a request the server refuses raises :class:`~blocktrace.errors.BlockDeviceError` with
+the server's errno; a lost connection fails every pending request (and all later ones) with
+:class:`NBDDisconnected`; a server that breaks the protocol raises
+:class:`~blocktrace.nbd.errors.NBDRemoteProtocolError` from the request that saw it, and the
+connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from blocktrace.block.device import Extent, ExtentFlags, ReadableBuffer
+from blocktrace.errors import BlockDeviceError
+from blocktrace.nbd import wire
+from blocktrace.nbd.constants import (
+    BASE_ALLOCATION,
+    Cmd,
+    CmdFlag,
+    ReplyFlag,
+    ReplyType,
+    TransmissionFlag,
+)
+from blocktrace.nbd.errors import NBDRemoteProtocolError
+from blocktrace.nbd.events import (
+    ExportInfo,
+    HandshakeDone,
+    Need,
+    ReplyChunk,
+    SimpleReply,
+)
+from blocktrace.nbd.handshake import ClientHandshake
+from blocktrace.nbd.transmission import ReplyParser, encode_request
+
+#: WRITE payloads up to this size are joined with their header into one send
+_JOIN_LIMIT = 64 * 1024
+
+
+class NBDDisconnected(BlockDeviceError):
+    """The connection to the NBD server is gone; the request's outcome is unknown."""
+
+    def __init__(self, message: str = "NBD connection lost") -> None:
+        super().__init__(errno.EIO, message)
+
+
+@dataclass(eq=False)
+class _Pending:
+    cmd: int
+    offset: int
+    length: int
+    future: asyncio.Future[object]
+    data: bytearray | None = None
+    extents: list[Extent] = field(default_factory=list)
+    error: int = 0
+    message: str = ""
+
+
+class _Proto(asyncio.Protocol):
+    def __init__(self, client: NBDClient) -> None:
+        self.client = client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.client._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.client._on_data(data)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client._on_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.client._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.client._can_write.set()
+
+
+class NBDClient:
+    """A connected NBD client; make one with :meth:`connect_tcp` or :meth:`connect_unix`."""
+
+    def __init__(
+        self,
+        export_name: str = "",
+        *,
+        structured_replies: bool = True,
+        meta_contexts: Iterable[str] = (BASE_ALLOCATION,),
+        max_in_flight: int = 64,
+    ) -> None:
+        self._hs = ClientHandshake(
+            export_name, structured_replies=structured_replies, meta_contexts=meta_contexts
+        )
+        self._parser = ReplyParser()
+        self._transport: asyncio.Transport | None = None
+        self._done: asyncio.Future[HandshakeDone] = asyncio.get_running_loop().create_future()
+        self._pending: dict[int, _Pending] = {}
+        self._cookie = 0
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._lost: BaseException | None = None
+        self._closed = asyncio.Event()
+        self.info: HandshakeDone | None = None
+
+    # -- connecting ----------------------------------------------------------------------------
+
+    @classmethod
+    async def connect_tcp(
+        cls, host: str, port: int, export_name: str = "", *, timeout: float = 10, **kw: object
+    ) -> NBDClient:
+        loop = asyncio.get_running_loop()
+        client = cls(export_name, **kw)  # type: ignore[arg-type]
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(lambda: _Proto(client), host, port)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await client._handshake()
+        return client
+
+    @classmethod
+    async def connect_unix(
+        cls, path: str, export_name: str = "", *, timeout: float = 10, **kw: object
+    ) -> NBDClient:
+        loop = asyncio.get_running_loop()
+        client = cls(export_name, **kw)  # type: ignore[arg-type]
+        async with asyncio.timeout(timeout):
+            await loop.create_unix_connection(lambda: _Proto(client), path)
+            await client._handshake()
+        return client
+
+    async def _handshake(self) -> None:
+        try:
+            self.info = await self._done
+        except BaseException:
+            self._abort()
+            raise
+
+    # -- what negotiation said -----------------------------------------------------------------
+
+    @property
+    def export(self) -> ExportInfo:
+        assert self.info is not None
+        return self.info.export
+
+    @property
+    def flags(self) -> TransmissionFlag:
+        return self.export.flags
+
+    @property
+    def structured_replies(self) -> bool:
+        return self.info is not None and self.info.structured_replies
+
+    @property
+    def can_block_status(self) -> bool:
+        return (
+            self.info is not None
+            and self.info.structured_replies
+            and BASE_ALLOCATION in self.info.meta_contexts.values()
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self._lost is not None
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        result = await self._request(Cmd.READ, offset, length)
+        assert isinstance(result, bytes | bytearray)
+        return bytes(result)
+
+    async def write(self, offset: int, data: ReadableBuffer, *, fua: bool = False) -> None:
+        await self._request(Cmd.WRITE, offset, len(data), CmdFlag.FUA if fua else 0, data)
+
+    async def flush(self) -> None:
+        await self._request(Cmd.FLUSH, 0, 0)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._request(Cmd.TRIM, offset, length, CmdFlag.FUA if fua else 0)
+
+    async def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_trim: bool = False,
+        fua: bool = False,
+        fast: bool = False,
+    ) -> None:
+        flags = (0 if may_trim else CmdFlag.NO_HOLE) | (CmdFlag.FUA if fua else 0)
+        if fast:
+            flags |= CmdFlag.FAST_ZERO
+        await self._request(Cmd.WRITE_ZEROES, offset, length, flags)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        result = await self._request(Cmd.BLOCK_STATUS, offset, length)
+        assert isinstance(result, list)
+        return result
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self._request(Cmd.CACHE, offset, length)
+
+    async def disconnect(self) -> None:
+        """Clean end: wait for pending replies, send NBD_CMD_DISC, close."""
+        if self._lost is None and self._transport is not None:
+            pending = [p.future for p in self._pending.values()]
+            if pending:
+                await asyncio.wait(pending, timeout=10)
+            if self._lost is None:
+                self._transport.write(encode_request(Cmd.DISC, self._next_cookie()))
+                self._transport.close()
+        self._abort()
+        await self._closed.wait()
+
+    def abort(self) -> None:
+        """Drop the connection at once; pending requests fail with :class:`NBDDisconnected`."""
+        self._abort()
+
+    async def _request(
+        self,
+        cmd: int,
+        offset: int,
+        length: int,
+        flags: int = 0,
+        data: ReadableBuffer | None = None,
+    ) -> object:
+        if self._lost is not None:
+            raise NBDDisconnected(f"NBD connection lost: {self._lost}")
+        async with self._slots:
+            if self._lost is not None:
+                raise NBDDisconnected(f"NBD connection lost: {self._lost}")
+            cookie = self._next_cookie()
+            fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            pend = _Pending(cmd, offset, length, fut)
+            if cmd == Cmd.READ:
+                pend.data = bytearray(length)
+                if not self.structured_replies:
+                    self._parser.expect_read(cookie, length)
+            self._pending[cookie] = pend
+            header = encode_request(cmd, cookie, offset, length, flags)
+            transport = self._transport
+            assert transport is not None
+            if data is None:
+                transport.write(header)
+            elif len(data) <= _JOIN_LIMIT:
+                transport.write(header + bytes(data))
+            else:
+                transport.write(header)
+                transport.write(data)
+            if not self._can_write.is_set():
+                await self._can_write.wait()
+            return await fut
+
+    def _next_cookie(self) -> int:
+        self._cookie = (self._cookie + 1) & 0xFFFFFFFFFFFFFFFF
+        return self._cookie
+
+    # -- protocol callbacks ----------------------------------------------------------------------
+
+    def _on_data(self, data: bytes) -> None:
+        try:
+            if self.info is None and not self._done.done():
+                self._hs.receive_data(data)
+                out = self._hs.data_to_send()
+                if out and self._transport is not None:
+                    self._transport.write(out)
+                ev = self._hs.next_event()
+                if isinstance(ev, HandshakeDone):
+                    self._done.set_result(ev)
+                    data = self._hs.trailing_data()
+                    if not data:
+                        return
+                else:
+                    return
+            self._parser.receive_data(data)
+            while True:
+                event = self._parser.next_event()
+                if isinstance(event, Need):
+                    return
+                if isinstance(event, SimpleReply):
+                    self._on_simple(event)
+                else:
+                    self._on_chunk(event)
+        except NBDRemoteProtocolError as exc:
+            if not self._done.done():
+                self._done.set_exception(exc)
+            self._fail_all(exc)
+            self._abort()
+
+    def _on_simple(self, ev: SimpleReply) -> None:
+        pend = self._pending.pop(ev.cookie, None)
+        if pend is None:
+            raise NBDRemoteProtocolError(f"reply to unknown cookie {ev.cookie}")
+        if ev.error:
+            self._complete_error(pend, ev.error, "")
+        elif pend.cmd == Cmd.READ:
+            pend.future.set_result(bytes(ev.data or b""))
+        else:
+            pend.future.set_result(None)
+
+    def _on_chunk(self, ev: ReplyChunk) -> None:
+        pend = self._pending.get(ev.cookie)
+        if pend is None:
+            raise NBDRemoteProtocolError(f"reply chunk for unknown cookie {ev.cookie}")
+        rtype, payload = ev.type, ev.payload
+        if rtype == ReplyType.OFFSET_DATA:
+            if pend.data is None or len(payload) < 8:
+                raise NBDRemoteProtocolError("unexpected OFFSET_DATA chunk")
+            (off,) = wire.U64.unpack_from(payload, 0)
+            rel = off - pend.offset
+            n = len(payload) - 8
+            if rel < 0 or rel + n > pend.length:
+                raise NBDRemoteProtocolError("OFFSET_DATA outside the request")
+            pend.data[rel : rel + n] = memoryview(payload)[8:]
+        elif rtype == ReplyType.OFFSET_HOLE:
+            if pend.data is None or len(payload) != 12:
+                raise NBDRemoteProtocolError("unexpected OFFSET_HOLE chunk")
+            off, n = wire.U64.unpack_from(payload, 0)[0], wire.U32.unpack_from(payload, 8)[0]
+            rel = off - pend.offset
+            if rel < 0 or rel + n > pend.length:
+                raise NBDRemoteProtocolError("OFFSET_HOLE outside the request")
+            # the buffer starts zeroed; a hole needs no copy
+        elif rtype == ReplyType.BLOCK_STATUS:
+            if len(payload) < 4 or (len(payload) - 4) % 8:
+                raise NBDRemoteProtocolError("bad BLOCK_STATUS chunk")
+            for i in range(4, len(payload), 8):
+                n, flags = wire.EXTENT.unpack_from(payload, i)
+                pend.extents.append(Extent(n, ExtentFlags(flags & 3)))
+        elif rtype in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
+            if len(payload) < 6:
+                raise NBDRemoteProtocolError("short error chunk")
+            err, mlen = wire.ERROR_PAYLOAD.unpack_from(payload, 0)
+            pend.error = pend.error or err or errno.EIO
+            pend.message = payload[6 : 6 + mlen].decode(errors="replace")
+        elif rtype != ReplyType.NONE and rtype & 0x8000:
+            # unknown error types are still errors; unknown others are ignored (spec)
+            pend.error = pend.error or errno.EIO
+        if ev.flags & ReplyFlag.DONE:
+            del self._pending[ev.cookie]
+            if pend.error:
+                self._complete_error(pend, pend.error, pend.message)
+            elif pend.cmd == Cmd.READ:
+                assert pend.data is not None
+                pend.future.set_result(bytes(pend.data))
+            elif pend.cmd == Cmd.BLOCK_STATUS:
+                pend.future.set_result(pend.extents)
+            else:
+                pend.future.set_result(None)
+
+    @staticmethod
+    def _complete_error(pend: _Pending, err: int, message: str) -> None:
+        if not pend.future.done():
+            pend.future.set_exception(BlockDeviceError(err, message or None))
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        reason: BaseException = exc or ConnectionResetError("server closed the connection")
+        if self._lost is None:
+            self._lost = reason
+        if not self._done.done():
+            self._done.set_exception(NBDDisconnected(f"NBD handshake failed: {reason}"))
+        self._fail_all(NBDDisconnected(f"NBD connection lost: {reason}"))
+        self._can_write.set()
+        self._closed.set()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for pend in pending.values():
+            if not pend.future.done():
+                pend.future.set_exception(exc)
+
+    def _abort(self) -> None:
+        if self._lost is None:
+            self._lost = ConnectionAbortedError("closed by client")
+        if self._transport is not None:
+            self._transport.abort()
+        else:
+            self._closed.set()
+        self._fail_all(NBDDisconnected("NBD connection closed"))

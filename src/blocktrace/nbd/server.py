@@ -1,0 +1,621 @@
+"""asyncio adapter serving an :class:`~blocktrace.exports.ExportRegistry` over NBD.
+
+Thin by design: all protocol decisions live in the sans-IO cores (:mod:`.handshake`,
+:mod:`.transmission`); this module moves bytes and calls the export's device.
+
+Hot-path choices, each for a measured reason (``docs/nbd-server.md``):
+
+* ``BufferedProtocol`` with one preallocated receive buffer per connection: the loop
+  ``recv_into``s it, headers are parsed with ``unpack_from`` in place, and WRITE payloads go to
+  the device as memoryview slices of it (no copy).  A payload larger than the buffer gets a
+  buffer of its own that the loop fills directly.  While a device write that holds a view
+  is still running, the buffer is *pinned*: instead of being rewound or compacted (which would
+  overwrite the bytes under the view) it is replaced by a fresh one.
+* No Task per request: the device coroutine is driven with ``coro.send(None)``; local devices
+  usually finish without suspending, and the reply is written at once.  Only a coroutine that
+  suspends (fdatasync in a thread, a blocking trace target) is wrapped in a Task, which resumes
+  it where it stopped (:class:`_Resume`).  Consequence for devices: code before the first
+  suspension runs outside any Task (``asyncio.current_task()`` is None there).
+* Replies go out as header + payload through ``writelines`` on uvloop (one ``writev``, no
+  join); on the stock loop small replies are concatenated and large ones written in two calls.
+* Back-pressure: when the transport's write buffer passes its high-water mark, or too many
+  requests are in flight, the connection stops parsing and pauses reading, so a client that
+  never reads its replies costs a bounded amount of memory and nobody else is slowed.
+
+Each connection is isolated: any exception inside it is logged and ends only that connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as E
+import itertools
+import logging
+import socket
+from collections.abc import Coroutine, Generator
+from typing import Any, cast
+
+from blocktrace.block.device import BlockDevice, Extent
+from blocktrace.errors import BlockDeviceError, ProtocolError
+from blocktrace.exports import Export, ExportRegistry
+from blocktrace.nbd import transmission as tx
+from blocktrace.nbd import wire
+from blocktrace.nbd.constants import NBD_DEFAULT_MAX_PAYLOAD, Cmd, CmdFlag, TransmissionFlag
+from blocktrace.nbd.errors import NBDRequestError
+from blocktrace.nbd.events import NEED_DATA, ExportInfo, HandshakeAborted, HandshakeDone
+from blocktrace.nbd.handshake import ServerHandshake
+
+log = logging.getLogger("blocktrace.nbd")
+
+#: Receive buffer per connection; WRITE payloads up to about this size are parsed in place.
+BUFFER_SIZE = 512 * 1024
+#: Requests in flight (suspended in the device) before a connection stops reading.
+MAX_INFLIGHT = 256
+#: Transport write buffer limits: above HIGH we stop reading the client's requests.
+WRITE_HIGH = 4 * 1024 * 1024
+WRITE_LOW = 1024 * 1024
+#: Replies smaller than this are joined with their header into one write on the stock loop.
+_JOIN_LIMIT = 64 * 1024
+_DISCARD_CHUNK = 256 * 1024
+
+_FUA = int(CmdFlag.FUA)
+_NO_HOLE = int(CmdFlag.NO_HOLE)
+_FAST_ZERO = int(CmdFlag.FAST_ZERO)
+_REQ_ONE = int(CmdFlag.REQ_ONE)
+_READ, _WRITE, _DISC, _FLUSH, _TRIM, _CACHE, _ZERO, _STATUS = (
+    Cmd.READ,
+    Cmd.WRITE,
+    Cmd.DISC,
+    Cmd.FLUSH,
+    Cmd.TRIM,
+    Cmd.CACHE,
+    Cmd.WRITE_ZEROES,
+    Cmd.BLOCK_STATUS,
+)
+
+
+def transmission_flags(device: BlockDevice) -> TransmissionFlag:
+    """The NBD transmission flags a device's capabilities translate to."""
+    f = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_CACHE
+    if device.read_only:
+        f |= TransmissionFlag.READ_ONLY
+    if device.can_flush:
+        f |= TransmissionFlag.SEND_FLUSH
+    if device.can_fua:
+        f |= TransmissionFlag.SEND_FUA
+    if not device.read_only:
+        if device.can_trim:
+            f |= TransmissionFlag.SEND_TRIM
+        if device.can_zero:
+            f |= TransmissionFlag.SEND_WRITE_ZEROES
+            if device.can_fast_zero:
+                f |= TransmissionFlag.SEND_FAST_ZERO
+    if device.can_multi_conn:
+        f |= TransmissionFlag.CAN_MULTI_CONN
+    return f
+
+
+def export_info(export: Export) -> ExportInfo:
+    d = export.device
+    return ExportInfo(
+        name=export.name,
+        size=d.size,
+        flags=transmission_flags(d),
+        description=export.description,
+        min_block=d.min_block_size,
+        preferred_block=max(d.preferred_block_size, d.min_block_size, 512),
+        max_block=min(d.max_block_size, NBD_DEFAULT_MAX_PAYLOAD),
+    )
+
+
+class _Resume:
+    """Awaitable continuing a coroutine that already ran up to its first suspension.
+
+    The coroutine yielded ``fut`` to nobody (we drove it by hand); yielding that same future up
+    to the Task now awaiting us makes the Task wait on it and resume us, and we resume the
+    coroutine: exactly the steps the Task would have taken had it run the coroutine itself.
+    """
+
+    __slots__ = ("coro", "fut")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], fut: Any) -> None:
+        self.coro = coro
+        self.fut = fut
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        coro, fut = self.coro, self.fut
+        while True:
+            try:
+                yield fut
+            except BaseException as exc:  # cancellation and friends go to the coroutine
+                try:
+                    fut = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    fut = coro.send(None)
+                except StopIteration as stop:
+                    return stop.value
+
+
+class NBDServer:
+    """Accepts NBD connections for the exports in ``registry``; one device object per export
+    is shared by all its connections (what makes ``CAN_MULTI_CONN`` true)."""
+
+    def __init__(self, registry: ExportRegistry) -> None:
+        self.registry = registry
+        self.connections: set[NBDConnection] = set()
+        self._ids = itertools.count(1)
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def protocol_factory(self) -> NBDConnection:
+        return NBDConnection(self, next(self._ids))
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        export = self.registry.get(name) if name else self.registry.default
+        return export_info(export) if export is not None else None
+
+    def list_exports(self) -> list[ExportInfo]:
+        return [export_info(e) for e in self.registry]
+
+    def _added(self, conn: NBDConnection) -> None:
+        self.connections.add(conn)
+        self._idle.clear()
+
+    def _removed(self, conn: NBDConnection) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            self._idle.set()
+
+    def disconnect_export(self, name: str) -> int:
+        """Shut down every connection using export ``name``; returns how many."""
+        conns = [c for c in self.connections if c.export is not None and c.export.name == name]
+        for c in conns:
+            c.shutdown()
+        return len(conns)
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop every connection after its in-flight requests finished; abort stragglers."""
+        for c in list(self.connections):
+            c.shutdown()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            for c in list(self.connections):
+                log.warning("connection %d: did not finish in %.0fs, aborting", c.id, timeout)
+                c.abort()
+
+
+class NBDConnection(asyncio.BufferedProtocol):
+    """One client connection: handshake, then pipelined transmission."""
+
+    def __init__(self, server: NBDServer, conn_id: int) -> None:
+        self.server = server
+        self.id = conn_id
+        self.export: Export | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.requests = 0
+        self._handshake: ServerHandshake | None = ServerHandshake(
+            server.lookup, server.list_exports
+        )
+        self._session: tx.Session | None = None
+        self._device: BlockDevice | None = None
+        self._buf = bytearray(BUFFER_SIZE)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._pins = 0
+        # a WRITE payload too big for the receive buffer gets its own buffer
+        self._payload: bytearray | None = None
+        self._payload_view: memoryview | None = None
+        self._payload_filled = 0
+        self._payload_req: tuple[int, int, int, int] = (0, 0, 0, 0)
+        # an oversized WRITE payload is read into scratch space and dropped
+        self._discard = 0
+        self._discard_req: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._scratch: memoryview | None = None
+        self._inflight = 0
+        self._write_paused = False
+        self._reading_paused = False
+        self._stopping = False  # DISC received or server shutting down: parse no more
+        self._closed = False
+        self._writelines = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- asyncio protocol callbacks ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but quack the same.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._writelines = type(self._loop).__module__.startswith("uvloop")
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):  # best effort; asyncio usually set it already
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.server._added(self)
+        assert self._handshake is not None
+        transport.write(self._handshake.data_to_send())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        name = self.export.name if self.export is not None else "-"
+        why = f": {exc}" if exc else ""
+        log.info(
+            "connection %d closed (export %s, %d requests)%s", self.id, name, self.requests, why
+        )
+        if self.export is not None:
+            self.export.connections -= 1
+        self._maybe_finished()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+        self._safe(self._process)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._payload_view is not None:
+            return self._payload_view[self._payload_filled :]
+        if self._discard:
+            if self._scratch is None:
+                self._scratch = memoryview(bytearray(_DISCARD_CHUNK))
+            return self._scratch[: min(self._discard, _DISCARD_CHUNK)]
+        if self._end == len(self._buf):
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._safe(self._received, nbytes)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def _safe(self, fn: Any, *args: Any) -> None:
+        """Run ``fn``; a protocol error or bug ends this connection only."""
+        try:
+            fn(*args)
+        except ProtocolError as exc:
+            log.warning("connection %d: protocol error: %s", self.id, exc)
+            self.abort()
+        except Exception:
+            log.exception("connection %d: internal error", self.id)
+            self.abort()
+
+    def _received(self, nbytes: int) -> None:
+        if self._payload_view is not None:
+            self._payload_filled += nbytes
+            if self._payload_filled == len(self._payload_view):
+                flags, cookie, offset, length = self._payload_req
+                data = self._payload_view
+                self._payload = self._payload_view = None
+                self._request(_WRITE, flags, cookie, offset, length, data, pin=False)
+                self._process()
+            return
+        if self._discard:
+            self._discard -= nbytes
+            if not self._discard:
+                self._refuse_discarded()
+                self._process()
+            return
+        self._end += nbytes
+        if self._handshake is not None:
+            self._negotiate()
+        else:
+            self._process()
+
+    def _negotiate(self) -> None:
+        hs = self._handshake
+        assert hs is not None and self.transport is not None
+        hs.receive_data(self._view[self._start : self._end])
+        self._start = self._end = 0
+        out = hs.data_to_send()
+        if out:
+            self.transport.write(out)
+        event = hs.next_event()
+        if event is NEED_DATA:
+            return
+        if isinstance(event, HandshakeAborted):
+            log.info("connection %d: %s", self.id, event.reason)
+            self._handshake = None
+            self._stopping = True
+            self.transport.close()
+            return
+        assert isinstance(event, HandshakeDone)
+        export = self.server.registry.get(event.export.name)
+        if export is None:  # removed between negotiation and now
+            self.abort()
+            return
+        self._begin_transmission(event, export)
+        rest = hs.trailing_data()
+        self._handshake = None
+        if rest:
+            self._buf[: len(rest)] = rest
+            self._end = len(rest)
+            self._process()
+
+    def _begin_transmission(self, event: HandshakeDone, export: Export) -> None:
+        info = event.export
+        self.export = export
+        export.connections += 1
+        self._device = export.device
+        self._session = tx.Session(
+            size=info.size,
+            flags=info.flags,
+            structured=event.structured_replies,
+            meta_contexts=event.meta_contexts,
+            min_block=info.min_block,
+            max_block=info.max_block,
+        )
+        log.info(
+            "connection %d opened from %s (export %s%s%s)",
+            self.id,
+            self.peer,
+            export.name,
+            ", structured replies" if event.structured_replies else "",
+            ", base:allocation" if event.meta_contexts else "",
+        )
+
+    def _compact(self) -> None:
+        """Make room at the end of the receive buffer, never moving bytes a running write
+        still refers to."""
+        start, end = self._start, self._end
+        if self._pins:
+            self._buf = bytearray(BUFFER_SIZE)
+            self._buf[: end - start] = self._view[start:end]
+            self._view = memoryview(self._buf)
+            self._pins = 0
+        else:
+            self._buf[: end - start] = self._view[start:end]
+        self._start, self._end = 0, end - start
+
+    def _process(self) -> None:
+        """Parse and start every complete request in the buffer, until told to stop."""
+        session = self._session
+        if session is None or self._closed:
+            return
+        view = self._view
+        pos, end = self._start, self._end
+        size = tx.REQUEST_SIZE
+        try:
+            while end - pos >= size and not (
+                self._stopping or self._write_paused or self._inflight >= MAX_INFLIGHT
+            ):
+                flags, cmd, cookie, offset, length = tx.parse_request_header(view, pos)
+                if cmd != _WRITE:
+                    pos += size
+                    self._request(cmd, flags, cookie, offset, length, None, pin=False)
+                    continue
+                if length > session.max_block:
+                    # Too big to accept: swallow the payload without storing it, then refuse.
+                    pos += size
+                    n = min(length, end - pos)
+                    pos += n
+                    self._discard = length - n
+                    self._discard_req = (flags, cookie, offset, length)
+                    if not self._discard:
+                        self._refuse_discarded()
+                        continue
+                    break
+                total = size + length
+                if end - pos < total:
+                    if total > len(self._buf):
+                        # Large WRITE: give it its own buffer the loop fills directly.
+                        self._payload = bytearray(length)
+                        have = end - pos - size
+                        self._payload[:have] = view[pos + size : end]
+                        self._payload_view = memoryview(self._payload)
+                        self._payload_filled = have
+                        self._payload_req = (flags, cookie, offset, length)
+                        pos = end
+                    break
+                data = view[pos + size : pos + total]
+                pos += total
+                self._request(_WRITE, flags, cookie, offset, length, data, pin=True)
+        finally:
+            if pos == end and not self._pins:
+                self._start = self._end = 0
+            else:
+                self._start = pos
+        self._update_reading()
+
+    def _refuse_discarded(self) -> None:
+        flags, cookie, offset, length = self._discard_req
+        self._request(_WRITE, flags, cookie, offset, length, None, pin=False)
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def _request(
+        self,
+        cmd: int,
+        flags: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        data: memoryview | None,
+        *,
+        pin: bool,
+    ) -> None:
+        session = self._session
+        device = self._device
+        assert session is not None and device is not None
+        self.requests += 1
+        try:
+            tx.validate_request(session, cmd, flags, offset, length)
+        except NBDRequestError as exc:
+            log.debug("connection %d: %s", self.id, exc)
+            self._send(tx.encode_error(session, cookie, cmd, exc.errno, str(exc)))
+            return
+        coro: Coroutine[Any, Any, Any]
+        if cmd == _READ:
+            coro = device.read(offset, length)
+        elif cmd == _WRITE:
+            if data is None:  # oversized: validate_request refused it above
+                raise AssertionError("oversized write passed validation")
+            coro = device.write(offset, data, fua=bool(flags & _FUA))
+        elif cmd == _FLUSH:
+            coro = device.flush()
+        elif cmd == _TRIM:
+            coro = device.trim(offset, length, fua=bool(flags & _FUA))
+        elif cmd == _ZERO:
+            coro = device.write_zeroes(
+                offset,
+                length,
+                may_trim=not flags & _NO_HOLE,
+                fua=bool(flags & _FUA),
+                fast=bool(flags & _FAST_ZERO),
+            )
+        elif cmd == _STATUS:
+            coro = device.block_status(offset, length)
+        elif cmd == _CACHE:
+            coro = device.cache(offset, length)
+        elif cmd == _DISC:
+            self._stopping = True
+            self._maybe_finished()
+            return
+        else:  # pragma: no cover - validate_request refuses unknown commands
+            raise AssertionError(f"unhandled command {cmd}")
+        try:
+            fut = coro.send(None)
+        except StopIteration as stop:
+            self._complete(cmd, flags, cookie, offset, length, stop.value)
+            return
+        except BlockDeviceError as exc:
+            self._fail(cmd, cookie, exc.errno, str(exc))
+            return
+        except Exception as exc:
+            log.exception("connection %d: %s failed", self.id, tx.cmd_name(cmd))
+            self._fail(cmd, cookie, E.EIO, str(exc))
+            return
+        # The device suspended: finish in a Task (keeping the receive buffer pinned if the
+        # device holds a view of it).
+        self._inflight += 1
+        if pin:
+            self._pins += 1
+        assert self._loop is not None
+        self._loop.create_task(
+            self._finish(coro, fut, cmd, flags, cookie, offset, length, self._buf if pin else None)
+        )
+
+    async def _finish(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        fut: Any,
+        cmd: int,
+        flags: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        pinned: bytearray | None,
+    ) -> None:
+        try:
+            result = await _Resume(coro, fut)
+        except BlockDeviceError as exc:
+            self._fail(cmd, cookie, exc.errno, str(exc))
+        except Exception as exc:
+            log.exception("connection %d: %s failed", self.id, tx.cmd_name(cmd))
+            self._fail(cmd, cookie, E.EIO, str(exc))
+        else:
+            self._complete(cmd, flags, cookie, offset, length, result)
+        finally:
+            if pinned is not None and pinned is self._buf:
+                self._pins -= 1
+            self._inflight -= 1
+            self._update_reading()
+            if not self._maybe_finished():
+                self._safe(self._process)
+
+    def _complete(
+        self, cmd: int, flags: int, cookie: int, offset: int, length: int, result: Any
+    ) -> None:
+        session = self._session
+        assert session is not None
+        if cmd == _READ:
+            self._send_data(tx.encode_read_header(session, cookie, offset, length), result)
+        elif cmd == _STATUS:
+            extents: list[Extent] = result
+            desc = tx.block_status_descriptors(extents, length, bool(flags & _REQ_ONE))
+            self._send(tx.encode_block_status(session, cookie, desc))
+        else:
+            self._send(wire.pack_simple_reply(cookie))
+
+    def _fail(self, cmd: int, cookie: int, errno: int, message: str) -> None:
+        session = self._session
+        assert session is not None
+        log.debug("connection %d: %s: %s", self.id, tx.cmd_name(cmd), message)
+        self._send(tx.encode_error(session, cookie, cmd, errno, message))
+
+    # -- sending and lifecycle -----------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        if not self._closed and self.transport is not None:
+            self.transport.write(data)
+
+    def _send_data(self, header: bytes, data: Any) -> None:
+        t = self.transport
+        if self._closed or t is None:
+            return
+        if self._writelines:
+            t.writelines((header, data))
+        elif len(data) < _JOIN_LIMIT:
+            t.write(header + data)
+        else:
+            t.write(header)
+            t.write(data)
+
+    def _update_reading(self) -> None:
+        t = self.transport
+        if t is None or self._closed:
+            return
+        want_pause = self._write_paused or self._inflight >= MAX_INFLIGHT
+        if want_pause and not self._reading_paused:
+            self._reading_paused = True
+            t.pause_reading()
+        elif not want_pause and self._reading_paused and not self._stopping:
+            self._reading_paused = False
+            t.resume_reading()
+
+    def _maybe_finished(self) -> bool:
+        """Close once stopping and nothing is in flight; deregister once closed and idle."""
+        if self._inflight:
+            return False
+        if self._closed:
+            self.server._removed(self)
+            return True
+        if self._stopping and self.transport is not None:
+            self.transport.close()
+            return True
+        return False
+
+    def shutdown(self) -> None:
+        """Stop reading requests; close after the in-flight ones are answered."""
+        if self._closed or self.transport is None:
+            return
+        self._stopping = True
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._maybe_finished()
+
+    def abort(self) -> None:
+        """Drop the connection at once (protocol error, or shutdown gave up waiting)."""
+        self._stopping = True
+        if self.transport is not None:
+            self.transport.abort()
+        else:
+            self.server._removed(self)

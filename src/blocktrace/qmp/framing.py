@@ -1,0 +1,201 @@
+"""Sans-IO JSON stream splitter for QMP input: bytes in, whole JSON values (or errors) out.
+
+Why not lines: qemu.qmp sends every command as compact JSON with no newline, and QEMU's own
+parser (``qobject/json-streamer.c``) is a streaming one, so messages are found by counting
+braces and brackets outside strings, as QEMU does.  A complete value is then decoded with
+``json.JSONDecoder.raw_decode``.  The scan jumps between interesting bytes with a regex, so
+feeding a large message costs O(bytes), and a message split anywhere (even one byte at a time)
+gives the same result as the whole.
+
+Limits (QEMU has the same two): a message bigger than ``max_size`` bytes or nested deeper than
+``max_depth`` is refused with QEMU's sentence and the splitter becomes *fatal*: the rest of such
+a message cannot be told from the next one, so the connection must close.  Control characters
+and bytes >= 0x80 outside strings are "stray" (QEMU's documented way to reset the parser): the
+partial message is dropped, an error is produced, and parsing resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from blocktrace.qmp import errors
+
+DEFAULT_MAX_SIZE = 1 << 20
+DEFAULT_MAX_DEPTH = 1024
+
+# Outside strings, inside a container: structure, quote, or a byte that is never valid there
+# (control characters other than TAB/LF/CR, and anything >= 0x80).
+_OUTSIDE = re.compile(rb'[{}\[\]"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\xff]')
+# Inside a string: its end, an escape, or a raw control character (forbidden by RFC 8259).
+_INSIDE = re.compile(rb'["\\\x00-\x1f]')
+# End of a bare top-level scalar (number, keyword).
+_SCALAR_END = re.compile(rb'[\s{}\[\]",:\x00-\x1f\x7f-\xff]')
+_WS = b" \t\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    """One complete JSON value (QMP wants an object; the protocol layer checks)."""
+
+    value: object
+
+
+@dataclass(frozen=True, slots=True)
+class ParseError:
+    """Input that is not JSON.  ``fatal``: the stream cannot be resynchronised."""
+
+    desc: str
+    fatal: bool = False
+
+
+Item = Value | ParseError
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"invalid keyword '{name}'")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def decode(raw: bytes) -> Item:
+    """Decode one delimited message, mapping every failure to QEMU's ``JSON parse error, ...``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return ParseError(errors.json_parse_error("invalid UTF-8 sequence in string"))
+    try:
+        value, end = _DECODER.raw_decode(text)
+    except json.JSONDecodeError as exc:
+        return ParseError(errors.json_parse_error(exc.msg[:1].lower() + exc.msg[1:]))
+    except (ValueError, RecursionError) as exc:
+        return ParseError(errors.json_parse_error(str(exc)))
+    if text[end:].strip(" \t\r\n"):
+        return ParseError(errors.json_parse_error("extra data after value"))
+    return Value(value)
+
+
+class JSONSplitter:
+    """Feed bytes, get complete values.  Holds at most one partial message (<= ``max_size``)."""
+
+    def __init__(
+        self, *, max_size: int = DEFAULT_MAX_SIZE, max_depth: int = DEFAULT_MAX_DEPTH
+    ) -> None:
+        self.max_size = max_size
+        self.max_depth = max_depth
+        self._buf = bytearray()  # the current partial message starts at _buf[0]
+        self._pos = 0  # everything before _pos has been scanned
+        self._depth = 0
+        self._in_string = False
+        self._scalar = False  # scanning a bare top-level scalar
+        self.fatal = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes of a partial message held (0 between messages)."""
+        return len(self._buf)
+
+    def _reset(self, consumed: int) -> None:
+        del self._buf[:consumed]
+        self._pos = 0
+        self._depth = 0
+        self._in_string = False
+        self._scalar = False
+
+    def _emit(self, end: int, out: list[Item]) -> None:
+        out.append(decode(bytes(self._buf[:end])))
+        self._reset(end)
+
+    def _stray(self, at: int, out: list[Item]) -> None:
+        out.append(ParseError(errors.json_stray(chr(self._buf[at]))))
+        self._reset(at + 1)
+
+    def _limit(self, desc: str, out: list[Item]) -> None:
+        out.append(ParseError(desc, fatal=True))
+        self.fatal = True
+        self._buf.clear()
+        self._pos = 0
+
+    def feed(self, data: bytes) -> list[Item]:
+        """Consume ``data``; return the values and errors it completed, in input order."""
+        out: list[Item] = []
+        if self.fatal:
+            return out
+        self._buf += data
+        buf = self._buf
+        while not self.fatal:
+            if self._pos > self.max_size:
+                self._limit(errors.TOKEN_SIZE_LIMIT, out)
+                break
+            if self._in_string:
+                m = _INSIDE.search(buf, self._pos)
+                if m is None:
+                    self._pos = len(buf)
+                    if self._pos > self.max_size:
+                        continue
+                    break
+                i = m.start()
+                c = buf[i]
+                if c == 0x22:  # closing quote
+                    self._in_string = False
+                    self._pos = i + 1
+                    if self._depth == 0:  # a top-level string
+                        self._emit(i + 1, out)
+                elif c == 0x5C:  # backslash: skip the escaped byte
+                    if i + 1 >= len(buf):
+                        self._pos = i
+                        break
+                    self._pos = i + 2
+                else:
+                    self._stray(i, out)
+            elif self._scalar:
+                m = _SCALAR_END.search(buf, self._pos)
+                if m is None:
+                    self._pos = len(buf)
+                    if self._pos > self.max_size:
+                        continue
+                    break
+                self._emit(m.start(), out)
+            elif self._depth == 0:
+                i = 0
+                while i < len(buf) and buf[i] in _WS:
+                    i += 1
+                if i:
+                    del buf[:i]
+                if not buf:
+                    break
+                c = buf[0]
+                self._pos = 1
+                if c in b"{[":
+                    self._depth = 1
+                elif c == 0x22:
+                    self._in_string = True
+                elif c in b"}]:," or c < 0x20 or c >= 0x7F:
+                    self._stray(0, out)
+                else:
+                    self._scalar = True
+            else:
+                m = _OUTSIDE.search(buf, self._pos)
+                if m is None:
+                    self._pos = len(buf)
+                    if self._pos > self.max_size:
+                        continue
+                    break
+                i = m.start()
+                c = buf[i]
+                self._pos = i + 1
+                if c in b"{[":
+                    self._depth += 1
+                    if self._depth > self.max_depth:
+                        self._limit(errors.NESTING_LIMIT, out)
+                elif c in b"}]":
+                    self._depth -= 1
+                    if self._depth == 0:
+                        self._emit(i + 1, out)
+                elif c == 0x22:
+                    self._in_string = True
+                else:
+                    self._stray(i, out)
+        return out

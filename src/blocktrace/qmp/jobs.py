@@ -1,0 +1,273 @@
+"""``block-trace`` as a block job: the QMP face of :class:`blocktrace.trace.TraceManager`.
+
+A trace is a QEMU block job in every way a QMP client can see: ``block-trace`` starts it with
+drive-mirror's vocabulary (``job-id``, ``device``, ``sync``, ``copy-mode``,
+``on-target-error``), ``query-block-jobs``/``query-jobs`` list it with QEMU's fields (``device``
+is the *job id*, as in QEMU since 2.7; the traced export is ``export``), the ``block-job-*`` and
+``job-*`` verbs act on it, and the manager's :class:`~blocktrace.trace.TraceEvent` stream is
+translated one to one into ``JOB_STATUS_CHANGE``, ``BLOCK_JOB_READY``, ``BLOCK_JOB_ERROR``,
+``BLOCK_JOB_COMPLETED`` and ``BLOCK_JOB_CANCELLED`` with QEMU's data shapes.
+
+Like QEMU, ``block-job-cancel`` returns at once and the end is announced by an event: the
+trace is stopped cleanly in the background (queued records delivered, the target made durable
+and closed), then ``BLOCK_JOB_COMPLETED`` (the trace was ready: the stream is complete) or
+``BLOCK_JOB_CANCELLED`` (a ``sync=full`` copy had not finished).  A failed trace ends with
+``BLOCK_JOB_COMPLETED`` carrying ``error``.
+
+Races: commands that create or end jobs, or add or remove exports, hold :attr:`Control.lock`,
+so two ``block-trace`` with one job id, or a cancel racing a start, are serialised: the
+second gets QEMU's error (``Job ID 'x' already in use``) or sees the finished start, never a
+half-made job.  Target types: the schema of each lives in :data:`TARGET_VARIANTS`; a type the
+trace layer cannot build yet (``replica``, ``nbd``) fails with a GenericError saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from blocktrace.errors import BlocktraceError, StateError
+from blocktrace.qmp import errors
+from blocktrace.qmp.commands import Bool, CommandTable, Enum, Int, Member, Str, Union
+from blocktrace.trace import EventKind, JobStatus, Trace, TraceEvent, TraceManager, TraceOptions
+
+if TYPE_CHECKING:
+    from blocktrace.qmp.control import Control
+
+log = logging.getLogger(__name__)
+
+MirrorSyncMode = Enum("MirrorSyncMode", ("full", "none"))
+MirrorCopyMode = Enum("MirrorCopyMode", ("background", "write-blocking"))
+TraceOnTargetError = Enum("BlockTraceOnTargetError", ("report", "break"))
+
+#: target type -> its members (besides ``type``).  Add a target type here and in
+#: ``blocktrace.trace.targets.TARGET_TYPES``.
+TARGET_VARIANTS: dict[str, tuple[Member, ...]] = {
+    "log": (
+        Member("filename", Str(), doc="the dm-log-writes log file (created or truncated)"),
+        Member(
+            "sector-size",
+            Int(512, 65536, kind="uint32"),
+            optional=True,
+            doc="log sector size; default: the export's block size (at least 512)",
+        ),
+        Member(
+            "zeroes",
+            Enum("BlockTraceLogZeroes", ("discard", "data")),
+            optional=True,
+            doc="how WRITE_ZEROES is logged: a DISCARD entry (default) or zero data",
+        ),
+    ),
+    "replica": (Member("filename", Str(), doc="a raw image kept identical to the export"),),
+    "nbd": (Member("uri", Str(), doc="an NBD URI kept identical to the export"),),
+}
+
+BlockTraceTarget = Union(
+    "BlockTraceTarget",
+    Member("type", Enum("BlockTraceTargetType", tuple(TARGET_VARIANTS))),
+    TARGET_VARIANTS,
+)
+
+
+class JobRegistry:
+    """Bridges the trace manager to QMP: events out, job lookups in."""
+
+    def __init__(self, ctx: Control, manager: TraceManager) -> None:
+        self.ctx = ctx
+        self.manager = manager
+        self._stops: set[asyncio.Task[None]] = set()
+        manager.add_listener(self._on_trace_event)
+
+    def jobs_on(self, export: str) -> list[str]:
+        return [t.job_id for t in self.manager.on_export(export)]
+
+    def find(self, job_id: str) -> Trace:
+        """The live trace ``job_id``; QEMU's ``DeviceNotActive`` error when there is none."""
+        trace = self.manager.find(job_id)
+        if trace is None or trace.concluded:
+            raise errors.job_not_found(job_id)
+        return trace
+
+    def info(self, trace: Trace) -> dict[str, Any]:
+        info = trace.info()
+        info["device"] = trace.job_id  # QEMU: "device" is the job id
+        info["export"] = trace.export.name
+        return info
+
+    def stop_in_background(self, trace: Trace) -> None:
+        task = asyncio.get_running_loop().create_task(trace.stop(), name=f"stop:{trace.job_id}")
+        self._stops.add(task)
+        task.add_done_callback(self._stop_done)
+
+    def _stop_done(self, task: asyncio.Task[None]) -> None:
+        self._stops.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("stopping trace %s failed: %s", task.get_name(), task.exception())
+
+    async def wait_stopped(self) -> None:
+        if self._stops:
+            await asyncio.gather(*self._stops, return_exceptions=True)
+
+    def _on_trace_event(self, trace: Trace, event: TraceEvent) -> None:
+        name, data = event_message(trace, event)
+        self.ctx.emit(name, data)
+
+
+def event_message(trace: Trace, event: TraceEvent) -> tuple[str, dict[str, Any]]:
+    """A trace event as QEMU's event name and data."""
+    if event.kind is EventKind.STATUS_CHANGE:
+        return "JOB_STATUS_CHANGE", {"id": trace.job_id, "status": event.status.value}
+    if event.kind is EventKind.ERROR:
+        return "BLOCK_JOB_ERROR", {
+            "device": trace.job_id,
+            "operation": event.operation,
+            "action": event.action or "report",
+        }
+    st = trace.stats()
+    data: dict[str, Any] = {
+        "type": "trace",
+        "device": trace.job_id,
+        "len": st.len,
+        "offset": st.offset,
+        "speed": 0,
+    }
+    if event.kind is EventKind.COMPLETED and event.error:
+        data["error"] = event.error
+    return event.kind.value, data
+
+
+def _verb_refused(trace: Trace, verb: str) -> errors.QMPError:
+    return errors.generic(
+        f"Job '{trace.job_id}' in state '{trace.status.value}' cannot accept command verb '{verb}'"
+    )
+
+
+def register(table: CommandTable) -> None:
+    @table.command(
+        "block-trace",
+        Member("job-id", Str(), optional=True, doc="default: the device name"),
+        Member("device", Str(), doc="the export to trace"),
+        Member("target", BlockTraceTarget),
+        Member("sync", MirrorSyncMode, optional=True, default="none"),
+        Member("copy-mode", MirrorCopyMode, optional=True, default="background"),
+        Member("on-target-error", TraceOnTargetError, optional=True, default="report"),
+        Member("queue-size", Int(0, kind="uint64"), optional=True, doc="bytes; default 64 MiB"),
+        doc="Start tracing an export's writes to a target, as a block job.",
+    )
+    async def block_trace(ctx: Control, args: dict[str, Any]) -> Any:
+        job_id = args["job-id"] if args["job-id"] is not None else args["device"]
+        if not job_id:
+            raise errors.generic("Invalid job ID ''")
+        target = {k: v for k, v in args["target"].items() if v is not None}
+        option_names = ("sync", "copy-mode", "on-target-error", "queue-size")
+        try:
+            options = TraceOptions.from_dict(
+                {k: args[k] for k in option_names if args[k] is not None}
+            )
+        except BlocktraceError as exc:
+            raise errors.generic(str(exc)) from None
+        async with ctx.lock:
+            if ctx.jobs.manager.find(job_id) is not None:
+                raise errors.job_id_in_use(job_id)
+            if args["device"] not in ctx.service.registry:
+                raise errors.device_not_found(args["device"])
+            try:
+                await ctx.jobs.manager.start(job_id, args["device"], target, options)
+            except BlocktraceError as exc:
+                raise errors.generic(str(exc)) from None
+        return {}
+
+    @table.command(
+        "block-trace-mark",
+        Member("job-id", Str()),
+        Member("name", Str()),
+        doc="Write a named mark into a trace; returns once the target holds it.",
+        returns="BlockTraceMarkInfo",
+    )
+    async def block_trace_mark(ctx: Control, args: dict[str, Any]) -> Any:
+        trace = ctx.jobs.find(args["job-id"])
+        try:
+            entry = await trace.mark(args["name"])
+        except BlocktraceError as exc:
+            raise errors.generic(str(exc)) from None
+        return {"entry": entry}
+
+    @table.command("query-block-jobs", doc="List trace jobs.", returns="[BlockJobInfo]")
+    async def query_block_jobs(ctx: Control, args: dict[str, Any]) -> Any:
+        return [ctx.jobs.info(t) for t in ctx.jobs.manager.list() if not t.concluded]
+
+    @table.command("query-jobs", doc="List trace jobs, generic form.", returns="[JobInfo]")
+    async def query_jobs(ctx: Control, args: dict[str, Any]) -> Any:
+        out = []
+        for t in ctx.jobs.manager.list():
+            st = t.stats()
+            info: dict[str, Any] = {
+                "id": t.job_id,
+                "type": "trace",
+                "status": t.status.value,
+                "current-progress": st.offset,
+                "total-progress": st.len,
+            }
+            if t.error:
+                info["error"] = t.error
+            out.append(info)
+        return out
+
+    async def cancel(ctx: Control, trace: Trace) -> Any:
+        if trace.status in (JobStatus.CREATED,):
+            raise _verb_refused(trace, "cancel")
+        ctx.jobs.stop_in_background(trace)
+        return {}
+
+    async def complete(ctx: Control, trace: Trace) -> Any:
+        if not trace.ready or trace.status not in (JobStatus.READY, JobStatus.STANDBY):
+            raise _verb_refused(trace, "complete")
+        ctx.jobs.stop_in_background(trace)
+        return {}
+
+    async def pause(ctx: Control, trace: Trace) -> Any:
+        if trace.paused:
+            raise errors.generic("Job is already paused")
+        try:
+            trace.pause()
+        except StateError:
+            raise _verb_refused(trace, "pause") from None
+        return {}
+
+    async def resume(ctx: Control, trace: Trace) -> Any:
+        if trace.status not in (JobStatus.PAUSED, JobStatus.STANDBY):
+            if trace.status in (JobStatus.RUNNING, JobStatus.READY):
+                raise errors.generic("Can't resume a job that was not paused")
+            raise _verb_refused(trace, "resume")
+        trace.resume()
+        return {}
+
+    verbs = {"cancel": cancel, "complete": complete, "pause": pause, "resume": resume}
+    docs = {
+        "cancel": "Stop a trace cleanly: queued records are delivered, the target closed.",
+        "complete": "Stop a ready trace cleanly (BLOCK_JOB_COMPLETED).",
+        "pause": "Stop delivering to the target; records queue up to queue-size.",
+        "resume": "Resume delivering to the target.",
+    }
+    for verb, fn in verbs.items():
+        _register_verb(table, verb, fn, docs[verb])
+
+
+def _register_verb(table: CommandTable, verb: str, fn: Any, doc: str) -> None:
+    """``block-job-VERB {device}`` (DeviceNotActive when unknown) and ``job-VERB {id}``."""
+    extra = (Member("force", Bool(), optional=True, default=False),) if verb == "cancel" else ()
+
+    async def block_job_verb(ctx: Control, args: dict[str, Any]) -> Any:
+        async with ctx.lock:
+            return await fn(ctx, ctx.jobs.find(args["device"]))
+
+    async def job_verb(ctx: Control, args: dict[str, Any]) -> Any:
+        async with ctx.lock:
+            trace = ctx.jobs.manager.find(args["id"])
+            if trace is None or trace.concluded:
+                raise errors.generic("Job not found")
+            return await fn(ctx, trace)
+
+    table.add(f"block-job-{verb}", block_job_verb, (Member("device", Str()), *extra), doc=doc)
+    table.add(f"job-{verb}", job_verb, (Member("id", Str()),), doc=doc)

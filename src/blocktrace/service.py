@@ -1,0 +1,326 @@
+"""The running blocktrace server: exports, NBD listeners, hooks, signals, clean stop.
+
+:class:`Service` owns the :class:`~blocktrace.exports.ExportRegistry` and the NBD server and is
+the one object the other parts plug into:
+
+* the QMP control socket calls :meth:`Service.add_export` / :meth:`Service.remove_export`
+  (``block-export-add`` / ``block-export-del``) and stops the server with
+  :meth:`Service.request_stop`;
+* the trace manager and QMP server register async callbacks in :attr:`Service.startup_hooks`
+  (run after the exports are open and before clients are accepted) and
+  :attr:`Service.shutdown_hooks` (run, in reverse order, after the last NBD connection
+  closed and before devices are flushed and closed).
+
+Stop order on SIGINT/SIGTERM: stop accepting, let every connection finish its in-flight
+requests, run shutdown hooks, flush and close every device, remove the socket files.  That
+order is what makes "the image and the trace agree after a clean stop" true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import tempfile
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from blocktrace.errors import BlocktraceError, StateError, UsageError
+from blocktrace.exports import Export, ExportRegistry, open_export
+from blocktrace.nbd.server import NBDServer
+from blocktrace.trace.manager import TraceManager
+
+log = logging.getLogger("blocktrace.service")
+
+T = TypeVar("T")
+Hook = Callable[["Service"], Awaitable[None]]
+
+DEFAULT_SOCKET = "./blocktrace.sock"
+NBD_PORT = 10809
+#: Longest path a Unix socket address can hold (sun_path is 108 bytes with the NUL).
+MAX_SUN_PATH = 107
+
+
+@dataclass
+class ServiceConfig:
+    """Everything ``blocktrace serve`` was asked to do (other parts add their own fields)."""
+
+    #: (export name, image path) in the order given; the first is the default export.
+    images: list[tuple[str, str]] = field(default_factory=list)
+    #: NBD Unix socket, or None for none.
+    socket: str | None = DEFAULT_SOCKET
+    socket_mode: int = 0o600
+    #: NBD TCP listeners as (host, port).
+    listen: list[tuple[str, int]] = field(default_factory=list)
+    read_only: bool = False
+    #: Seconds to wait for in-flight requests on stop before dropping connections.
+    stop_timeout: float = 30.0
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT``, ``PORT`` or ``[V6ADDR]:PORT``; the host defaults to loopback."""
+    host, sep, port_s = spec.rpartition(":")
+    if not sep:
+        host, port_s = "", spec
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise UsageError(f"--listen {spec!r}: expected HOST:PORT") from None
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--listen {spec!r}: port out of range")
+    return host or "127.0.0.1", port
+
+
+def _bind_unix(path: str, mode: int) -> socket.socket:
+    """Bind a listening Unix socket at ``path`` with ``mode``, race-free.
+
+    The socket is bound inside a private 0700 directory next to ``path``, chmod-ed, then
+    renamed into place, so it is never reachable with looser permissions.  An existing socket
+    file is replaced only if nothing accepts connections on it.
+    """
+    if len(os.fsencode(path)) > MAX_SUN_PATH:
+        raise UsageError(f"{path}: socket path too long (max {MAX_SUN_PATH} bytes)")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise UsageError(f"{path}: exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # stale: nobody listens
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot check socket: {exc.strerror}") from None
+        else:
+            raise UsageError(f"{path}: socket in use by a running server")
+        finally:
+            probe.close()
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=".blocktrace-", dir=directory)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: directory {directory} does not exist") from None
+    except PermissionError:
+        raise UsageError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    tmp = min(os.path.join(tmpdir, "s"), os.path.relpath(os.path.join(tmpdir, "s")), key=len)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if len(os.fsencode(tmp)) > MAX_SUN_PATH:
+            raise UsageError(f"{path}: socket path too long (max {MAX_SUN_PATH} bytes)")
+        sock.bind(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"{path}: cannot create socket: {exc.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.rmdir(tmpdir)
+    return sock
+
+
+class Service:
+    """The server process: ``await Service(config).run()`` until SIGINT/SIGTERM."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.registry = ExportRegistry()
+        self.nbd = NBDServer(self.registry)
+        #: Traces of this server's exports (``serve --trace``, QMP ``block-trace``).
+        self.traces = TraceManager(self.registry)
+        #: ``async def hook(service)``: run after exports open, before accepting clients.
+        self.startup_hooks: list[Hook] = []
+        #: Run in reverse order after the last connection closed, before devices close.
+        self.shutdown_hooks: list[Hook] = []
+        # First in, so it runs last: traces end (queues delivered, logs closed) once every
+        # connection is done, before the devices close.
+        self.shutdown_hooks.append(_stop_traces)
+        self._servers: list[asyncio.AbstractServer] = []
+        self._socket_paths: list[str] = []
+        self._stop = asyncio.Event()
+        self._stopped = False
+        #: Where clients can connect, for messages: "unix:PATH", "tcp:HOST:PORT".
+        self.addresses: list[str] = []
+
+    # -- exports ---------------------------------------------------------------------------
+
+    def add_export(
+        self, name: str, path: str, *, read_only: bool = False, description: str = ""
+    ) -> Export:
+        """Open ``path`` and export it as ``name`` (new connections see it at once)."""
+        if name in self.registry:
+            raise UsageError(f"export {name!r} already exists")
+        export = open_export(name, path, read_only=read_only)
+        if description:
+            export.description = description
+        self.registry.add(export)
+        log.info(
+            "export %s: %s (%d bytes%s)",
+            name,
+            path,
+            export.device.size,
+            ", read-only" if export.read_only else "",
+        )
+        return export
+
+    async def remove_export(self, name: str, *, mode: Literal["safe", "hard"] = "safe") -> None:
+        """Stop exporting ``name``.  ``safe`` refuses while clients are connected (QEMU's
+        block-export-del default); ``hard`` disconnects them after their in-flight requests."""
+        export = self.registry.get(name)
+        if export is None:
+            raise UsageError(f"no export named {name!r}")
+        if mode == "safe" and export.connections:
+            raise StateError(f"export {name!r} is in use by {export.connections} connection(s)")
+        self.registry.remove(name)
+        self.nbd.disconnect_export(name)
+        while any(c.export is export for c in self.nbd.connections):
+            await asyncio.sleep(0.01)
+        await self._close_device(export)
+
+    async def _close_device(self, export: Export) -> None:
+        try:
+            if not export.read_only:
+                await export.device.flush()
+        except BlocktraceError as exc:
+            log.error("export %s: flush on close failed: %s", export.name, exc)
+        finally:
+            await export.device.close()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open exports, run startup hooks, start listening.  Raises UsageError for operator
+        mistakes, leaving nothing behind."""
+        cfg = self.config
+        if not cfg.images:
+            raise UsageError("no images to serve")
+        try:
+            for name, path in cfg.images:
+                self.add_export(name, path, read_only=cfg.read_only)
+            for hook in self.startup_hooks:
+                await hook(self)
+            await self._listen()
+        except BaseException:
+            await self._close_all()
+            raise
+        log.info(
+            "serving %s on %s",
+            ", ".join(e.name for e in self.registry),
+            ", ".join(self.addresses),
+        )
+
+    async def _listen(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        if not cfg.socket and not cfg.listen:
+            raise UsageError("nothing to listen on: give --socket or --listen")
+        if cfg.socket:
+            sock = _bind_unix(cfg.socket, cfg.socket_mode)
+            self._socket_paths.append(cfg.socket)
+            try:
+                server = await loop.create_unix_server(self.nbd.protocol_factory, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+            self._servers.append(server)
+            self.addresses.append(f"unix:{cfg.socket}")
+        for host, port in cfg.listen:
+            try:
+                server = await loop.create_server(
+                    self.nbd.protocol_factory, host, port, reuse_address=True
+                )
+            except OSError as exc:
+                why = exc.strerror or str(exc)
+                if exc.errno == errno.EADDRINUSE:
+                    why = "address already in use"
+                raise UsageError(f"--listen {host}:{port}: {why}") from None
+            self._servers.append(server)
+            for s in server.sockets:
+                addr = s.getsockname()
+                self.addresses.append(f"tcp:{addr[0]}:{addr[1]}")
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to stop (signal handlers and QMP ``quit`` call this)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGINT/SIGTERM (or :meth:`request_stop`), stop cleanly."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self._stop.wait()
+            log.info("stopping")
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stop accepting, finish in-flight requests, run shutdown hooks, flush, close."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for server in self._servers:
+            server.close()
+        await self.nbd.shutdown(self.config.stop_timeout)
+        for hook in reversed(self.shutdown_hooks):
+            try:
+                await hook(self)
+            except Exception:
+                log.exception("shutdown hook %r failed", hook)
+        await self._close_all()
+
+    async def _close_all(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        for export in self.registry:
+            self.registry.remove(export.name)
+            await self._close_device(export)
+        for path in self._socket_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._socket_paths.clear()
+
+
+async def _stop_traces(service: Service) -> None:
+    await service.traces.close()
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when importable (``BLOCKTRACE_NO_UVLOOP=1`` opts out)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if not os.environ.get("BLOCKTRACE_NO_UVLOOP"):
+        try:
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)

@@ -1,0 +1,293 @@
+"""Delivery: one bounded queue and one worker task per trace, between the filter and a target.
+
+The filter appends records synchronously (:meth:`Delivery.put`, no ``await``), in the order
+operations were applied, so the queue order *is* the stream order.  A single worker task takes
+batches off the head and hands them to the target; a single consumer means targets need no
+locking and can write each batch as one large append.
+
+Positions: records are numbered 1, 2, 3... in the order they were queued (``queued``);
+``held`` is how many the target holds and ``durable`` how many it has made durable.  A writer
+in ``copy-mode=write-blocking`` waits for ``held >= n``; a FUA write or a FLUSH, in both
+modes, waits for ``durable >= n`` (the crash promise: what a client saw acknowledged as durable
+is durable in the trace too).  The worker calls ``make_durable`` only when someone waits for
+it, so durability is group-committed: one fsync covers every FLUSH queued meanwhile.
+
+Backpressure: writers reserve queue space *before* applying their write
+(:meth:`try_reserve`/:meth:`reserve`); when the cap is reached they wait, in FIFO order, for
+the worker to drain.  A record is never dropped: the only way out of the queue is the target,
+or a failure that is reported (``on-target-error``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable
+
+from blocktrace.errors import BlocktraceError, TargetError
+from blocktrace.trace.records import RECORD_OVERHEAD, TraceRecord
+from blocktrace.trace.targets.base import Target
+
+log = logging.getLogger(__name__)
+
+#: most bytes handed to a target in one ``deliver`` call
+MAX_BATCH_BYTES = 16 * 1024 * 1024
+MAX_BATCH_RECORDS = 4096
+
+
+def record_cost(record: TraceRecord) -> int:
+    return record.nbytes + RECORD_OVERHEAD
+
+
+class Delivery:
+    """Queue + worker for one trace.  Create, :meth:`start`, :meth:`put`..., :meth:`finish`."""
+
+    def __init__(
+        self,
+        target: Target,
+        queue_size: int,
+        on_failure: Callable[[BaseException], None],
+    ) -> None:
+        self.target = target
+        self.queue_size = queue_size
+        self._on_failure = on_failure
+        self._queue: deque[TraceRecord] = deque()
+        self.queued_bytes = 0  # payload + overhead of records in the queue
+        self._reserved = 0  # space promised to writers that have not queued yet
+        self._space_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self.queued = 0  # records ever queued
+        self.held = 0  # records the target holds
+        self.durable = 0  # records the target made durable
+        self.bytes_delivered = 0  # payload bytes the target holds
+        self.bytes_queued_total = 0  # payload bytes ever queued
+        self._durable_wanted = 0
+        self._held_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._durable_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._tiebreak = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._closing = False
+        self.error: BaseException | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- producer side (the filter) ----------------------------------------------------------
+
+    def try_reserve(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` of queue space without waiting; False if it would overflow.
+
+        An empty queue admits any size, so a request larger than the cap still makes progress.
+        """
+        total = self.queued_bytes + self._reserved
+        if self._space_waiters or (total and total + nbytes > self.queue_size):
+            return False
+        self._reserved += nbytes
+        return True
+
+    async def reserve(self, nbytes: int) -> None:
+        """Reserve ``nbytes``, waiting (FIFO) while the queue is full: the backpressure path."""
+        if self.try_reserve(nbytes):
+            return
+        self._raise_if_failed()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._space_waiters.append((nbytes, fut))
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.unreserve(nbytes)  # granted, then cancelled: give it back
+            else:
+                with contextlib.suppress(ValueError):
+                    self._space_waiters.remove((nbytes, fut))
+            raise
+
+    def force_reserve(self, nbytes: int) -> None:
+        """Count ``nbytes`` as reserved without checking the cap (a failed queue's books)."""
+        self._reserved += nbytes
+
+    def unreserve(self, nbytes: int) -> None:
+        self._reserved -= nbytes
+        self._grant_space()
+
+    def put(self, record: TraceRecord, reserved: int = 0) -> int:
+        """Queue ``record`` (synchronously); returns its position.  ``reserved`` is the space
+        its producer reserved, now turned into queued bytes."""
+        self._reserved -= reserved
+        self._queue.append(record)
+        self.queued_bytes += record_cost(record)
+        self.bytes_queued_total += record.nbytes
+        self.queued += 1
+        self._wakeup.set()
+        return self.queued
+
+    async def wait_held(self, position: int) -> None:
+        """Return once the target holds record ``position`` (write-blocking acknowledgement)."""
+        if self.held >= position:
+            return
+        await self._wait(self._held_waiters, position)
+
+    async def wait_durable(self, position: int) -> None:
+        """Return once record ``position`` is durable in the target (FUA, FLUSH)."""
+        if self.durable >= position:
+            return
+        self._durable_wanted = max(self._durable_wanted, position)
+        self._wakeup.set()
+        await self._wait(self._durable_waiters, position)
+
+    async def _wait(self, heap: list[tuple[int, int, asyncio.Future[None]]], pos: int) -> None:
+        self._raise_if_failed()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(heap, (pos, next(self._tiebreak), fut))
+        await fut
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise _as_target_error(self.target, self.error)
+
+    # -- control -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"trace-delivery:{self.target.name}"
+        )
+
+    def pause(self) -> None:
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        self._resumed.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._resumed.is_set()
+
+    @property
+    def queued_records(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue) or self._durable_wanted > self.durable
+
+    async def finish(self) -> None:
+        """Deliver everything queued, make it durable, and stop the worker.
+
+        Raises the target's error if delivery failed (the trace then ends with that error).
+        """
+        self._closing = True
+        self._durable_wanted = max(self._durable_wanted, self.queued)
+        self.resume()
+        self._wakeup.set()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        self._raise_if_failed()
+
+    async def abort(self) -> None:
+        """Stop the worker without delivering what is queued (after a failure)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # -- the worker --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._resumed.wait()
+                wanted = self._durable_wanted
+                if wanted > self.durable and self.held >= wanted:
+                    # one fsync for every FUA/FLUSH waiting: group commit
+                    await self.target.make_durable()
+                    self._set_durable(self.held)
+                elif self._queue:
+                    await self._deliver_batch()
+                elif self._closing:
+                    return
+                else:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the target failed: fail everyone waiting, report
+            log.warning("trace target %s failed: %s", self.target.name, exc)
+            self._fail(exc)
+
+    async def _deliver_batch(self) -> None:
+        batch: list[TraceRecord] = []
+        nbytes = cost = 0
+        queue = self._queue
+        while queue and len(batch) < MAX_BATCH_RECORDS:
+            rec = queue[0]
+            if batch and nbytes + rec.nbytes > MAX_BATCH_BYTES:
+                break
+            batch.append(queue.popleft())
+            nbytes += rec.nbytes
+            cost += record_cost(rec)
+        try:
+            await self.target.deliver(batch)
+        except BaseException:
+            # keep the accounting honest: the batch is neither held nor queued any more
+            self.queued_bytes -= cost
+            raise
+        self.queued_bytes -= cost
+        self.bytes_delivered += nbytes
+        self.held += len(batch)
+        _wake_upto(self._held_waiters, self.held)
+        self._grant_space()
+
+    def _set_durable(self, position: int) -> None:
+        self.durable = position
+        _wake_upto(self._durable_waiters, position)
+
+    def _grant_space(self) -> None:
+        while self._space_waiters:
+            nbytes, fut = self._space_waiters[0]
+            total = self.queued_bytes + self._reserved
+            if total and total + nbytes > self.queue_size:
+                return
+            self._space_waiters.popleft()
+            if not fut.done():
+                self._reserved += nbytes
+                fut.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is not None:
+            return
+        self.error = exc
+        err = _as_target_error(self.target, exc)
+        for heap in (self._held_waiters, self._durable_waiters):
+            for _, _, fut in heap:
+                if not fut.done():
+                    fut.set_exception(err)
+            heap.clear()
+        while self._space_waiters:
+            _, fut = self._space_waiters.popleft()
+            if not fut.done():
+                fut.set_exception(err)
+        # dropping queued records is not silent: the trace records this error as its end
+        self._queue.clear()
+        self.queued_bytes = 0
+        self._on_failure(exc)
+
+
+def _wake_upto(heap: list[tuple[int, int, asyncio.Future[None]]], position: int) -> None:
+    while heap and heap[0][0] <= position:
+        _, _, fut = heapq.heappop(heap)
+        if not fut.done():
+            fut.set_result(None)
+
+
+def _as_target_error(target: Target, exc: BaseException) -> BlocktraceError:
+    if isinstance(exc, TargetError):
+        return exc
+    if isinstance(exc, OSError):
+        err = TargetError(target.name, exc.strerror or str(exc))
+    else:
+        err = TargetError(target.name, str(exc) or type(exc).__name__)
+    err.__cause__ = exc
+    return err

@@ -1,0 +1,117 @@
+"""JBD2 transaction parsing from journal blocks as they are written."""
+
+from __future__ import annotations
+
+import struct
+
+from blocktrace.ext4 import constants as C
+from blocktrace.ext4.journal import MAX_OPEN_TRANSACTIONS, Journal
+
+BS = 1024
+MAXLEN = 64
+INCOMPAT = C.JBD2FeatureIncompat.REVOKE | C.JBD2FeatureIncompat.BIT64 | C.JBD2FeatureIncompat.CSUM_V3
+
+
+def jsb(first: int = 1, incompat: int = INCOMPAT) -> bytes:
+    b = bytearray(BS)
+    struct.pack_into(">IIIIIIII", b, 0, C.JBD2_MAGIC_NUMBER, 4, 0, BS, MAXLEN, first, 1, 0)
+    struct.pack_into(">I", b, 0x28, incompat)
+    return bytes(b)
+
+
+def descriptor(seq: int, homes: list[int], escape: int | None = None) -> bytes:
+    b = bytearray(BS)
+    struct.pack_into(">III", b, 0, C.JBD2_MAGIC_NUMBER, 1, seq)
+    pos = 12
+    for i, home in enumerate(homes):
+        flags = C.JBD2TagFlags.SAME_UUID if i else 0
+        if i == len(homes) - 1:
+            flags |= C.JBD2TagFlags.LAST_TAG
+        if home == escape:
+            flags |= C.JBD2TagFlags.ESCAPE
+        struct.pack_into(">IIII", b, pos, home & 0xFFFFFFFF, flags, home >> 32, 0)
+        pos += 16 + (0 if i else 16)
+    return bytes(b)
+
+
+def commit(seq: int, sec: int = 1700000000) -> bytes:
+    b = bytearray(BS)
+    struct.pack_into(">III", b, 0, C.JBD2_MAGIC_NUMBER, 2, seq)
+    struct.pack_into(">QI", b, 0x30, sec, 500_000_000)
+    return bytes(b)
+
+
+def revoke(seq: int, blocks: list[int]) -> bytes:
+    b = bytearray(BS)
+    struct.pack_into(">IIII", b, 0, C.JBD2_MAGIC_NUMBER, 5, seq, 16 + 8 * len(blocks))
+    for i, blk in enumerate(blocks):
+        struct.pack_into(">Q", b, 16 + 8 * i, blk)
+    return bytes(b)
+
+
+class Ring:
+    def __init__(self) -> None:
+        self.blocks: dict[int, bytes] = {0: jsb()}
+        self.j = Journal(self.blocks[0], MAXLEN, self.blocks.__getitem__)
+
+    def write(self, jblk: int, data: bytes):  # type: ignore[no-untyped-def]
+        self.blocks[jblk] = data
+        return self.j.block_written(jblk, data)
+
+
+def test_commit_yields_logged_blocks_in_order() -> None:
+    r = Ring()
+    assert r.write(1, descriptor(5, [100, 7 << 32, 300], escape=300)) is None
+    for i in range(3):
+        assert r.write(2 + i, bytes([i]) * BS) is None
+    assert r.write(5, revoke(5, [42])) is None
+    tx = r.write(6, commit(5))
+    assert tx is not None and tx.sequence == 5
+    assert tx.blocks == [(100, 2, False), (7 << 32, 3, False), (300, 4, True)]
+    assert tx.revoked == [42]
+    assert tx.commit_time == 1700000000.5
+    assert r.j.stats.commits == 1 and r.j.stats.logged_blocks == 3
+
+
+def test_transaction_wraps_round_the_ring() -> None:
+    r = Ring()
+    r.write(MAXLEN - 2, descriptor(9, [10, 11, 12]))
+    tx = r.write(3, commit(9))
+    assert tx is not None
+    assert [jblk for _, jblk, _ in tx.blocks] == [MAXLEN - 1, 1, 2]
+
+
+def test_commit_without_descriptor_and_other_sequences() -> None:
+    r = Ring()
+    r.write(1, descriptor(3, [100]))
+    tx = r.write(3, commit(4))  # a different sequence: nothing of 3 is applied
+    assert tx is not None and tx.blocks == []
+    tx3 = r.write(4, commit(3))
+    assert tx3 is not None and tx3.blocks == [(100, 2, False)]
+    assert r.write(5, commit(3)) is not None  # a repeated commit applies nothing twice
+    assert r.j.stats.logged_blocks == 1
+
+
+def test_garbage_and_hostile_blocks_do_not_raise() -> None:
+    r = Ring()
+    assert r.write(1, b"\xff" * BS) is None
+    bad = bytearray(revoke(2, [1]))
+    struct.pack_into(">I", bad, 12, 10_000)  # r_count beyond the block
+    assert r.write(2, bytes(bad)) is None
+    assert r.write(0, b"\0" * BS) is None  # a torn superblock rewrite is ignored
+    assert r.j.stats.errors == 2
+    for seq in range(MAX_OPEN_TRANSACTIONS + 10):
+        r.write(3, descriptor(1000 + seq, [5]))
+    assert r.j.stats.dropped_transactions == 10
+
+
+def test_superblock_rewrite_updates_features() -> None:
+    r = Ring()
+    r.write(0, jsb(first=2, incompat=C.JBD2FeatureIncompat.REVOKE))
+    assert r.j.jsb.s_first == 2 and r.j.incompat == C.JBD2FeatureIncompat.REVOKE
+    b = bytearray(BS)  # 8-byte tags without csum or 64bit
+    struct.pack_into(">III", b, 0, C.JBD2_MAGIC_NUMBER, 1, 1)
+    struct.pack_into(">II", b, 12, 77, C.JBD2TagFlags.LAST_TAG)
+    r.write(5, bytes(b))
+    tx = r.write(7, commit(1))
+    assert tx is not None and tx.blocks == [(77, 6, False)]

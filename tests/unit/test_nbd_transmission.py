@@ -1,0 +1,216 @@
+"""Transmission core: request parsing (whole and byte by byte), validation, reply bytes."""
+
+from __future__ import annotations
+
+import errno as E
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blocktrace.block.device import Extent, ExtentFlags
+from blocktrace.errors import RemoteProtocolError
+from blocktrace.nbd import wire
+from blocktrace.nbd.constants import Cmd, CmdFlag, NBDError, ReplyType, TransmissionFlag
+from blocktrace.nbd.errors import NBDRemoteProtocolError, NBDRequestError, nbd_error
+from blocktrace.nbd.events import NEED_DATA, ReplyChunk, Request, SimpleReply
+from blocktrace.nbd.transmission import (
+    ReplyParser,
+    RequestParser,
+    Session,
+    block_status_descriptors,
+    encode_block_status,
+    encode_error,
+    encode_read_header,
+    encode_request,
+    validate_request,
+)
+
+TF = TransmissionFlag
+ALL = (
+    TF.HAS_FLAGS
+    | TF.SEND_FLUSH
+    | TF.SEND_FUA
+    | TF.SEND_TRIM
+    | TF.SEND_WRITE_ZEROES
+    | TF.SEND_FAST_ZERO
+    | TF.SEND_CACHE
+    | TF.CAN_MULTI_CONN
+)
+SIZE = 1 << 20
+
+
+def session(**kw: object) -> Session:
+    args: dict[str, object] = {
+        "size": SIZE,
+        "flags": ALL,
+        "structured": True,
+        "meta_contexts": {1: "base:allocation"},
+    }
+    args.update(kw)
+    return Session(**args)  # type: ignore[arg-type]
+
+
+# spec layout: magic 0x25609513, u16 flags, u16 type, u64 cookie, u64 offset, u32 length
+WRITE_VECTOR = bytes.fromhex("25609513000100010102030405060708000000000000100000000004") + b"abcd"
+READ_VECTOR = bytes.fromhex("256095130000000000000000000000ff000000000000020000000200")
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_request_vectors(bytewise: bool) -> None:
+    p = RequestParser()
+    data = WRITE_VECTOR + READ_VECTOR
+    events = []
+    for chunk in [data[i : i + 1] for i in range(len(data))] if bytewise else [data]:
+        p.receive_data(chunk)
+        while (ev := p.next_event()) is not NEED_DATA:
+            events.append(ev)
+    assert events == [
+        Request(Cmd.WRITE, CmdFlag.FUA, 0x0102030405060708, 0x1000, 4, b"abcd"),
+        Request(Cmd.READ, 0, 0xFF, 0x200, 0x200),
+    ]
+    assert encode_request(Cmd.READ, 0xFF, 0x200, 0x200) == READ_VECTOR
+
+
+def test_bad_request_magic_is_a_protocol_error() -> None:
+    p = RequestParser()
+    p.receive_data(b"\x25\x60\x95\x14" + READ_VECTOR[4:])
+    with pytest.raises(NBDRemoteProtocolError):
+        p.next_event()
+
+
+def test_oversized_write_payload_is_discarded() -> None:
+    p = RequestParser(max_payload=8)
+    p.receive_data(encode_request(Cmd.WRITE, 1, 0, 16) + bytes(16) + READ_VECTOR)
+    ev = p.next_event()
+    assert isinstance(ev, Request) and ev.data is None and ev.length == 16
+    assert p.next_event() == Request(Cmd.READ, 0, 0xFF, 0x200, 0x200)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.booleans())
+def test_any_bytes_parse_or_raise_remote_protocol_error(data: bytes, bytewise: bool) -> None:
+    p = RequestParser(max_payload=64)
+    try:
+        for chunk in [data[i : i + 1] for i in range(len(data))] if bytewise else [data]:
+            p.receive_data(chunk)
+            while p.next_event() is not NEED_DATA:
+                pass
+    except RemoteProtocolError:
+        pass
+
+
+BAD = [
+    # (session kwargs, cmd, flags, offset, length, errno)
+    ({}, 9, 0, 0, 512, E.EINVAL),  # unknown command
+    ({}, Cmd.READ, 0x40, 0, 512, E.EINVAL),  # unknown flag
+    ({}, Cmd.READ, CmdFlag.DF, 0, 512, E.EINVAL),  # DF not advertised
+    ({}, Cmd.WRITE, CmdFlag.NO_HOLE, 0, 512, E.EINVAL),  # NO_HOLE only on WRITE_ZEROES
+    ({}, Cmd.READ, CmdFlag.REQ_ONE, 0, 512, E.EINVAL),
+    ({}, Cmd.READ, 0, SIZE - 511, 512, E.EINVAL),  # past the end
+    ({}, Cmd.READ, 0, (1 << 64) - 1, 512, E.EINVAL),  # offset + length overflows u64
+    ({}, Cmd.WRITE, 0, SIZE, 1, E.ENOSPC),
+    ({}, Cmd.WRITE_ZEROES, 0, SIZE - 1, 2, E.ENOSPC),
+    ({}, Cmd.TRIM, 0, SIZE, 1, E.EINVAL),
+    ({}, Cmd.READ, 0, 0, 0, E.EINVAL),  # zero length
+    ({}, Cmd.READ, 0, 0, (32 << 20) + 1, E.EOVERFLOW),  # over the maximum payload
+    ({}, Cmd.FLUSH, 0, 0, 1, E.EINVAL),
+    ({}, Cmd.DISC, 0, 1, 0, E.EINVAL),
+    ({"flags": ALL | TF.READ_ONLY}, Cmd.WRITE, 0, 0, 512, E.EROFS),
+    ({"flags": ALL | TF.READ_ONLY}, Cmd.TRIM, 0, SIZE, 512, E.EROFS),  # read-only wins
+    ({"flags": ALL & ~TF.SEND_TRIM}, Cmd.TRIM, 0, 0, 512, E.EINVAL),
+    ({"flags": ALL & ~TF.SEND_FAST_ZERO}, Cmd.WRITE_ZEROES, CmdFlag.FAST_ZERO, 0, 512, E.EINVAL),
+    ({"structured": False}, Cmd.BLOCK_STATUS, 0, 0, 512, E.EINVAL),
+    ({"meta_contexts": {}}, Cmd.BLOCK_STATUS, 0, 0, 512, E.EINVAL),
+    ({"min_block": 512}, Cmd.READ, 0, 1, 512, E.EINVAL),
+]
+
+
+@pytest.mark.parametrize(("kw", "cmd", "flags", "offset", "length", "err"), BAD)
+def test_validate_request_refusals(
+    kw: dict[str, object], cmd: int, flags: int, offset: int, length: int, err: int
+) -> None:
+    with pytest.raises(NBDRequestError) as info:
+        validate_request(session(**kw), cmd, flags, offset, length)
+    assert info.value.errno == err
+    assert str(info.value).startswith("invalid request: ")
+
+
+@pytest.mark.parametrize(
+    ("cmd", "flags", "offset", "length"),
+    [
+        (Cmd.READ, 0, 0, SIZE),
+        (Cmd.READ, CmdFlag.FUA, SIZE - 1, 1),  # FUA is accepted on any command
+        (Cmd.WRITE, CmdFlag.FUA, 0, 4096),
+        (Cmd.FLUSH, 0, 0, 0),
+        (Cmd.DISC, 0, 0, 0),
+        (Cmd.TRIM, CmdFlag.FUA, 0, SIZE),
+        (Cmd.WRITE_ZEROES, CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO | CmdFlag.FUA, 0, SIZE),
+        (Cmd.CACHE, 0, 0, SIZE),
+        (Cmd.BLOCK_STATUS, CmdFlag.REQ_ONE, 0, SIZE),
+    ],
+)
+def test_validate_request_accepts(cmd: int, flags: int, offset: int, length: int) -> None:
+    validate_request(session(), cmd, flags, offset, length)
+
+
+def test_errno_mapping() -> None:
+    assert nbd_error(E.EROFS) == NBDError.EPERM
+    assert nbd_error(E.EDQUOT) == nbd_error(E.EFBIG) == NBDError.ENOSPC
+    assert nbd_error(E.EOPNOTSUPP) == NBDError.ENOTSUP
+    assert nbd_error(E.EBADF) == NBDError.EIO
+    assert nbd_error(E.EOVERFLOW) == 75 and nbd_error(E.ESHUTDOWN) == 108
+
+
+def test_reply_bytes() -> None:
+    s = session()
+    assert wire.pack_simple_reply(7, 28) == bytes.fromhex("674466980000001c0000000000000007")
+    # structured READ: one OFFSET_DATA chunk flagged DONE, length = 8 + data
+    assert encode_read_header(s, 7, 0x200, 4) == bytes.fromhex(
+        "668e33ef0001000100000000000000070000000c0000000000000200"
+    )
+    assert encode_read_header(session(structured=False), 7, 0, 4) == wire.pack_simple_reply(7)
+    # READ errors are structured ERROR chunks once negotiated, simple replies otherwise
+    assert (
+        encode_error(s, 7, Cmd.READ, E.EINVAL, "bad")
+        == bytes.fromhex("668e33ef00018001000000000000000700000009000000160003") + b"bad"
+    )
+    assert encode_error(s, 7, Cmd.WRITE, E.EROFS) == wire.pack_simple_reply(7, 1)
+    assert encode_block_status(s, 9, [(4096, 3), (512, 0)]) == bytes.fromhex(
+        "668e33ef000100050000000000000009000000140000000100001000000000030000020000000000"
+    )
+
+
+def test_block_status_descriptors() -> None:
+    H, Z, D = ExtentFlags.HOLE, ExtentFlags.ZERO, ExtentFlags.DATA
+    ext = [Extent(100, D), Extent(50, D), Extent(10, H | Z), Extent(1000, D)]
+    assert block_status_descriptors(ext, 200, False) == [(150, 0), (10, 3), (40, 0)]
+    assert block_status_descriptors(ext, 200, True) == [(150, 0)]
+    assert block_status_descriptors([], 64, False) == [(64, 0)]
+    assert block_status_descriptors([Extent(0, H)], 64, False) == [(64, 0)]
+
+
+def test_reply_parser_simple_and_structured() -> None:
+    p = ReplyParser()
+    p.expect_read(1, 4)
+    data = (
+        wire.pack_simple_reply(2, 5)
+        + wire.pack_simple_reply(1)
+        + b"wxyz"
+        + wire.pack_chunk_offset_data_header(3, 0, 2)
+        + b"hi"
+        + wire.pack_chunk_none(4)
+    )
+    out = []
+    for i in range(len(data)):
+        p.receive_data(data[i : i + 1])
+        while (ev := p.next_event()) is not NEED_DATA:
+            out.append(ev)
+    assert out[0] == SimpleReply(2, 5, None)
+    assert out[1] == SimpleReply(1, 0, b"wxyz")
+    assert out[2] == ReplyChunk(3, 1, ReplyType.OFFSET_DATA, struct.pack(">Q", 0) + b"hi")
+    assert out[3] == ReplyChunk(4, 1, ReplyType.NONE, b"")
+    p.receive_data(b"\x00" * 20)
+    with pytest.raises(NBDRemoteProtocolError):
+        p.next_event()

@@ -1,0 +1,262 @@
+"""Replica targets in process: real image files, the real trace manager and filter.
+
+Each test drives client-like operations through the export's TraceFilter while the replica
+synchronises, then checks the replica file byte for byte against the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import os
+import random
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blocktrace.block.device import BlockDevice, ReadableBuffer
+from blocktrace.block.file import FileDevice
+from blocktrace.block.filter import Filter
+from blocktrace.errors import BlockDeviceError, TargetError
+from blocktrace.exports import ExportRegistry, open_export
+from blocktrace.replica.meta import load_meta
+from blocktrace.trace import TraceFilter, TraceManager, TraceOptions
+from blocktrace.trace.targets.replica import LocalReplicaTarget
+
+MiB = 1024 * 1024
+SIZE = 4 * MiB
+
+
+def aio(fn: Callable[[Path], Coroutine[Any, Any, None]]) -> Callable[[Path], None]:
+    """Run an async test in a fresh event loop (no pytest-asyncio here)."""
+
+    @functools.wraps(fn)
+    def wrapper(tmp_path: Path) -> None:
+        asyncio.run(fn(tmp_path))
+
+    return wrapper
+
+
+def make_source(path: Path, seed: int = 1) -> Path:
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+        for _ in range(6):  # some data, some holes
+            f.seek(rng.randrange(0, SIZE - 256 * 1024))
+            f.write(rng.randbytes(rng.randrange(1, 256 * 1024)))
+    return path
+
+
+async def workload(filt: TraceFilter, seed: int, n: int) -> None:
+    """Overlapping writes, zeroes, trims, FUA and flushes, a few clients at once."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        op = rng.random()
+        off = rng.randrange(0, SIZE - 70000)
+        if op < 0.7:
+            await filt.write(off, rng.randbytes(rng.randrange(1, 65536)), fua=rng.random() < 0.1)
+        elif op < 0.8:
+            await filt.write_zeroes(off, rng.randrange(1, 65536), may_trim=rng.random() < 0.5)
+        elif op < 0.9:
+            await filt.trim(off, rng.randrange(1, 65536))
+        else:
+            await filt.flush()
+
+
+async def setup(tmp_path: Path) -> tuple[TraceFilter, TraceManager, Path]:
+    src = tmp_path / "src.img"
+    if not src.exists():
+        make_source(src)
+    reg = ExportRegistry()
+    exp = open_export("disk", src)
+    reg.add(exp)
+    assert isinstance(exp.device, TraceFilter)
+    return exp.device, TraceManager(reg), src
+
+
+def same(a: Path, b: Path) -> bool:
+    return a.read_bytes()[:SIZE] == b.read_bytes()[:SIZE]
+
+
+async def replicate(
+    tmp_path: Path, spec: dict[str, Any], seed: int, *, sync: str = "full", n: int = 150
+) -> dict[str, Any]:
+    """Start a replica trace, run a workload during and after its sync, stop; return info."""
+    filt, mgr, _ = await setup(tmp_path)
+    opts = TraceOptions.from_dict({"sync": sync, "copy-mode": "background"})
+    trace = await mgr.start("r", "disk", spec, opts)
+    await asyncio.gather(*(workload(filt, seed + i, n) for i in range(3)))
+    async with asyncio.timeout(30):
+        await trace.wait_ready()
+    await workload(filt, seed + 10, 20)
+    # after ready every kind must stream: data, then trim and zero over data
+    await filt.write(MiB, os.urandom(256 * 1024))
+    await filt.write(2 * MiB, os.urandom(256 * 1024), fua=True)
+    await filt.flush()
+    # (over 1 MiB, so that the filter records them as TRIM/ZERO rather than as data)
+    await filt.trim(MiB, 1536 * 1024)
+    await filt.write_zeroes(2 * MiB + 4096, 1280 * 1024)
+    info = trace.info()
+    await trace.stop()
+    await filt.close()
+    return {**info["target"], "status": info["status"], "seq": filt.seq}
+
+
+@aio
+async def test_full_sync_under_load_then_identical(tmp_path: Path) -> None:
+    rep = tmp_path / "rep.img"
+    info = await replicate(tmp_path, {"type": "replica", "filename": str(rep)}, 10)
+    assert info["sync-mode"] == "full"
+    assert same(tmp_path / "src.img", rep)
+    got = load_meta(Path(str(rep) + ".btreplica"))
+    assert got is not None
+    meta, bitmap = got
+    assert meta.clean and meta.consistent and not bitmap
+    assert meta.applied_seq == info["seq"]  # the replica equals the source as of this record
+
+
+@aio
+async def test_restart_resumes_without_copy_and_catches_untracked_writes(tmp_path: Path) -> None:
+    rep = tmp_path / "rep.img"
+    spec = {"type": "replica", "filename": str(rep)}
+    await replicate(tmp_path, spec, 20)
+    info = await replicate(tmp_path, spec, 30)  # restart: nothing changed in between
+    assert info["sync-mode"] == "bitmap" and info["synced-bytes"] == 0
+    assert same(tmp_path / "src.img", rep)
+    with open(tmp_path / "src.img", "r+b") as f:  # written while no trace was attached
+        f.seek(12345)
+        f.write(b"untracked" * 100)
+    info = await replicate(tmp_path, spec, 40, n=10)
+    assert info["sync-mode"] == "compare"
+    assert info["synced-bytes"] < SIZE // 2
+    assert same(tmp_path / "src.img", rep)
+
+
+@aio
+async def test_split_brain_refused_unless_forced(tmp_path: Path) -> None:
+    rep = tmp_path / "rep.img"
+    spec: dict[str, Any] = {"type": "replica", "filename": str(rep)}
+    await replicate(tmp_path, spec, 50)
+    with open(rep, "r+b") as f:  # the replica is written behind our back (promoted, say)
+        f.seek(4096)
+        f.write(b"diverged")
+    filt, mgr, _ = await setup(tmp_path)
+    with pytest.raises(TargetError, match="split brain"):
+        await mgr.start("r", "disk", spec, TraceOptions())
+    assert rep.read_bytes()[4096:4104] == b"diverged"  # refused means untouched
+    await filt.close()
+    info = await replicate(tmp_path, {**spec, "force": "on"}, 60)
+    assert info["sync-mode"] == "compare"
+    assert same(tmp_path / "src.img", rep)
+
+
+@aio
+async def test_replica_of_another_source_refused(tmp_path: Path) -> None:
+    rep = tmp_path / "rep.img"
+    spec = {"type": "replica", "filename": str(rep)}
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    await replicate(a, spec, 70)
+    make_source(b / "src.img", seed=2)
+    filt, mgr, _ = await setup(b)
+    with pytest.raises(TargetError, match="belongs to source"):
+        await mgr.start("r", "disk", spec, TraceOptions())
+    await filt.close()
+
+
+class Flaky(Filter):
+    """A replica device that fails every write-class call while ``broken`` (EIO/ENOSPC)."""
+
+    broken: int = 0
+
+    def _check(self) -> None:
+        if Flaky.broken:
+            raise BlockDeviceError(Flaky.broken, "injected")
+
+    async def write(self, offset: int, data: ReadableBuffer, *, fua: bool = False) -> None:
+        self._check()
+        await self.child.write(offset, data, fua=fua)
+
+    async def flush(self) -> None:
+        self._check()
+        await self.child.flush()
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self._check()
+        await self.child.trim(offset, length, fua=fua)
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = False, fua: bool = False, **kw: Any
+    ) -> None:
+        self._check()
+        await self.child.write_zeroes(offset, length, may_trim=may_trim, fua=fua)
+
+
+class FlakyReplica(LocalReplicaTarget):
+    async def open_device(self) -> BlockDevice:
+        if Flaky.broken:
+            raise BlockDeviceError(errno.ECONNREFUSED, "injected")
+        await super().open_device()
+        return Flaky(FileDevice(self.filename))
+
+
+@aio
+async def test_failure_degrades_then_resyncs_only_dirty(tmp_path: Path) -> None:
+    rep = tmp_path / "rep.img"
+    filt, mgr, src = await setup(tmp_path)
+    target = FlakyReplica(str(rep), reconnect_max=0.05)
+    states: list[str] = []
+    target.add_listener(lambda t, state, d: states.append(state))
+    opts = TraceOptions.from_dict({"sync": "full", "copy-mode": "write-blocking"})
+    trace = await mgr.start("r", "disk", target, opts)
+    async with asyncio.timeout(30):
+        await trace.wait_ready()
+    copied = target.sync_bytes_copied
+    Flaky.broken = errno.ENOSPC
+    try:
+        # clients keep writing (and flushing) while the replica is failed: nothing fails
+        await workload(filt, 80, 40)
+        await filt.write(0, b"x" * 4096)
+        await filt.flush()
+        assert target.state == "degraded"
+        assert 0 < target.dirty_bytes < SIZE
+        assert target.describe()["lag-bytes"] == target.dirty_bytes
+    finally:
+        Flaky.broken = 0
+    dirty = target.dirty_bytes
+    async with asyncio.timeout(30):
+        while target.state != "ready":
+            await asyncio.sleep(0.01)
+    assert target.reconnects >= 1
+    assert target.sync_bytes_copied - copied <= dirty  # only dirty regions were copied
+    await workload(filt, 81, 20)
+    await trace.stop()
+    await filt.close()
+    assert same(src, rep)
+    assert states[:2] == ["synchronizing", "ready"] and "degraded" in states
+
+
+@aio
+async def test_fail_policy_fails_the_trace(tmp_path: Path) -> None:
+    rep = tmp_path / "rep.img"
+    filt, mgr, _ = await setup(tmp_path)
+    target = FlakyReplica(str(rep), on_disconnect="fail")
+    opts = TraceOptions.from_dict({"copy-mode": "write-blocking", "on-target-error": "report"})
+    trace = await mgr.start("r", "disk", target, opts)
+    async with asyncio.timeout(30):
+        await trace.wait_ready()
+    Flaky.broken = errno.EIO
+    try:
+        with pytest.raises(BlockDeviceError):
+            for i in range(10):
+                await filt.write(i * 4096, os.urandom(4096))
+    finally:
+        Flaky.broken = 0
+    assert target.state == "failed"
+    await trace.stop()
+    await filt.close()
