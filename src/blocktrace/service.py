@@ -161,6 +161,7 @@ class Service:
         self._socket_paths: list[str] = []
         self._stop = asyncio.Event()
         self._stopped = False
+        self._running = False
         #: Where clients can connect, for messages: "unix:PATH", "tcp:HOST:PORT".
         self.addresses: list[str] = []
 
@@ -176,7 +177,9 @@ class Service:
         if description:
             export.description = description
         self.registry.add(export)
-        log.info(
+        # At startup the "serving ..." line names the exports; later additions log here.
+        log.log(
+            logging.INFO if self._running else logging.DEBUG,
             "export %s: %s (%d bytes%s)",
             name,
             path,
@@ -195,7 +198,12 @@ class Service:
             raise StateError(f"export {name!r} is in use by {export.connections} connection(s)")
         self.registry.remove(name)
         self.nbd.disconnect_export(name)
-        while any(c.export is export for c in self.nbd.connections):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.stop_timeout
+        while users := [c for c in self.nbd.connections if c.export is export]:
+            if loop.time() > deadline:
+                for c in users:
+                    c.abort()
             await asyncio.sleep(0.01)
         await self._close_device(export)
 
@@ -225,6 +233,7 @@ class Service:
         except BaseException:
             await self._close_all()
             raise
+        self._running = True
         log.info(
             "serving %s on %s",
             ", ".join(e.name for e in self.registry),

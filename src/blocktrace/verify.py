@@ -70,6 +70,16 @@ class FileSource:
 
 #: URI scheme -> opener.  Plain paths (no ``scheme://``) open as files.
 SOURCE_OPENERS: dict[str, Callable[[str], Source]] = {"file": lambda s: FileSource(s[7:])}
+
+
+def _open_nbd(spec: str) -> Source:
+    """NBD URIs (``nbd://HOST:PORT/NAME``, ``nbd+unix:///NAME?socket=PATH``): imported lazily."""
+    from blocktrace.replica.source import NBDSource
+
+    return NBDSource(spec)
+
+
+SOURCE_OPENERS.update({"nbd": _open_nbd, "nbd+unix": _open_nbd, "nbds": _open_nbd})
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
 
 

@@ -124,9 +124,9 @@ def test_write_to_read_only_export_is_eperm(ro_srv: ServerProcess, workdir: Path
         c.request(Cmd.WRITE, 1, 0, 4096, data=b"\x00" * 4096)
         assert c.simple_reply() == (1, NBDError.EPERM, b"")
         c.request(Cmd.TRIM, 2, 0, 4096)
-        assert c.simple_reply()[1] in (NBDError.EPERM, NBDError.EINVAL)  # TRIM not advertised
+        assert c.simple_reply() == (2, NBDError.EPERM, b"")
         c.request(Cmd.WRITE_ZEROES, 3, 0, 4096)
-        assert c.simple_reply()[1] in (NBDError.EPERM, NBDError.EINVAL)
+        assert c.simple_reply() == (3, NBDError.EPERM, b"")
         c.request(Cmd.READ, 4, 0, 4096)
         assert c.simple_reply(4096) == (4, 0, before[:4096])
     assert image_bytes(workdir, "ro.img") == before

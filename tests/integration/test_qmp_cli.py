@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import nbd
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
+
 from support import ServerProcess, blocktrace, make_image
 
 MiB = 1024 * 1024
@@ -63,8 +65,8 @@ def test_qmp_cli_commands_and_errors(tmp_path: Path) -> None:
     with ServerProcess(tmp_path, [img], ["--qmp", str(qmp)]):
         version = json.loads(blocktrace("qmp", "query-version", "-s", qmp, "--json").stdout)
         assert version["qemu"]["minor"] == 1
-        assert blocktrace("qmp", "block-export-add", "-s", qmp,
-                          json.dumps({"id": "extra", "filename": str(extra)})).stdout == ""  # fmt: skip
+        add = json.dumps({"id": "extra", "filename": str(extra)})
+        assert blocktrace("qmp", "block-export-add", "-s", qmp, add).stdout == ""
         exports = json.loads(blocktrace("qmp", "query-block-exports", "-s", qmp, "--json").stdout)
         assert [e["id"] for e in exports] == ["disk", "extra"]
         assert exports[1]["writable"] is False
@@ -149,8 +151,62 @@ def test_quit_and_tcp_listener(tmp_path: Path) -> None:
         out = blocktrace("qmp", "query-block-jobs", "--tcp", f"127.0.0.1:{port}", "--json")
         assert json.loads(out.stdout) == []
         assert mon.cmd("quit") == {}
-        mon.close()
+        with contextlib.suppress(EOFError):  # the server hung up first, as QEMU does
+            mon.close()
         assert srv.proc is not None
         assert srv.proc.wait(30) == 0, srv.stderr()
     finally:
         srv.kill()
+
+
+def test_sigterm_ends_traces_and_tells_clients(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "disk.img", 4 * MiB, seed=9)
+    base = tmp_path / "base.img"
+    shutil.copyfile(img, base)
+    qmp = tmp_path / "qmp.sock"
+    log = tmp_path / "term.log"
+    srv = ServerProcess(tmp_path, [img], ["--qmp", str(qmp)]).start()
+    try:
+        mon = QEMUMonitorProtocol(os.fspath(qmp))
+        mon.connect()
+        target = {"type": "log", "filename": str(log)}
+        assert mon.cmd("block-trace", **{"job-id": "t", "device": "disk", "target": target}) == {}
+        write_some(srv)
+        assert srv.stop() == 0, srv.stderr()
+        events = []
+        while True:
+            ev = mon.pull_event(wait=30)
+            assert ev is not None
+            events.append(ev)
+            if ev["event"] == "BLOCK_JOB_COMPLETED":
+                break
+        names = [e["event"] for e in events]
+        assert "SHUTDOWN" in names
+        shutdown = events[names.index("SHUTDOWN")]
+        assert shutdown["data"] == {"guest": False, "reason": "host-signal"}
+        assert names.index("SHUTDOWN") < names.index("BLOCK_JOB_COMPLETED")
+        assert "error" not in events[-1]["data"]
+        with contextlib.suppress(EOFError):
+            mon.close()
+    finally:
+        srv.kill()
+    blocktrace("replay", log, base)
+    assert base.read_bytes() == img.read_bytes()
+
+
+def test_serve_trace_is_a_job_too(tmp_path: Path) -> None:
+    """Traces started by ``serve --trace`` are the same jobs QMP lists and stops."""
+    img = make_image(tmp_path / "disk.img", 2 * MiB, seed=4)
+    base = tmp_path / "base.img"
+    shutil.copyfile(img, base)
+    qmp = tmp_path / "qmp.sock"
+    log = tmp_path / "boot.log"
+    args = ["--qmp", str(qmp), "--trace", f"disk=log:{log},job-id=boot"]
+    with ServerProcess(tmp_path, [img], args) as srv:
+        (job,) = json.loads(blocktrace("trace", "list", "-s", qmp, "--json").stdout)
+        assert job["device"] == "boot" and job["status"] == "ready"
+        write_some(srv)
+        out = blocktrace("trace", "stop", "boot", "-s", qmp).stdout
+        assert out.startswith("trace boot stopped:")
+    blocktrace("replay", log, base)
+    assert base.read_bytes() == img.read_bytes()

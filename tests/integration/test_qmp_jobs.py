@@ -8,6 +8,7 @@ trace's log is replayed with blocktrace's replay and compared with the image.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import shutil
@@ -341,6 +342,7 @@ def test_events_in_order_under_fio(srv: ServerThread, tmp_path: Path) -> None:
 
 def test_bad_job_commands(srv: ServerThread, tmp_path: Path) -> None:
     log = str(tmp_path / "x.log")
+    gone = tmp_path / "no-such.sock"
 
     async def go() -> None:
         qmp = await connect(srv)
@@ -371,9 +373,15 @@ def test_bad_job_commands(srv: ServerThread, tmp_path: Path) -> None:
             assert cls == "GenericError" and "queue-size" in desc
             cls, desc = await error_of(
                 "block-trace",
-                {"device": "disk", "target": {"type": "nbd", "uri": "nbd://localhost/x"}},
+                {
+                    "device": "disk",
+                    "target": {"type": "nbd", "uri": f"nbd+unix:///x?socket={gone}"},
+                },
             )
-            assert cls == "GenericError" and "nbd" in desc
+            assert cls == "GenericError" and "nbd" in desc, desc
+            assert await error_of(
+                "block-trace", {"device": "disk", "target": {"type": "nbd", "uri": 5}}
+            ) == ("GenericError", "Invalid parameter type for 'target.uri', expected: string")
             cls, desc = await error_of(
                 "block-trace",
                 {"device": "disk", "target": {"type": "log", "filename": "/nonexistent/d/x.log"}},
@@ -481,11 +489,20 @@ def test_export_add_trace_delete(srv: ServerThread, tmp_path: Path) -> None:
             await asyncio.to_thread(write)
             with pytest.raises(ExecuteError, match="block-job-cancel"):
                 await qmp.execute("block-export-del", {"id": "extra"})
+            with pytest.raises(ExecuteError, match="block-job-cancel"):
+                await qmp.execute("block-export-del", {"id": "extra", "mode": "hard"})
             await qmp.execute("block-job-cancel", {"device": "e"})
             await events_until(qmp, "BLOCK_JOB_COMPLETED")
             while await qmp.execute("query-block-jobs"):
                 await asyncio.sleep(0.01)
-            await qmp.execute("block-export-del", {"id": "extra"})
+            # an NBD client is connected: "safe" refuses, "hard" disconnects it
+            client = nbd.NBD()
+            await asyncio.to_thread(client.connect_uri, nbd_uri(srv, "extra"))
+            with pytest.raises(ExecuteError, match="Export 'extra' still in use"):
+                await qmp.execute("block-export-del", {"id": "extra"})
+            await qmp.execute("block-export-del", {"id": "extra", "mode": "hard"})
+            with pytest.raises(nbd.Error):
+                await asyncio.to_thread(client.pread, 4096, 0)
             evs = await events_until(qmp, "BLOCK_EXPORT_DELETED")
             assert evs[-1]["data"] == {"id": "extra"}
             ids = [e["id"] for e in await qmp.execute("query-block-exports")]
@@ -497,3 +514,157 @@ def test_export_add_trace_delete(srv: ServerThread, tmp_path: Path) -> None:
     rebuilt = make_image(tmp_path / "r.img", 2 * MiB)
     replay(log, rebuilt)
     assert same_content(rebuilt, img)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs: a log on it fails with ENOSPC after a few hundred KiB."""
+    require("mount", "umount")
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)],
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    if proc.returncode != 0:
+        pytest.skip(f"machine cannot mount tmpfs: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], timeout=30, check=False)
+
+
+@pytest.mark.parametrize("policy", ["break", "report"])
+def test_target_failure_events(srv: ServerThread, small_fs: Path, policy: str) -> None:
+    log = small_fs / "full.log"
+
+    def write_until_error(limit: int = 64) -> str | None:
+        """Write 64 KiB blocks; the errno name of the first failed write, or None."""
+        h = nbd.NBD()
+        h.connect_uri(nbd_uri(srv))
+        try:
+            for i in range(limit):
+                try:
+                    h.pwrite(bytes([i % 250 + 1]) * 65536, (i % 128) * 65536)
+                    h.flush()
+                except nbd.Error as exc:
+                    code = exc.errno
+                    return errno.errorcode.get(code, str(code)) if isinstance(code, int) else code
+            return None
+        finally:
+            h.shutdown()
+
+    async def go() -> None:
+        qmp = await connect(srv)
+        try:
+            await qmp.execute(
+                "block-trace",
+                {"job-id": "small", "device": "disk", "on-target-error": policy,
+                 "target": {"type": "log", "filename": str(log)}},
+            )  # fmt: skip
+            await events_until(qmp, "BLOCK_JOB_READY")
+            failed = await asyncio.to_thread(write_until_error)
+            evs = await events_until(qmp, "BLOCK_JOB_ERROR")
+            err = evs[-1]["data"]
+            assert err["device"] == "small" and err["operation"] == "write"
+            if policy == "break":
+                # clients carry on; the job ends, COMPLETED carries the reason
+                assert err["action"] == "ignore"
+                assert failed is None
+                evs = await events_until(qmp, "BLOCK_JOB_COMPLETED")
+                assert "No space left on device" in evs[-1]["data"]["error"]
+                assert statuses(evs, "small")[-2:] == ["aborting", "concluded"]
+            else:
+                # writes fail with EIO until the trace is stopped; nothing diverges silently
+                assert err["action"] == "report"
+                if failed is None:  # the failing record may have been the last write's
+                    failed = await asyncio.to_thread(write_until_error, 4)
+                assert failed == "EIO"
+                (job,) = await qmp.execute("query-block-jobs")
+                assert job["io-status"] == "nospace" and "No space" in job["error"]
+                await qmp.execute("block-job-cancel", {"device": "small"})
+                evs = await events_until(qmp, "BLOCK_JOB_COMPLETED")
+                assert "No space left on device" in evs[-1]["data"]["error"]
+            while await qmp.execute("query-block-jobs"):
+                await asyncio.sleep(0.01)
+            assert await asyncio.to_thread(write_until_error, 4) is None
+        finally:
+            await qmp.disconnect()
+
+    asyncio.run(asyncio.wait_for(go(), 120))
+
+
+def test_cancel_before_ready_is_cancelled(tmp_path: Path) -> None:
+    """A sync=full trace stopped before its copy finished ends with BLOCK_JOB_CANCELLED
+    (its log cannot rebuild the device); pause before ready gives 'paused', not 'standby'."""
+    img = make_image(tmp_path / "big.img", 32 * MiB, seed=5)
+    log = tmp_path / "early.log"
+    with ServerThread(tmp_path, [("big", os.fspath(img))]) as st:
+
+        async def go() -> None:
+            qmp = await connect(st)
+            try:
+                target = {"type": "log", "filename": str(log)}
+                start = {"job-id": "early", "device": "big", "sync": "full",
+                         "queue-size": MiB, "target": target}  # fmt: skip
+                # pipelined: the pause is executed right after the start returns
+                await asyncio.gather(
+                    qmp.execute("block-trace", start),
+                    qmp.execute("block-job-pause", {"device": "early"}),
+                )
+                (job,) = await qmp.execute("query-block-jobs")
+                assert job["status"] == "paused" and job["ready"] is False, job
+                assert job["len"] > job["offset"]
+                await qmp.execute("block-job-cancel", {"device": "early"})
+                evs = await events_until(qmp, "BLOCK_JOB_CANCELLED")
+                assert statuses(evs, "early") == [
+                    "created", "running", "paused", "aborting", "concluded"]  # fmt: skip
+                assert "BLOCK_JOB_READY" not in [e["event"] for e in evs]
+                assert evs[-1]["data"]["device"] == "early"
+                assert "error" not in evs[-1]["data"]
+            finally:
+                await qmp.disconnect()
+
+        asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_flooding_client_does_not_hurt_others(srv: ServerThread) -> None:
+    """A client that pipelines commands forever and never reads stalls only itself; once it
+    is too far behind to take an event, it is disconnected."""
+    import socket as socket_mod
+
+    flood = socket_mod.socket(socket_mod.AF_UNIX)
+    flood.connect(os.fspath(srv.path))
+    flood.sendall(b'{"execute":"qmp_capabilities"}')
+    flood.setblocking(False)
+    cmd = b'{"execute":"query-block-exports","id":"flood"}' * 64
+    sent = 0
+    try:
+        while sent < 64 * MiB:
+            sent += flood.send(cmd)
+    except BlockingIOError:
+        pass  # the server stopped reading from it: backpressure
+    assert sent < 64 * MiB, "the server kept reading a client that never reads"
+
+    async def go() -> None:
+        qmp = await connect(srv)
+        try:
+            for _ in range(20):
+                assert (await qmp.execute("query-version"))["qemu"]["major"] == 0
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            n = 0
+            while await asyncio.to_thread(srv.client_count) > 1:
+                assert loop.time() < deadline, "the flooding client was never disconnected"
+                await asyncio.to_thread(srv.emit, "TEST_EVENT", {"n": n})
+                n += 1
+            for i in range(n):
+                ev = await next_event(qmp)
+                assert ev["data"] == {"n": i}
+        finally:
+            await qmp.disconnect()
+
+    try:
+        asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        flood.close()

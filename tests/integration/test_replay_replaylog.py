@@ -195,3 +195,20 @@ def test_replay_log_rejects_nothing_we_write_at_the_edges(tmp_path: Path) -> Non
         timeout=60,
     )
     assert found.stdout.strip() == "0@2"
+
+
+@pytest.mark.parametrize("sector_size", [512, 4096])
+def test_replay_matches_model_without_replay_log(tmp_path: Path, sector_size: int) -> None:
+    """The same cases where replay-log is absent: ours against the model alone."""
+    log = tmp_path / "log"
+    make_random_log(log, seed=sector_size + 1, sector_size=sector_size)
+    for opts in CASES:
+        expected, stop = model(log, opts)
+        ours = tmp_path / "ours.img"
+        ours.write_bytes(bytes(SIZE))
+        result = replay(log, ours, opts)
+        assert ours.read_bytes() == expected, opts
+        assert (result.stopped_by == "end") == (stop is None), opts
+        with LogReader(log) as r:
+            hit = find(r, opts)
+        assert (hit.index if hit else None) == stop, opts

@@ -21,7 +21,7 @@ import pytest
 
 from blocktrace.logwrites.reader import LogReader
 from blocktrace.logwrites.replay import replay
-from support import ServerProcess, make_image, require, run
+from support import ServerProcess, blocktrace, make_image, require, run
 
 nbd = pytest.importorskip("nbd", reason="machine lacks python3-libnbd")
 
@@ -259,3 +259,33 @@ def test_log_disk_full_break_ends_trace_and_clients_carry_on(tmp_path: Path) -> 
             assert 0 < reader.super.nr_entries < 96
     data = img.read_bytes()
     assert data[95 * 65536 : 96 * 65536] == random.Random(1).randbytes(65536 * 96)[95 * 65536 :]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("disk=log:/nonexistent/dir/x.log", "no such directory"),
+        ("other=log:{tmp}/x.log", "no export named 'other'"),
+        ("disk=log:{tmp}/x.log,bogus=1", "unknown option 'bogus'"),
+        ("disk=log:{tmp}/x.log,sync=maybe", "sync must be none|full"),
+        ("disk=tape:{tmp}/x", "unknown target type 'tape'"),
+    ],
+)
+def test_bad_trace_option_is_one_line_and_nonzero(tmp_path: Path, spec: str, message: str) -> None:
+    img = make_image(tmp_path / "disk.img", MiB)
+    sock = tmp_path / "s.sock"
+    proc = blocktrace(
+        "serve",
+        img,
+        "--socket",
+        sock,
+        "--trace",
+        spec.format(tmp=tmp_path),
+        check=False,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("blocktrace: "), proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not sock.exists()

@@ -9,7 +9,9 @@ from blocktrace.ext4.journal import MAX_OPEN_TRANSACTIONS, Journal
 
 BS = 1024
 MAXLEN = 64
-INCOMPAT = C.JBD2FeatureIncompat.REVOKE | C.JBD2FeatureIncompat.BIT64 | C.JBD2FeatureIncompat.CSUM_V3
+INCOMPAT = (
+    C.JBD2FeatureIncompat.REVOKE | C.JBD2FeatureIncompat.BIT64 | C.JBD2FeatureIncompat.CSUM_V3
+)
 
 
 def jsb(first: int = 1, incompat: int = INCOMPAT) -> bytes:

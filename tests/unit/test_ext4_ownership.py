@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,12 +34,18 @@ def test_overlaps_covers_range_with_gaps() -> None:
     m.assign(10, 5, Owner(OwnerKind.INODE_TABLE))
     m.assign(20, 5, Owner(OwnerKind.DATA, ino=3))
     pieces = [(s, e, o.kind if o else None) for s, e, o in m.overlaps(0, 30)]
-    assert pieces == [(0, 10, None), (10, 15, OwnerKind.INODE_TABLE), (15, 20, None),
-                      (20, 25, OwnerKind.DATA), (25, 30, None)]
+    assert pieces == [
+        (0, 10, None),
+        (10, 15, OwnerKind.INODE_TABLE),
+        (15, 20, None),
+        (20, 25, OwnerKind.DATA),
+        (25, 30, None),
+    ]
 
 
-ops = st.lists(st.tuples(st.booleans(), st.integers(0, 60), st.integers(1, 20),
-                         st.integers(1, 4)), max_size=40)
+ops = st.lists(
+    st.tuples(st.booleans(), st.integers(0, 60), st.integers(1, 20), st.integers(1, 4)), max_size=40
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -60,4 +68,4 @@ def test_matches_per_block_model(steps: list[tuple[bool, int, int, int]]) -> Non
         assert (None if got is None else (got.ino, got.lblk)) == model.get(b)
     covered = [(s, e) for s, e, _ in m.overlaps(0, 90)]
     assert covered[0][0] == 0 and covered[-1][1] == 90
-    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))

@@ -25,6 +25,11 @@ from blocktrace.logwrites.writer import DIRECT_THRESHOLD, LogWriter
 MiB = 1024 * 1024
 
 
+@pytest.fixture(params=[True, False], ids=["direct", "buffered"])
+def direct(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
 def _super(path: Path) -> SuperBlock:
     return SuperBlock.unpack(path.read_bytes()[:64])
 
@@ -39,9 +44,12 @@ def test_create_writes_an_empty_counted_super(tmp_path: Path) -> None:
     w.close()
 
 
-def test_entries_positions_and_payloads(tmp_path: Path) -> None:
+def test_entries_positions_and_payloads(tmp_path: Path, direct: bool) -> None:
     log = tmp_path / "log"
-    with LogWriter.create(log) as w:
+    with LogWriter.create(log, direct=direct) as w:
+        if direct and not w.direct:
+            pytest.skip("the test file system lacks O_DIRECT")
+        assert w.direct == direct
         assert w.mark("start") == 0
         assert w.write(1024, b"\xab" * 1024, fua=True) == 1
         assert w.flush() == 2
@@ -101,11 +109,11 @@ def test_unaligned_and_invalid_requests(tmp_path: Path) -> None:
         assert w.nr_entries == 0
 
 
-def test_buffer_may_be_reused_after_append(tmp_path: Path) -> None:
+def test_buffer_may_be_reused_after_append(tmp_path: Path, direct: bool) -> None:
     log = tmp_path / "log"
     buf = bytearray(b"A" * 4096)
     big = bytearray(b"B" * DIRECT_THRESHOLD)
-    with LogWriter.create(log) as w:
+    with LogWriter.create(log, direct=direct) as w:
         w.write(0, buf)
         w.write(8192, memoryview(big))
         buf[:] = b"Z" * 4096
@@ -115,8 +123,8 @@ def test_buffer_may_be_reused_after_append(tmp_path: Path) -> None:
         assert a.read_data() == b"A" * 4096 and b.read_data() == b"B" * DIRECT_THRESHOLD
 
 
-def test_small_entries_are_batched(tmp_path: Path) -> None:
-    with LogWriter.create(tmp_path / "log") as w:
+def test_small_entries_are_batched(tmp_path: Path, direct: bool) -> None:
+    with LogWriter.create(tmp_path / "log", direct=direct) as w:
         for i in range(500):
             w.write(i * 4096, b"x" * 4096)
         w.sync()
@@ -124,9 +132,9 @@ def test_small_entries_are_batched(tmp_path: Path) -> None:
         assert w.stats.entries == 500
 
 
-def test_super_counts_only_synced_entries(tmp_path: Path) -> None:
+def test_super_counts_only_synced_entries(tmp_path: Path, direct: bool) -> None:
     log = tmp_path / "log"
-    w = LogWriter.create(log)
+    w = LogWriter.create(log, direct=direct)
     w.write(0, b"1" * 512)
     w.flush()
     assert _super(log).nr_entries == 0
@@ -161,9 +169,9 @@ def test_reopen_cuts_uncounted_tail_and_continues(tmp_path: Path) -> None:
     assert got == [(0, b"a"), (1, b"c")]
 
 
-def test_torn_tail_is_detected_and_salvage_stops_before_it(tmp_path: Path) -> None:
+def test_torn_tail_is_detected_and_salvage_stops_before_it(tmp_path: Path, direct: bool) -> None:
     log = tmp_path / "log"
-    w = LogWriter.create(log)
+    w = LogWriter.create(log, direct=direct)
     w.write(0, b"a" * 4096)
     w.sync()
     w.write(4096, b"b" * 4096)
@@ -208,9 +216,9 @@ def test_corruption_inside_the_count_names_entry_and_offset(tmp_path: Path) -> N
     assert (tinfo.value.entry, tinfo.value.offset) == (2, entry2)
 
 
-def test_concurrent_appends_and_syncs(tmp_path: Path) -> None:
+def test_concurrent_appends_and_syncs(tmp_path: Path, direct: bool) -> None:
     log = tmp_path / "log"
-    w = LogWriter.create(log)
+    w = LogWriter.create(log, direct=direct)
     errors: list[BaseException] = []
 
     def worker(n: int) -> None:

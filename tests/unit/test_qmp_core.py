@@ -404,3 +404,47 @@ def test_table_dispatch_and_command_not_found() -> None:
     assert info.value.desc == "The command nope has not been found"
     with pytest.raises(ValueError):
         table.add("echo", echo)
+
+
+def test_every_command_is_documented() -> None:
+    """docs/qmp.md has a section for every command the server offers."""
+    from pathlib import Path
+
+    from blocktrace.qmp.control import build_table
+
+    doc = (Path(__file__).parents[2] / "docs" / "qmp.md").read_text()
+    headings = {
+        name.strip()
+        for line in doc.splitlines()
+        if line.startswith("### ")
+        for name in line[4:].split(",")
+    }
+    missing = [name for name in build_table().names() if name not in headings]
+    assert not missing, f"undocumented commands: {missing}"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=40),
+            st.sampled_from([b'{"execute":"qmp_capabilities"}', b'{"execute":"x","id":1}',
+                             b'{"execute":', b"}", b'"', b"\\", b"\x1b", b"[[", b"\r\n"]),
+        ),
+        max_size=12,
+    )
+)  # fmt: skip
+def test_connection_survives_any_input(chunks: list[bytes]) -> None:
+    """Whatever arrives, the core answers with well-formed CRLF JSON or hands over a command."""
+    conn = ServerConnection(VERSION, max_message=128)
+    for chunk in chunks:
+        for ev in conn.receive_data(chunk):
+            if isinstance(ev, Reply):
+                msg = wire(ev.data)
+                assert set(msg) <= {"return", "error", "id"} and ("return" in msg) != (
+                    "error" in msg
+                )
+            else:
+                assert isinstance(ev, Execute) and isinstance(ev.name, str)
+                assert isinstance(ev.arguments, dict)
+                assert conn.state in (State.COMMAND, State.CLOSED)

@@ -116,6 +116,8 @@ def test_start_errors_leave_nothing_behind() -> None:
             await mgr.start("k", "disk", {"type": "floppy"})
         with pytest.raises(UsageError, match="not found"):
             mgr.get("k")
+        with pytest.raises(UsageError, match="not a multiple"):
+            await mgr.start("k", "disk", MemoryTarget(alignment=3 * 512))
         assert [t.job_id for t in mgr.list()] == ["j"] and len(filt.sinks) == 1
         await mgr.close()
         assert filt.sinks == () and mgr.list() == []

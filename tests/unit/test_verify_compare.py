@@ -68,7 +68,7 @@ def test_sources_by_scheme(tmp_path: Path) -> None:
     assert src.size == 3000 and src.read(3, 3) == b"abc"
     src.close()
     with pytest.raises(UsageError, match="unsupported source scheme"):
-        open_source("nbd://localhost/x")
+        open_source("gopher://localhost/x")
     register_source("mem", lambda spec: BytesSource(spec, b"abc" * 1000))
     assert verify(str(p), "mem://anything").identical
     with pytest.raises(UsageError):

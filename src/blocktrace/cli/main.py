@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("serve", "serve", "Serve disk images over NBD (optionally traced, with QMP)."),
     "demo": ("demo", "demo", "Run the built-in demonstration end to end."),
     "log": ("log", "log", "Inspect dm-log-writes logs (info, list, find)."),
-    "replay": ("replay", "replay", "Replay a dm-log-writes log onto an image (replay-log options)."),
+    "replay": ("replay", "replay", "Replay a dm-log-writes log onto an image (as replay-log)."),
     "verify": ("verify", "verify", "Compare two images; exit 0 if identical, 1 if not."),
     "watch": ("watch", "watch", "File-level events (ext4) from a base image and a write log."),
     "qmp": ("qmp", "qmp", "Run one QMP command on a running server (--socket PATH)."),

@@ -104,7 +104,9 @@ def start(
                 why = ev["data"].get("error", "ended before it was ready")
                 raise BlocktraceError(f"trace {job} failed: {why}")
             ready = True
-    desc = ", ".join(f"{k}={v}" for k, v in parsed.options.to_dict().items())
+    opts = parsed.options.to_dict()
+    opts["queue-size"] = _human_bytes(opts["queue-size"]).replace(".0 ", " ")
+    desc = ", ".join(f"{k}={v}" for k, v in opts.items())
     _emit(
         {"job-id": job, "device": export, "ready": ready},
         as_json,

@@ -1,6 +1,7 @@
 """``blocktrace verify A B``: are two images identical?  Exit 0 if so, 1 if not.
 
-A and B are paths, or URIs of any scheme registered with :func:`blocktrace.verify.register_source`.
+A and B are paths, or URIs of a scheme :mod:`blocktrace.verify` knows (``file://``, NBD URIs)
+or one added with :func:`blocktrace.verify.register_source`.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PENDING = 1 << 18  #: unowned blocks remembered (about 25 MiB of bookkeeping)
 DEFAULT_MAX_PENDING_BYTES = 64 << 20  #: contents of pending blocks kept
+MAX_REMEMBERED = 1 << 16  #: names of unborn inodes / modes of freed inodes kept
 
 _META_KINDS = {
     "superblock": OwnerKind.SUPERBLOCK,
@@ -108,6 +109,12 @@ class Ext4Engine:
         self.journal: Journal | None = None
         self._journal_blocks: dict[int, int] = {}  # jblk -> physical block
         self._errors: list[FileEvent] = []
+        #: names seen before their inode was initialised: ino -> [(dir, name, ino)]
+        self.unborn: OrderedDict[int, list[tuple[int, str, int]]] = OrderedDict()
+        self.freed_modes: OrderedDict[int, int] = OrderedDict()  # ino -> i_mode when freed
+        self.nameless: OrderedDict[int, None] = OrderedDict()  # initialised, not yet named
+        #: per inode, the end (in blocks) of data written since its size last changed
+        self.written_upto: OrderedDict[int, int] = OrderedDict()
         self._crawl()
 
     # ------------------------------------------------------------------ view
@@ -167,9 +174,14 @@ class Ext4Engine:
         return out
 
     def flush(self, record: int) -> list[FileEvent]:
-        """A flush: everything written so far is durable, so every inference is due now."""
+        """A flush: everything written so far is durable, so every inference is due now.
+
+        Exception: while a JBD2 transaction is being written (descriptor seen, commit not yet),
+        this flush is the commit's pre-flush; file writes wait for the commit block (the next
+        record or so) so that they are named with the metadata they go with."""
         self.stats.records += 1
-        return self._settle(record)
+        hold = self.journal is not None and self.journal.in_transaction
+        return self._settle(record, emit_writes=not hold)
 
     def discard(self, record: int, offset: int, length: int) -> list[FileEvent]:
         """A discard/trim: ext4 discards free blocks only; forget pending writes there."""
@@ -229,6 +241,8 @@ class Ext4Engine:
                 self.owners.assign(ext.pblk, ext.length, Owner(OwnerKind.JOURNAL, ino, ext.lblk))
                 for i in range(ext.length):
                     self._journal_blocks[ext.lblk + i] = ext.pblk + i
+            for pblk, tree in jmap.meta:
+                self.owners.assign(pblk, 1, Owner(_TREE_KINDS[tree], ino))
             sb_blk = self._journal_blocks.get(0)
             if sb_blk is None:
                 raise Ext4FormatError("journal inode has no block 0")
@@ -344,6 +358,11 @@ class Ext4Engine:
         return events
 
     def _note_write(self, ino: int, lstart: int, lend: int, record: int) -> None:
+        if lend > self.written_upto.get(ino, 0):
+            self.written_upto[ino] = lend
+            self.written_upto.move_to_end(ino)
+            while len(self.written_upto) > MAX_REMEMBERED:
+                self.written_upto.popitem(last=False)
         ranges = self.writes.setdefault(ino, [])
         for r in ranges:
             if r[0] <= lend and lstart <= r[1]:
@@ -392,6 +411,22 @@ class Ext4Engine:
             self.overlay[b] = data
         self._unpend(b)
 
+    def note_unborn(self, triple: tuple[int, str, int]) -> None:
+        self.unborn.setdefault(triple[2], []).append(triple)
+        while len(self.unborn) > MAX_REMEMBERED:
+            self.unborn.popitem(last=False)
+
+    def note_nameless(self, ino: int) -> None:
+        self.nameless[ino] = None
+        while len(self.nameless) > MAX_REMEMBERED:
+            self.nameless.popitem(last=False)
+
+    def remember_freed(self, ino: int, inode: Inode | None) -> None:
+        if inode is not None:
+            self.freed_modes[ino] = inode.i_mode
+            while len(self.freed_modes) > MAX_REMEMBERED:
+                self.freed_modes.popitem(last=False)
+
     def _error(self, record: int, message: str, ino: int = 0) -> None:
         """Report what could not be parsed (as an ``error`` event at the next settle); go on."""
         self.stats.errors += 1
@@ -401,10 +436,10 @@ class Ext4Engine:
         )
 
     # ------------------------------------------------------------------ settle
-    def _settle(self, record: int) -> list[FileEvent]:
+    def _settle(self, record: int, *, emit_writes: bool = True) -> list[FileEvent]:
         self.stats.settles += 1
         try:
-            events = infer(self, record)
+            events = infer(self, record, emit_writes=emit_writes)
         except (
             FormatError,
             ValueError,

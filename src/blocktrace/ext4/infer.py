@@ -79,7 +79,7 @@ def _xattr_area(raw: bytes) -> bytes:
     return raw[C.EXT4_GOOD_OLD_INODE_SIZE + extra :]
 
 
-def infer(eng: Ext4Engine, record: int) -> list[FileEvent]:
+def infer(eng: Ext4Engine, record: int, *, emit_writes: bool = True) -> list[FileEvent]:
     fs = eng.fs
     bs = fs.block_size
     isz = fs.inode_size
@@ -142,7 +142,7 @@ def infer(eng: Ext4Engine, record: int) -> list[FileEvent]:
             eng._claim(ino, after, new_map)
             runs = _new_runs(old_map.extents, new_map.extents)
             newly[ino] = runs
-            if after.is_dir or (before is not None and before.is_dir):
+            if after.is_dir or (prev is not None and prev.inode.is_dir):
                 dir_blocks.update(_blocks(runs))
                 dir_blocks.update(_blocks(_new_runs(new_map.extents, old_map.extents)))
             elif after.is_reg:
@@ -191,20 +191,41 @@ def infer(eng: Ext4Engine, record: int) -> list[FileEvent]:
     freed = {
         ino for ino, (o, n, _) in changes.items() if o is not None and o.in_use and not n.in_use
     }
+    for ino in freed:
+        eng.remember_freed(ino, changes[ino][0])
+        eng.nameless.pop(ino, None)
+    # names written before their inode (writers without a journal, flushing in between)
+    for ino in sorted(allocated):
+        for t in eng.unborn.pop(ino, []):
+            if t not in added and eng.ns.children.get(t[0], {}).get(t[1]) == ino:
+                added.append(t)
     old_modes: dict[int, int] = {}
     for _, _, ino in removed:
         was = changes[ino][0] or changes[ino][1] if ino in changes else alive(ino)
-        old_modes[ino] = was.i_mode if was is not None else 0
+        old_modes[ino] = was.i_mode if was is not None else eng.freed_modes.get(ino, 0)
     rem_paths = {t: eng.ns.join(t[0], t[1]) for t in removed}
     freed_paths = {ino: eng.ns.path(ino) for ino in freed}
 
     # 4. namespace events ---------------------------------------------------------------------
+    # inodes initialised before their first name (same writers): born when named
+    named = {t[2] for t in added}
+    for ino in named & set(eng.nameless):
+        del eng.nameless[ino]
+        allocated.add(ino)
+    for ino in allocated - named:
+        eng.note_nameless(ino)
+    deferred: set[Triple] = set()
     for d, name, ino in removed:
         eng.ns.remove(d, name, ino)
+        if ino in eng.unborn:
+            eng.unborn[ino] = [t for t in eng.unborn[ino] if t != (d, name, ino)]
     for d, name, ino in added:
         if ino not in eng.istate:
             eng._track(ino)
         eng.ns.add(d, name, ino)
+        if ino not in eng.istate:
+            eng.note_unborn((d, name, ino))
+            deferred.add((d, name, ino))
     for ino in freed:
         eng.ns.forget(ino)
 
@@ -222,7 +243,8 @@ def infer(eng: Ext4Engine, record: int) -> list[FileEvent]:
         rem_by.setdefault(t[2], []).append(t)
     add_by: dict[int, list[Triple]] = {}
     for t in added:
-        add_by.setdefault(t[2], []).append(t)
+        if t not in deferred:
+            add_by.setdefault(t[2], []).append(t)
     for ino, adds in add_by.items():
         rems = rem_by.pop(ino, [])
         inode = alive(ino)
@@ -298,6 +320,7 @@ def infer(eng: Ext4Engine, record: int) -> list[FileEvent]:
 
     # 5. attribute changes ----------------------------------------------------------------------
     attrs: list[FileEvent] = []
+    shrunk: dict[int, int] = {}  # ino -> the block holding the new end of file
     for ino, (bi, ai, before_raw) in changes.items():
         if bi is None or ino in allocated or ino in freed or not (bi.in_use and ai.in_use):
             continue
@@ -313,6 +336,10 @@ def infer(eng: Ext4Engine, record: int) -> list[FileEvent]:
             and (ai.size < bi.size or not _explained(eng, ino, ai.size, newly.get(ino, [])))
         ):
             attrs.append(FileEvent("truncate", path, ino, record, ts, name, size=ai.size))
+            if ai.size < bi.size and ai.size % bs:
+                shrunk[ino] = ai.size // bs  # the kernel zeroes the rest of this block
+        if ai.size != bi.size:
+            eng.written_upto.pop(ino, None)
         st = eng.istate.get(ino)
         if bi.file_acl != ai.file_acl or (
             st is not None and _xattr_area(before_raw) != _xattr_area(st.raw)
@@ -327,10 +354,12 @@ def infer(eng: Ext4Engine, record: int) -> list[FileEvent]:
 
     # 6. data writes ----------------------------------------------------------------------------
     writes: list[FileEvent] = []
-    for ino, ranges in sorted(eng.writes.items()):
+    for ino, ranges in sorted(eng.writes.items() if emit_writes else ()):
         inode = alive(ino)
         path = freed_paths.get(ino) or eng.ns.path(ino)
         for lstart, lend, drec in sorted(ranges):
+            if shrunk.get(ino) == lstart and lend == lstart + 1:
+                continue  # truncate's zeroing of the tail of the new last block
             offset, end = lstart * bs, lend * bs
             if inode is not None and offset < inode.size < end:
                 end = inode.size
@@ -348,7 +377,8 @@ def infer(eng: Ext4Engine, record: int) -> list[FileEvent]:
                     size=inode.size if inode else None,
                 )
             )
-    eng.writes.clear()
+    if emit_writes:
+        eng.writes.clear()
 
     creates.sort(key=lambda e: e.path.count("/"))
     deletes.sort(key=lambda e: -e.path.count("/"))
@@ -399,4 +429,4 @@ def _explained(eng: Ext4Engine, ino: int, size: int, runs: list[tuple[int, int, 
     last = (size - 1) // eng.fs.block_size
     if any(lblk <= last < lblk + n for lblk, _, n in runs):
         return True
-    return any(s <= last < e for s, e, _ in eng.writes.get(ino, []))
+    return eng.written_upto.get(ino, 0) > last

@@ -108,6 +108,11 @@ class Journal:
     def incompat(self) -> int:
         return self.jsb.s_feature_incompat
 
+    @property
+    def in_transaction(self) -> bool:
+        """A descriptor was written whose commit block has not been seen yet."""
+        return bool(self._descriptors)
+
     def _next(self, jblk: int) -> int:
         jblk += 1
         return self.jsb.s_first if jblk >= self.jsb.s_maxlen else jblk

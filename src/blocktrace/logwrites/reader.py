@@ -177,7 +177,13 @@ class LogReader:
             try:
                 self.super = SuperBlock.unpack(head)
             except LogFormatError as exc:
-                raise BadSuperBlock(exc.reason, offset=exc.offset, path=self.path) from None
+                reason = exc.reason
+                if head[:8] == bytes(8) and self.size > 512:
+                    reason += (
+                        " (no super block yet: QEMU's blklogwrites writes it only at a"
+                        " flush or every log-super-update-interval entries)"
+                    )
+                raise BadSuperBlock(reason, offset=exc.offset, path=self.path) from None
         except BaseException:
             os.close(self._fd)
             raise

@@ -41,7 +41,13 @@ from blocktrace.errors import BlockDeviceError, ProtocolError
 from blocktrace.exports import Export, ExportRegistry
 from blocktrace.nbd import transmission as tx
 from blocktrace.nbd import wire
-from blocktrace.nbd.constants import NBD_DEFAULT_MAX_PAYLOAD, Cmd, CmdFlag, TransmissionFlag
+from blocktrace.nbd.constants import (
+    NBD_DEFAULT_MAX_PAYLOAD,
+    NBD_SIMPLE_REPLY_MAGIC,
+    Cmd,
+    CmdFlag,
+    TransmissionFlag,
+)
 from blocktrace.nbd.errors import NBDRequestError
 from blocktrace.nbd.events import NEED_DATA, ExportInfo, HandshakeAborted, HandshakeDone
 from blocktrace.nbd.handshake import ServerHandshake
@@ -58,7 +64,11 @@ WRITE_LOW = 1024 * 1024
 #: Replies smaller than this are joined with their header into one write on the stock loop.
 _JOIN_LIMIT = 64 * 1024
 _DISCARD_CHUNK = 256 * 1024
+#: Gathered reply bytes after which the batch is written out mid-parse (back-pressure).
+_BATCH_LIMIT = 256 * 1024
 
+_pack_simple = wire.SIMPLE_REPLY.pack
+_SIMPLE_MAGIC = NBD_SIMPLE_REPLY_MAGIC
 _FUA = int(CmdFlag.FUA)
 _NO_HOLE = int(CmdFlag.NO_HOLE)
 _FAST_ZERO = int(CmdFlag.FAST_ZERO)
@@ -225,6 +235,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._closed = False
         self._writelines = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Replies produced while parsing one batch of received bytes, written in one go.
+        self._batch: list[Any] | None = None
+        self._batch_bytes = 0
 
     # -- asyncio protocol callbacks ------------------------------------------------------------
 
@@ -282,7 +295,12 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._safe(self._received, nbytes)
 
     def eof_received(self) -> bool:
-        return False  # close our side too
+        """The client half-closed: parse nothing more, but answer what is in flight."""
+        self._stopping = True
+        if self._inflight:
+            return True  # keep the write side open; the last _finish closes it
+        self._flush_batch()
+        return False
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -392,10 +410,16 @@ class NBDConnection(asyncio.BufferedProtocol):
         view = self._view
         pos, end = self._start, self._end
         size = tx.REQUEST_SIZE
+        self._batch = []
         try:
             while end - pos >= size and not (
                 self._stopping or self._write_paused or self._inflight >= MAX_INFLIGHT
             ):
+                if self._batch_bytes >= _BATCH_LIMIT:
+                    # Hand what we have to the transport: it may push back (pause_writing).
+                    self._flush_batch()
+                    self._batch = []
+                    continue
                 flags, cmd, cookie, offset, length = tx.parse_request_header(view, pos)
                 if cmd != _WRITE:
                     pos += size
@@ -432,6 +456,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._start = self._end = 0
             else:
                 self._start = pos
+            self._flush_batch()
         self._update_reading()
 
     def _refuse_discarded(self) -> None:
@@ -552,7 +577,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             desc = tx.block_status_descriptors(extents, length, bool(flags & _REQ_ONE))
             self._send(tx.encode_block_status(session, cookie, desc))
         else:
-            self._send(wire.pack_simple_reply(cookie))
+            self._send(_pack_simple(_SIMPLE_MAGIC, 0, cookie))
 
     def _fail(self, cmd: int, cookie: int, errno: int, message: str) -> None:
         session = self._session
@@ -563,10 +588,20 @@ class NBDConnection(asyncio.BufferedProtocol):
     # -- sending and lifecycle -----------------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
-        if not self._closed and self.transport is not None:
+        batch = self._batch
+        if batch is not None:
+            batch.append(data)
+            self._batch_bytes += len(data)
+        elif not self._closed and self.transport is not None:
             self.transport.write(data)
 
     def _send_data(self, header: bytes, data: Any) -> None:
+        batch = self._batch
+        if batch is not None:
+            batch.append(header)
+            batch.append(data)
+            self._batch_bytes += len(data)
+            return
         t = self.transport
         if self._closed or t is None:
             return
@@ -577,6 +612,24 @@ class NBDConnection(asyncio.BufferedProtocol):
         else:
             t.write(header)
             t.write(data)
+
+    def _flush_batch(self) -> None:
+        """Write the replies gathered while parsing: one writev on uvloop."""
+        batch, self._batch = self._batch, None
+        t = self.transport
+        if not batch or self._closed or t is None:
+            self._batch_bytes = 0
+            return
+        if len(batch) == 1:
+            t.write(batch[0])
+        elif self._writelines:
+            t.writelines(batch)
+        elif self._batch_bytes < _JOIN_LIMIT:
+            t.write(b"".join(batch))
+        else:
+            for item in batch:
+                t.write(item)
+        self._batch_bytes = 0
 
     def _update_reading(self) -> None:
         t = self.transport
@@ -598,6 +651,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.server._removed(self)
             return True
         if self._stopping and self.transport is not None:
+            self._flush_batch()
             self.transport.close()
             return True
         return False

@@ -106,6 +106,8 @@ def parse_request_header(
 def validate_request(s: Session, cmd: int, flags: int, offset: int, length: int) -> None:
     """Raise :class:`NBDRequestError` if the request must be refused; the order of checks
     decides which error a doubly-bad request gets (read-only beats out-of-range)."""
+    if s.read_only and cmd in _WRITE_CLASS:
+        raise NBDRequestError(E.EROFS, f"invalid request: {cmd_name(cmd)}: read-only export")
     allowed = s.allowed_flags.get(cmd)
     if allowed is None:
         raise NBDRequestError(E.EINVAL, f"invalid request: {cmd_name(cmd)}: not supported")
@@ -119,8 +121,6 @@ def validate_request(s: Session, cmd: int, flags: int, offset: int, length: int)
                 E.EINVAL, f"invalid request: {cmd_name(cmd)}: offset and length must be 0"
             )
         return
-    if s.read_only and cmd in _WRITE_CLASS:
-        raise NBDRequestError(E.EROFS, f"invalid request: {cmd_name(cmd)}: read-only export")
     if length == 0:
         raise NBDRequestError(E.EINVAL, f"invalid request: {cmd_name(cmd)}: length is 0")
     if cmd in _PAYLOAD_CMDS and length > s.max_block:

@@ -61,15 +61,22 @@ class Control:
         #: what ``quit`` does once it has replied (default: stop the service)
         self.on_quit: Callable[[], None] | None = service.request_stop
         self.server.on_quit = self._quit
+        self._shutdown_announced = False
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
         """Broadcast an event to every negotiated client; never blocks."""
         self.server.broadcast(name, data)
 
     def _quit(self) -> None:
-        self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        self.announce_shutdown("host-qmp-quit")
         if self.on_quit is not None:
             self.on_quit()
+
+    def announce_shutdown(self, reason: str) -> None:
+        """QEMU's ``SHUTDOWN`` event, once (``host-qmp-quit`` or ``host-signal``)."""
+        if not self._shutdown_announced:
+            self._shutdown_announced = True
+            self.emit("SHUTDOWN", {"guest": False, "reason": reason})
 
     async def close(self) -> None:
         """Drop every client, after cancels already requested have finished (their events
@@ -116,10 +123,11 @@ def install(
 ) -> None:
     """Give a :class:`~blocktrace.service.Service` a QMP control socket (``serve --qmp``).
 
-    Listening starts in a startup hook, so the exports exist before the first command.  The
-    trace manager is the service's (``service.traces``) when it has one, else a private one.
-    On shutdown, traces are stopped first so clients receive their ``BLOCK_JOB_*`` events,
-    then the sockets close.
+    Listening starts in a startup hook, so the exports exist before the first command.  Jobs
+    are the service's traces (``service.traces``), so ``serve --trace`` traces are listed and
+    stopped like any other.  On shutdown (SIGTERM or ``quit``) clients get ``SHUTDOWN``, then
+    the traces are stopped so they receive their ``BLOCK_JOB_*`` events, then the sockets
+    close.
     """
     state: dict[str, Control] = {}
 
@@ -142,6 +150,7 @@ def install(
         control = state.get("control")
         if control is None:
             return
+        control.announce_shutdown("host-signal")
         await control.jobs.manager.close()
         await control.close()
 

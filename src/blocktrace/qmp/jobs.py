@@ -41,6 +41,20 @@ MirrorSyncMode = Enum("MirrorSyncMode", ("full", "none"))
 MirrorCopyMode = Enum("MirrorCopyMode", ("background", "write-blocking"))
 TraceOnTargetError = Enum("BlockTraceOnTargetError", ("report", "break"))
 
+#: options shared by the replica target types (docs/replica.md)
+REPLICA_MEMBERS: tuple[Member, ...] = (
+    Member("meta", Str(), optional=True, doc="the replica metadata file (default: docs)"),
+    Member("force", Bool(), optional=True, doc="overwrite a diverged or foreign replica"),
+    Member(
+        "on-disconnect",
+        Enum("BlockTraceReplicaOnDisconnect", ("degrade", "fail")),
+        optional=True,
+        doc="degrade (default): track dirty regions and reconnect; fail: fail the trace",
+    ),
+    Member("granularity", Int(512, 1 << 30, kind="uint32"), optional=True, doc="bitmap unit"),
+    Member("reconnect-max", Int(1, 3600, kind="uint32"), optional=True, doc="backoff cap, s"),
+)
+
 #: target type -> its members (besides ``type``).  Add a target type here and in
 #: ``blocktrace.trace.targets.TARGET_TYPES``.
 TARGET_VARIANTS: dict[str, tuple[Member, ...]] = {
@@ -59,8 +73,11 @@ TARGET_VARIANTS: dict[str, tuple[Member, ...]] = {
             doc="how WRITE_ZEROES is logged: a DISCARD entry (default) or zero data",
         ),
     ),
-    "replica": (Member("filename", Str(), doc="a raw image kept identical to the export"),),
-    "nbd": (Member("uri", Str(), doc="an NBD URI kept identical to the export"),),
+    "replica": (
+        Member("filename", Str(), doc="a raw image kept identical to the export"),
+        *REPLICA_MEMBERS,
+    ),
+    "nbd": (Member("uri", Str(), doc="an NBD URI kept identical to the export"), *REPLICA_MEMBERS),
 }
 
 BlockTraceTarget = Union(
@@ -173,9 +190,16 @@ def register(table: CommandTable) -> None:
             if args["device"] not in ctx.service.registry:
                 raise errors.device_not_found(args["device"])
             try:
-                await ctx.jobs.manager.start(job_id, args["device"], target, options)
+                trace = await ctx.jobs.manager.start(job_id, args["device"], target, options)
             except BlocktraceError as exc:
                 raise errors.generic(str(exc)) from None
+        watch = getattr(trace.target, "add_listener", None)
+        if watch is not None:  # replica targets: connection/sync state changes as events
+
+            def on_state(_target: Any, state: str, details: dict[str, Any]) -> None:
+                ctx.emit("BLOCK_TRACE_REPLICA_STATE", {"device": job_id, "state": state, **details})
+
+            watch(on_state)
         return {}
 
     @table.command(

@@ -135,41 +135,43 @@ class Client:
             self.done.set()
 
     async def _read_loop(self) -> None:
+        # The end marker is queued only on a normal end: when the connection is being torn
+        # down (cancelled), awaiting space in a full queue would never finish.
         try:
             await self.outgoing.put(self.conn.greeting())
-            while not self.closing:
-                data = await self.reader.read(READ_CHUNK)
-                if not data:
-                    break
-                for item in self.conn.receive_data(data):
-                    await self.commands.put(item)
-                    if isinstance(item, Reply) and item.close:
-                        return
-                if self.conn.state is State.CLOSED:
-                    return
+            await self._read_commands()
         except (ConnectionError, OSError) as exc:
             log.debug("%s: read: %s", self.name, exc)
-        finally:
-            await self.commands.put(None)
+        await self.commands.put(None)
+
+    async def _read_commands(self) -> None:
+        while not self.closing:
+            data = await self.reader.read(READ_CHUNK)
+            if not data:
+                return
+            for item in self.conn.receive_data(data):
+                await self.commands.put(item)
+                if isinstance(item, Reply) and item.close:
+                    return
+            if self.conn.state is State.CLOSED:
+                return
 
     async def _exec_loop(self) -> None:
-        try:
-            while True:
-                item = await self.commands.get()
-                if item is None:
-                    return
-                if isinstance(item, Reply):
-                    await self.outgoing.put(item.data)
-                    if item.negotiated:
-                        self.events_on = True
-                    if item.close:
-                        return
-                    continue
-                data = await self.server.execute(self, item)
-                if data is not None:
-                    await self.outgoing.put(data)
-        finally:
-            await self.outgoing.put(None)
+        while True:
+            item = await self.commands.get()
+            if item is None:
+                break
+            if isinstance(item, Reply):
+                await self.outgoing.put(item.data)
+                if item.negotiated:
+                    self.events_on = True
+                if item.close:
+                    break
+                continue
+            data = await self.server.execute(self, item)
+            if data is not None:
+                await self.outgoing.put(data)
+        await self.outgoing.put(None)
 
     async def _write_loop(self) -> None:
         while True:

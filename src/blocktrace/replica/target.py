@@ -62,6 +62,8 @@ from blocktrace.trace.targets.base import Target, TargetInfo
 
 log = logging.getLogger(__name__)
 
+#: most records applied concurrently (also bounds the overlap check, quadratic in it)
+MAX_GROUP = 32
 #: unit of background copying (one read + one write under the delivery lock)
 SYNC_CHUNK = 1024 * 1024
 BACKOFF_MIN = 0.05
@@ -387,9 +389,12 @@ class ReplicaTarget(Target):
                     self._skip(records[i + 1 :])
                     return
                 continue
-            if group and any(
-                rec.offset < g.offset + g.length and g.offset < rec.offset + rec.length
-                for g in group
+            if group and (
+                len(group) >= MAX_GROUP
+                or any(
+                    rec.offset < g.offset + g.length and g.offset < rec.offset + rec.length
+                    for g in group
+                )
             ):
                 if not await self._run_group(group):
                     self._skip(records[i:])

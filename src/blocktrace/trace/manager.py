@@ -226,8 +226,8 @@ class Trace:
         }
 
     async def mark(self, name: str) -> int:
-        """Put mark ``name`` into the stream; returns once the target holds it.  Returns the
-        mark's position (entry number, from 1) in the stream."""
+        """Put mark ``name`` into the stream; returns once the target holds it (at once while
+        the trace is paused).  Returns the mark's position (entry number, from 1)."""
         if self.concluded or self._stopping is not None:
             raise StateError(f"trace {self.job_id!r} is not running")
         if not name:
@@ -236,7 +236,8 @@ class Trace:
         if self.delivery.error is not None:
             raise StateError(f"trace {self.job_id!r} has failed: {self.error}")
         pos = self.filter.put_mark(self, name)
-        await self.delivery.wait_held(pos)
+        if not self.paused:
+            await self.delivery.wait_held(pos)
         return pos
 
     def pause(self) -> None:
@@ -469,6 +470,12 @@ class TraceManager:
                 sync=options.sync.value,
             )
             await tgt.open(info)
+            if filt.size % tgt.alignment:
+                await tgt.close(clean=False)
+                raise UsageError(
+                    f"export {exp.name!r}: size {filt.size} is not a multiple of the "
+                    f"target's sector size {tgt.alignment}"
+                )
             trace = Trace(job_id, exp, filt, tgt, options, self)
             self._traces[job_id] = trace
             trace._emit(TraceEvent(EventKind.STATUS_CHANGE, JobStatus.CREATED))

@@ -128,7 +128,12 @@ class TraceSpec:
 
 
 #: target type -> name of its main argument in the QMP target object
-_TARGET_MAIN_ARG = {"log": "filename", "replica": "filename", "nbd": "uri"}
+_TARGET_MAIN_ARG = {
+    "log": "filename",
+    "replica": "filename",
+    "nbd": "uri",
+    "introspect": "filename",
+}
 
 
 def parse_trace_spec(text: str) -> TraceSpec:

@@ -2,7 +2,7 @@
 
 A record is what every target receives, in stream order, and what the stream's guarantee is
 stated over (docs/trace.md).  Records are produced only by the trace filter's funnel
-(:mod:`blocktrace.trace.filter`) and by :meth:`Trace.mark`; they are frozen and slotted
+(:mod:`blocktrace.trace.filter`) and by :meth:`Trace.mark`; they are immutable (named tuples)
 because several traces on one export share the same record objects, and a background queue may
 hold hundreds of thousands of them.
 
@@ -14,7 +14,7 @@ target never has to read the image.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class RecordKind(enum.Enum):
@@ -35,9 +35,9 @@ class RecordKind(enum.Enum):
 _DATA_KINDS = frozenset({RecordKind.WRITE, RecordKind.ZERO, RecordKind.TRIM})
 
 
-@dataclass(frozen=True, slots=True)
-class TraceRecord:
-    """One entry of the write stream.
+class TraceRecord(NamedTuple):
+    """One entry of the write stream (immutable: a named tuple, the cheapest immutable
+    object Python builds, since one is made per traced request).
 
     ``seq`` is the export's operation sequence number (shared by every trace on the export,
     increasing in the order operations were applied to the image); a trace's own entry numbers

@@ -23,6 +23,7 @@ TARGET_TYPES: dict[str, str] = {
     "log": "blocktrace.trace.targets.logwrites:LogTarget",
     "replica": "blocktrace.trace.targets.replica:LocalReplicaTarget",
     "nbd": "blocktrace.trace.targets.nbd:NBDReplicaTarget",
+    "introspect": "blocktrace.trace.targets.introspect:IntrospectTarget",
 }
 
 

@@ -1,0 +1,275 @@
+"""The asyncio adapter in-process, over real Unix/TCP sockets, with devices that suspend:
+the Task fallback, receive-buffer pinning, out-of-order replies, large payloads, flush,
+shutdown with requests in flight, runtime export add/remove."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from blocktrace.block.device import ReadableBuffer
+from blocktrace.block.memory import MemoryDevice
+from blocktrace.errors import BlockDeviceError, StateError
+from blocktrace.exports import Export, ExportRegistry
+from blocktrace.nbd import server as nbd_server
+from blocktrace.nbd import wire
+from blocktrace.nbd.constants import Cmd, CmdFlag, NBDError
+from blocktrace.nbd.events import NEED_DATA, HandshakeDone
+from blocktrace.nbd.handshake import ClientHandshake
+from blocktrace.nbd.server import NBDServer
+from blocktrace.service import Service, ServiceConfig
+
+MiB = 1024 * 1024
+
+
+class GatedDevice(MemoryDevice):
+    """Writes wait on ``gate`` (when closed) before touching ``data``: a device that holds the
+    server's payload view across a suspension, like a blocking trace target would."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.flushes = 0
+        self.fail_at: int | None = None
+
+    async def write(self, offset: int, data: ReadableBuffer, *, fua: bool = False) -> None:
+        if offset == self.fail_at:
+            raise BlockDeviceError(errno.EIO, "injected")
+        if not self.gate.is_set():
+            await self.gate.wait()
+        await super().write(offset, data, fua=fua)
+        if fua:
+            await asyncio.sleep(0)
+
+    async def flush(self) -> None:
+        self.flushes += 1
+        await asyncio.sleep(0)
+
+
+class Client:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, path: str, export: str = "disk") -> Client:
+        r, w = await asyncio.open_unix_connection(path)
+        c = cls(r, w)
+        hs = ClientHandshake(export, structured_replies=False, meta_contexts=())
+        while True:
+            out = hs.data_to_send()
+            if out:
+                w.write(out)
+            ev = hs.next_event()
+            if ev is not NEED_DATA:
+                assert isinstance(ev, HandshakeDone)
+                return c
+            data = await r.read(65536)
+            assert data, "server closed during handshake"
+            hs.receive_data(data)
+
+    def request(
+        self,
+        cmd: int,
+        cookie: int,
+        offset: int = 0,
+        length: int = 0,
+        flags: int = 0,
+        data: bytes = b"",
+    ) -> None:
+        self.writer.write(wire.pack_request(cmd, cookie, offset, length, flags) + data)
+
+    async def reply(self, read_len: int = 0) -> tuple[int, int, bytes]:
+        magic, error, cookie = struct.unpack(">IIQ", await self.reader.readexactly(16))
+        assert magic == 0x67446698
+        data = await self.reader.readexactly(read_len) if read_len and not error else b""
+        return cookie, error, data
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+Body = Callable[[str, GatedDevice, NBDServer], Awaitable[None]]
+
+
+def serve(tmp_path: Path, body: Body, size: int = 8 * MiB) -> None:
+    async def main() -> None:
+        dev = GatedDevice(size)
+        reg = ExportRegistry()
+        reg.add(Export("disk", dev))
+        srv = NBDServer(reg)
+        path = os.fspath(tmp_path / "s.sock")
+        listener = await asyncio.get_running_loop().create_unix_server(srv.protocol_factory, path)
+        try:
+            await asyncio.wait_for(body(path, dev, srv), 20)
+        finally:
+            listener.close()
+            await srv.shutdown(5)
+
+    asyncio.run(main())
+
+
+def test_pinned_buffer_survives_suspended_writes(tmp_path: Path) -> None:
+    """200 pipelined 8 KiB writes (more than the receive buffer holds) all suspend holding a
+    view of the receive buffer; none may see its bytes overwritten by later requests."""
+
+    async def body(path: str, dev: GatedDevice, srv: NBDServer) -> None:
+        dev.gate.clear()
+        c = await Client.connect(path)
+        n, bs = 200, 8192  # under MAX_INFLIGHT, over the receive buffer size
+        assert n * bs > nbd_server.BUFFER_SIZE
+        for i in range(n):
+            c.request(Cmd.WRITE, i, i * bs, bs, data=bytes([i % 251 + 1]) * bs)
+        await c.writer.drain()
+        # wait until the server parsed them all (they are parked in the device)
+        for _ in range(500):
+            if sum(conn._inflight for conn in srv.connections) == n:
+                break
+            await asyncio.sleep(0.01)
+        assert sum(conn._inflight for conn in srv.connections) == n
+        dev.gate.set()
+        cookies = set()
+        for _ in range(n):
+            cookie, error, _ = await c.reply()
+            assert error == 0
+            cookies.add(cookie)
+        assert cookies == set(range(n))
+        for i in range(n):
+            assert dev.buf[i * bs : (i + 1) * bs] == bytes([i % 251 + 1]) * bs, i
+        await c.close()
+
+    serve(tmp_path, body)
+
+
+def test_out_of_order_replies_and_large_write(tmp_path: Path) -> None:
+    async def body(path: str, dev: GatedDevice, srv: NBDServer) -> None:
+        c = await Client.connect(path)
+        big = os.urandom(3 * MiB)  # larger than the receive buffer: its own payload buffer
+        dev.gate.clear()
+        c.request(Cmd.WRITE, 1, 0, len(big), data=big)  # parks in the device
+        c.request(Cmd.READ, 2, 4 * MiB, 4096)  # completes at once
+        cookie, error, data = await c.reply(4096)
+        assert (cookie, error, data) == (2, 0, bytes(4096))  # answered before cookie 1
+        dev.gate.set()
+        assert await c.reply() == (1, 0, b"")
+        assert bytes(dev.buf[: len(big)]) == big
+        c.request(Cmd.WRITE, 3, 5 * MiB, 4096, CmdFlag.FUA, b"f" * 4096)
+        c.request(Cmd.FLUSH, 4)
+        assert {await c.reply(), await c.reply()} == {(3, 0, b""), (4, 0, b"")}
+        assert dev.flushes == 1
+        dev.fail_at = 6 * MiB
+        c.request(Cmd.WRITE, 5, 6 * MiB, 512, data=bytes(512))
+        assert await c.reply() == (5, NBDError.EIO, b"")
+        c.request(Cmd.DISC, 6)
+        assert await c.reader.read() == b""  # server closed after DISC
+        await c.close()
+
+    serve(tmp_path, body)
+
+
+def test_shutdown_finishes_in_flight_requests(tmp_path: Path) -> None:
+    async def body(path: str, dev: GatedDevice, srv: NBDServer) -> None:
+        c = await Client.connect(path)
+        dev.gate.clear()
+        c.request(Cmd.WRITE, 1, 0, 4096, data=b"s" * 4096)
+        await c.writer.drain()
+        while not any(conn._inflight for conn in srv.connections):
+            await asyncio.sleep(0.01)
+        stopping = asyncio.ensure_future(srv.shutdown(10))
+        await asyncio.sleep(0.05)
+        assert not stopping.done()  # waiting for the write
+        dev.gate.set()
+        assert await c.reply() == (1, 0, b"")
+        await stopping
+        assert await c.reader.read() == b""
+        assert dev.buf[:4096] == b"s" * 4096
+        await c.close()
+
+    serve(tmp_path, body)
+
+
+def test_tcp_connections_use_nodelay(tmp_path: Path) -> None:
+    async def main() -> None:
+        reg = ExportRegistry()
+        reg.add(Export("disk", MemoryDevice(MiB)))
+        srv = NBDServer(reg)
+        listener = await asyncio.get_running_loop().create_server(
+            srv.protocol_factory, "127.0.0.1", 0
+        )
+        port = listener.sockets[0].getsockname()[1]
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        assert (await r.readexactly(18))[:8] == b"NBDMAGIC"
+        (conn,) = srv.connections
+        assert conn.transport is not None
+        sock = conn.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        w.close()
+        listener.close()
+        await srv.shutdown(5)
+
+    asyncio.run(main())
+
+
+def test_service_runtime_export_add_and_remove(tmp_path: Path) -> None:
+    a = tmp_path / "a.img"
+    a.write_bytes(bytes(MiB))
+    b = tmp_path / "b.img"
+    b.write_bytes(b"b" * MiB)
+    sock = tmp_path / "svc.sock"
+
+    async def main() -> None:
+        svc = Service(ServiceConfig(images=[("a", os.fspath(a))], socket=os.fspath(sock)))
+        started: list[str] = []
+        stopped: list[str] = []
+
+        async def on_start(s: Service) -> None:
+            started.append(",".join(e.name for e in s.registry))
+
+        async def on_stop(s: Service) -> None:
+            stopped.append("x")
+
+        svc.startup_hooks.append(on_start)
+        svc.shutdown_hooks.append(on_stop)
+        await svc.start()
+        assert started == ["a"]
+        assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
+        svc.add_export("b", os.fspath(b))
+        c = await Client.connect(os.fspath(sock), "b")
+        c.request(Cmd.READ, 1, 0, 4)
+        assert await c.reply(4) == (1, 0, b"bbbb")
+        with pytest.raises(StateError):
+            await svc.remove_export("b")  # in use: "safe" refuses
+        await svc.remove_export("b", mode="hard")
+        assert await c.reader.read() == b""
+        await c.close()
+        assert "b" not in svc.registry
+        await svc.stop()
+        assert stopped == ["x"] and not sock.exists()
+
+    asyncio.run(main())
+
+
+def test_half_close_still_gets_in_flight_replies(tmp_path: Path) -> None:
+    async def body(path: str, dev: GatedDevice, srv: NBDServer) -> None:
+        c = await Client.connect(path)
+        dev.gate.clear()
+        c.request(Cmd.WRITE, 1, 0, 512, data=b"h" * 512)
+        await c.writer.drain()
+        while not any(conn._inflight for conn in srv.connections):
+            await asyncio.sleep(0.01)
+        c.writer.write_eof()
+        await asyncio.sleep(0.05)
+        dev.gate.set()
+        assert await c.reply() == (1, 0, b"")
+        assert await c.reader.read() == b""
+        await c.close()
+
+    serve(tmp_path, body)
