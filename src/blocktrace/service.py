@@ -276,11 +276,18 @@ class Service:
 
     async def run(self) -> None:
         """Start, serve until SIGINT/SIGTERM (or :meth:`request_stop`), stop cleanly."""
-        await self.start()
         loop = asyncio.get_running_loop()
         signals = (signal.SIGINT, signal.SIGTERM)
+        # Handlers first: a signal arriving while we start must stop us cleanly, not kill us
+        # with the socket already bound.
         for sig in signals:
             loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+        except BaseException:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            raise
         try:
             await self._stop.wait()
             log.info("stopping")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +150,188 @@ def qemu_log(workdir: Path, image: Path, log: Path, records: list[Any]) -> None:
         f"log-super-update-interval=1"
     )
     run(["qemu-io", "--image-opts", opts, *cmds], timeout=60)
+
+
+def record_busy_workload(
+    workdir: Path,
+    *,
+    rounds: int = 3,
+    dirs: int = 20,
+    files: int = 100,
+    big_mib: int = 32,
+    size_mib: int = 512,
+) -> tuple[Path, Path]:
+    """The benchmark workload (docs/introspection.md): per round, ``dirs`` x ``files`` files of
+    100 B-20 KB and one ``big_mib`` file, sync, then delete half the directories and rename
+    the rest, sync.  Returns (base image, QEMU blklogwrites log)."""
+    import shutil
+
+    img = mkfs(workdir / "disk.img", size_mib, options=("-b", "4096"))
+    base = workdir / "base.img"
+    shutil.copy(img, base)
+    log = workdir / "disk.log"
+    with kernel_mount(workdir, img, log) as m:
+        for r in range(rounds):
+            for d in range(dirs):
+                p = m / f"r{r}" / f"dir{d}"
+                p.mkdir(parents=True)
+                for i in range(files):
+                    (p / f"file{i}").write_bytes(os.urandom(100 + (i * 997) % 20000))
+            (m / f"big{r}").write_bytes(os.urandom(big_mib << 20))
+            os.sync()
+            for d in range(0, dirs, 2):
+                shutil.rmtree(m / f"r{r}" / f"dir{d}")
+            for d in range(1, dirs, 2):
+                os.rename(m / f"r{r}" / f"dir{d}", m / f"r{r}" / f"moved{d}")
+            os.sync()
+    return base, log
+
+
+# ---- the kernel scenario shared by test_ext4_kernel.py and test_watch_live.py: each phase
+# ---- is (name, action on the mount point, the exact (kind, path) events it must produce)
+MiB = 1 << 20
+Phase = tuple[str, Callable[[Path], None], set[tuple[str, str]]]
+
+
+def phase_create(m: Path) -> None:
+    os.makedirs(m / "d1/d2/d3")
+    (m / "d1/empty").write_bytes(b"")
+    (m / "d1/small").write_bytes(b"s" * 100)
+    (m / "d1/d2/medium").write_bytes(os.urandom(100_000))
+    (m / "big").write_bytes(os.urandom(4 * MiB))
+
+
+def phase_modify(m: Path) -> None:
+    with open(m / "d1/small", "ab") as f:
+        f.write(b"a" * 50)
+    with open(m / "big", "r+b") as f:
+        f.seek(MiB)
+        f.write(b"o" * 10_000)
+    os.truncate(m / "d1/d2/medium", 10_000)
+
+
+def phase_rename(m: Path) -> None:
+    os.rename(m / "d1/small", m / "d1/small2")
+    os.rename(m / "d1/d2/medium", m / "d1/medium")
+
+
+def phase_links(m: Path) -> None:
+    os.link(m / "big", m / "d1/big-link")
+    os.symlink("big", m / "fast-sym")
+    os.symlink("/" + "long-target/" * 10, m / "slow-sym")
+    os.chmod(m / "d1/small2", 0o640)
+    os.chown(m / "d1/empty", 1234, 5678)
+    os.setxattr(m / "d1/d2/d3", "user.colour", b"blue")
+
+
+def phase_htree(m: Path) -> None:
+    os.mkdir(m / "many")
+    for i in range(400):
+        (m / "many" / f"a-fairly-long-file-name-to-fill-blocks-{i:04d}").write_bytes(b"")
+
+
+def phase_delete(m: Path) -> None:
+    os.unlink(m / "fast-sym")
+    shutil.rmtree(m / "d1")
+
+
+def phase_prepare(m: Path) -> None:
+    (m / "x1").write_bytes(b"1" * 5000)
+    (m / "x2").write_bytes(b"2" * 7000)
+    os.makedirs(m / "mv/d")
+    (m / "mv/d/inner").write_bytes(b"i")
+
+
+def phase_replace(m: Path) -> None:
+    os.rename(m / "x1", m / "x2")  # replaces x2: its old inode is deleted
+    os.rename(m / "mv/d", m / "d2")  # a directory moves across directories
+    os.link(m / "d2/inner", m / "inner2")
+
+
+def phase_extend(m: Path) -> None:
+    os.unlink(m / "d2/inner")  # one of two names: the inode lives on as /inner2
+    os.truncate(m / "inner2", 100_000)  # grows: the kernel zeroes the old last block's tail
+    with open(m / "x2", "ab") as f:
+        f.write(b"q" * 10_000)
+
+
+PHASES: list[Phase] = [
+    (
+        "create",
+        phase_create,
+        {
+            ("mkdir", "/d1"),
+            ("mkdir", "/d1/d2"),
+            ("mkdir", "/d1/d2/d3"),
+            ("create", "/d1/empty"),
+            ("create", "/d1/small"),
+            ("create", "/d1/d2/medium"),
+            ("create", "/big"),
+            ("write", "/d1/small"),
+            ("write", "/d1/d2/medium"),
+            ("write", "/big"),
+        },
+    ),
+    (
+        "modify",
+        phase_modify,
+        {("write", "/d1/small"), ("write", "/big"), ("truncate", "/d1/d2/medium")},
+    ),
+    ("rename", phase_rename, {("rename", "/d1/small2"), ("rename", "/d1/medium")}),
+    (
+        "links",
+        phase_links,
+        {
+            ("link", "/d1/big-link"),
+            ("symlink", "/fast-sym"),
+            ("symlink", "/slow-sym"),
+            ("chmod", "/d1/small2"),
+            ("chown", "/d1/empty"),
+            ("xattr", "/d1/d2/d3"),
+        },
+    ),
+    (
+        "htree",
+        phase_htree,
+        {("mkdir", "/many")}
+        | {("create", f"/many/a-fairly-long-file-name-to-fill-blocks-{i:04d}") for i in range(400)},
+    ),
+    (
+        "delete",
+        phase_delete,
+        {
+            ("delete", "/fast-sym"),
+            ("delete", "/d1/empty"),
+            ("delete", "/d1/small2"),
+            ("delete", "/d1/medium"),
+            ("delete", "/d1/big-link"),
+            ("rmdir", "/d1/d2/d3"),
+            ("rmdir", "/d1/d2"),
+            ("rmdir", "/d1"),
+        },
+    ),
+    (
+        "prepare",
+        phase_prepare,
+        {
+            ("create", "/x1"),
+            ("create", "/x2"),
+            ("mkdir", "/mv"),
+            ("mkdir", "/mv/d"),
+            ("create", "/mv/d/inner"),
+            ("write", "/x1"),
+            ("write", "/x2"),
+            ("write", "/mv/d/inner"),
+        },
+    ),
+    (
+        "replace",
+        phase_replace,
+        {("rename", "/x2"), ("delete", "/x2"), ("rename", "/d2"), ("link", "/inner2")},
+    ),
+    (
+        "extend",
+        phase_extend,
+        {("delete", "/d2/inner"), ("truncate", "/inner2"), ("write", "/x2")},
+    ),
+]

@@ -138,3 +138,27 @@ def test_qemu_blklogwrites_log_of_debugfs_changes(
     with Watcher(base) as w:
         events = list(w.feed(log_records(log)))
     assert kinds_paths(events) == EXPECTED
+
+
+def test_zero_and_discard_records(images: tuple[Path, Path, Path]) -> None:
+    """Write-zeroes over a file's blocks is a write of that file; over free space, and
+    discards, it is nothing (and forgets pending data there)."""
+    base, _, _ = images
+    with Watcher(base) as w:
+        engine = w.engines[0][1]
+        keep = engine.ns.children[2]["keep"]
+        first = engine.istate[keep].map.extents[0].pblk
+        bs = engine.block_size
+        free = next(
+            b for b in range(engine.fs.blocks_count - 1, 0, -1) if engine.owner_of(b) is None
+        )
+        stream = [
+            StreamRecord(0, "zero", first * bs, 2 * bs),
+            StreamRecord(1, "write", free * bs, bs, b"x" * bs),
+            StreamRecord(2, "discard", free * bs, bs),
+            StreamRecord(3, "zero", free * bs, bs),
+            StreamRecord(4, "flush"),
+        ]
+        events = list(w.feed(stream))
+        assert engine.stats.pending_blocks == 0
+    assert [(e.kind, e.path, e.offset, e.length) for e in events] == [("write", "/keep", 0, 2 * bs)]

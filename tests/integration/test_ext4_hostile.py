@@ -122,3 +122,28 @@ def test_extent_loop_and_directory_cycle(tmp_path: Path, pair: tuple[Path, Path]
     looped.ns.add(b, "up", a)
     looped.ns.remove(2, "a", a)
     assert "<ino" in looped.path_of(b)
+
+
+def test_huge_hostile_directory_is_refused(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    """A directory whose extents claim over a million blocks (all the same ones) would make
+    the crawl read them all: it is refused with an error event, the rest is followed."""
+    base, _ = pair
+    engine = Ext4Engine(FileSource(base))
+    a = engine.ns.children[2]["a"]
+    img = tmp_path / "huge.img"
+    shutil.copy(base, img)
+    blk, off = engine.fs.inode_location(a)
+    per_leaf = (1024 - 12) // 12
+    leaf = struct.pack("<HHHHI", 0xF30A, per_leaf, per_leaf, 0, 0) + b"".join(
+        struct.pack("<IHHI", i * 16000, 16000, 0, 100) for i in range(per_leaf)
+    )
+    root = struct.pack("<HHHHI", 0xF30A, 1, 4, 1, 0) + struct.pack("<IIH2x", 0, 900, 0)
+    with open(img, "r+b") as f:
+        f.seek(blk * 1024 + off + 0x28)
+        f.write(root)
+        f.seek(900 * 1024)
+        f.write(leaf)
+    huge = Ext4Engine(FileSource(img))
+    errors = huge.take_errors()
+    assert any(e.ino == a and "directory of more than" in (e.message or "") for e in errors)
+    assert huge.path_of(a) == "/a"

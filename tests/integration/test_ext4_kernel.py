@@ -13,18 +13,14 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from ext4_recording import kernel_mount, mkfs
+from ext4_recording import PHASES, MiB, kernel_mount, mkfs
 
 from blocktrace.ext4.events import FileEvent
 from blocktrace.ext4.watcher import Watcher, log_records
 from support import require_fuse_and_loop
-
-MiB = 1 << 20
-Phase = tuple[str, Callable[[Path], None], set[tuple[str, str]]]
 
 
 def entries(log: Path) -> int:
@@ -32,110 +28,21 @@ def entries(log: Path) -> int:
         return int(struct.unpack("<Q", f.read(24)[16:24])[0])
 
 
-def phase_create(m: Path) -> None:
-    os.makedirs(m / "d1/d2/d3")
-    (m / "d1/empty").write_bytes(b"")
-    (m / "d1/small").write_bytes(b"s" * 100)
-    (m / "d1/d2/medium").write_bytes(os.urandom(100_000))
-    (m / "big").write_bytes(os.urandom(4 * MiB))
+VARIANTS = {
+    "ext4-4k": ("-b", "4096"),  # extents, 64bit, metadata_csum: JBD2 csum v3, 16-byte tags
+    "ext3-blockmap": ("-t", "ext3", "-b", "4096"),  # indirect blocks, no csum: 8-byte tags
+    "ext4-1k-32bit": ("-b", "1024", "-O", "^64bit,^metadata_csum"),
+}
 
 
-def phase_modify(m: Path) -> None:
-    with open(m / "d1/small", "ab") as f:
-        f.write(b"a" * 50)
-    with open(m / "big", "r+b") as f:
-        f.seek(MiB)
-        f.write(b"o" * 10_000)
-    os.truncate(m / "d1/d2/medium", 10_000)
-
-
-def phase_rename(m: Path) -> None:
-    os.rename(m / "d1/small", m / "d1/small2")
-    os.rename(m / "d1/d2/medium", m / "d1/medium")
-
-
-def phase_links(m: Path) -> None:
-    os.link(m / "big", m / "d1/big-link")
-    os.symlink("big", m / "fast-sym")
-    os.symlink("/" + "long-target/" * 10, m / "slow-sym")
-    os.chmod(m / "d1/small2", 0o640)
-    os.chown(m / "d1/empty", 1234, 5678)
-
-
-def phase_htree(m: Path) -> None:
-    os.mkdir(m / "many")
-    for i in range(400):
-        (m / "many" / f"a-fairly-long-file-name-to-fill-blocks-{i:04d}").write_bytes(b"")
-
-
-def phase_delete(m: Path) -> None:
-    os.unlink(m / "fast-sym")
-    shutil.rmtree(m / "d1")
-
-
-PHASES: list[Phase] = [
-    (
-        "create",
-        phase_create,
-        {
-            ("mkdir", "/d1"),
-            ("mkdir", "/d1/d2"),
-            ("mkdir", "/d1/d2/d3"),
-            ("create", "/d1/empty"),
-            ("create", "/d1/small"),
-            ("create", "/d1/d2/medium"),
-            ("create", "/big"),
-            ("write", "/d1/small"),
-            ("write", "/d1/d2/medium"),
-            ("write", "/big"),
-        },
-    ),
-    (
-        "modify",
-        phase_modify,
-        {("write", "/d1/small"), ("write", "/big"), ("truncate", "/d1/d2/medium")},
-    ),
-    ("rename", phase_rename, {("rename", "/d1/small2"), ("rename", "/d1/medium")}),
-    (
-        "links",
-        phase_links,
-        {
-            ("link", "/d1/big-link"),
-            ("symlink", "/fast-sym"),
-            ("symlink", "/slow-sym"),
-            ("chmod", "/d1/small2"),
-            ("chown", "/d1/empty"),
-        },
-    ),
-    (
-        "htree",
-        phase_htree,
-        {("mkdir", "/many")}
-        | {("create", f"/many/a-fairly-long-file-name-to-fill-blocks-{i:04d}") for i in range(400)},
-    ),
-    (
-        "delete",
-        phase_delete,
-        {
-            ("delete", "/fast-sym"),
-            ("delete", "/d1/empty"),
-            ("delete", "/d1/small2"),
-            ("delete", "/d1/medium"),
-            ("delete", "/d1/big-link"),
-            ("rmdir", "/d1/d2/d3"),
-            ("rmdir", "/d1/d2"),
-            ("rmdir", "/d1"),
-        },
-    ),
-]
-
-
-@pytest.fixture(scope="module")
-def recording(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[int]]:
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def recording(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, list[int]]:
     """Run every phase under the real kernel; (base image, log, entries after each sync)."""
     require_fuse_and_loop()
     work = tmp_path_factory.mktemp("kernel")
-    img = mkfs(work / "disk.img", 64, options=("-b", "4096"))
+    img = mkfs(work / "disk.img", 64, options=VARIANTS[request.param])
     base = work / "base.img"
     shutil.copy(img, base)
     log = work / "disk.log"
@@ -215,6 +122,18 @@ def test_kernel_event_details(recording: tuple[Path, Path, list[int]]) -> None:
     targets = {e.path: e.target for e in per_phase[4] if e.kind == "symlink"}
     assert targets == {"/fast-sym": "big", "/slow-sym": "/" + "long-target/" * 10}
     assert all(e.time is not None and e.ino > 0 for e in events)
+    replaced = per_phase[8]
+    assert {e.path: e.old_path for e in replaced if e.kind == "rename"} == {
+        "/x2": "/x1",
+        "/d2": "/mv/d",
+    }
+    old_x2 = next(e for e in per_phase[7] if e.kind == "create" and e.path == "/x2")
+    assert next(e for e in replaced if e.kind == "delete").ino == old_x2.ino
+    assert next(e for e in replaced if e.kind == "link").target == "/d2/inner"
+    extended = per_phase[9]
+    assert next(e for e in extended if e.kind == "truncate").size == 100_000
+    (span,) = covered(extended, "/x2")
+    assert span[1] == 15_000 and 0 < span[0] <= 5_000  # from the old last block on
 
 
 def test_htree_directory_was_indexed(recording: tuple[Path, Path, list[int]]) -> None:
@@ -231,12 +150,19 @@ def test_htree_directory_was_indexed(recording: tuple[Path, Path, list[int]]) ->
         assert len(engine.ns.children[many]) == 400
 
 
-def test_kernel_churn_reuses_inodes_and_blocks(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [("-b", "4096"), ("-b", "1024", "-J", "size=1")],
+    ids=["ext4-4k", "tiny-journal-wraps"],
+)
+def test_kernel_churn_reuses_inodes_and_blocks(tmp_path: Path, options: tuple[str, ...]) -> None:
     """Rounds of create / delete / rename: inode numbers and blocks of deleted directories
     and files are reused by new files (data written before its extent each time); every file
-    must get exactly one create and one write, nothing may stay pending."""
+    must get exactly one create and one write, nothing may stay pending.  With a 1 MiB journal
+    the ring wraps several times and checkpoints write metadata home mid-stream."""
     require_fuse_and_loop()
-    img = mkfs(tmp_path / "disk.img", 64, options=("-b", "4096"))
+    img = mkfs(tmp_path / "disk.img", 64, options=options)
+    wraps = "size=1" in options
     base = tmp_path / "base.img"
     shutil.copy(img, base)
     log = tmp_path / "disk.log"
@@ -247,7 +173,10 @@ def test_kernel_churn_reuses_inodes_and_blocks(tmp_path: Path) -> None:
                 p = m / f"r{r}" / f"dir{d}"
                 p.mkdir(parents=True)
                 for i in range(files):
-                    (p / f"f{i}").write_bytes(os.urandom(100 + (i * 997) % 20000))
+                    with open(p / f"f{i}", "wb") as f:
+                        f.write(os.urandom(100 + (i * 997) % 20000))
+                        if wraps:  # one transaction per file: the small ring wraps
+                            os.fsync(f.fileno())
             os.sync()
             for d in range(0, dirs, 2):
                 shutil.rmtree(m / f"r{r}" / f"dir{d}")
@@ -270,5 +199,9 @@ def test_kernel_churn_reuses_inodes_and_blocks(tmp_path: Path) -> None:
         "rename": rounds * dirs // 2,
     }
     assert stats.pending_blocks == 0 and stats.pending_overflow == 0
+    journal = w.engines[0][1].journal
+    assert journal is not None and journal.stats.errors == 0
+    if wraps:  # the ring really wrapped
+        assert journal.stats.logged_blocks + journal.stats.descriptors > 1024
     created = {e.path for e in events if e.kind == "create"}
     assert created == {e.path for e in events if e.kind == "write"}

@@ -178,7 +178,8 @@ def test_nbdinfo_and_map(server: ServerProcess) -> None:
     exp = out["exports"][0]
     assert exp["export-size"] == SIZE
     assert exp["can_multi_conn"] and exp["can_trim"] and exp["can_zero"] and exp["can_fua"]
-    assert exp["can_fast_zero"] and exp["can_cache"] and not exp["is_read_only"]
+    assert exp["can_fast_zero"] and exp["can_cache"] and exp["can_df"]
+    assert not exp["is_read_only"]
     assert "base:allocation" in exp["contexts"]
     assert exp["block_size_maximum"] == 32 * MiB
     # write data at 16M..17M; leave 20M.. as a hole
@@ -223,6 +224,15 @@ def test_libnbd_python(server: ServerProcess) -> None:
         h.pwrite(b"B" * 8192, 24 * MiB)
         h.trim(8192, 24 * MiB)
         assert h.pread(8192, 24 * MiB) == bytes(8192)
+        assert h.can_df()
+        chunks: list[int] = []
+        data = h.pread_structured(
+            8192,
+            24 * MiB,
+            lambda sub, off, status, err: chunks.append(status) or 0,
+            nbd.CMD_FLAG_DF,
+        )
+        assert data == bytes(8192) and chunks == [nbd.READ_DATA]  # one chunk, as DF asks
         h.cache(4096, 0)
         h.flush()
         seen: list[tuple[str, list[int]]] = []

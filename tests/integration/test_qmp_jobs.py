@@ -66,6 +66,23 @@ async def events_until(qmp: QMPClient, name: str, timeout: float = 60) -> list[d
             return out
 
 
+async def until_null(qmp: QMPClient, job: str, timeout: float = 60) -> list[dict[str, Any]]:
+    """Every event up to the job's last status change (``null``)."""
+    out: list[dict[str, Any]] = []
+    while True:
+        ev = await next_event(qmp, timeout)
+        out.append(ev)
+        if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"] == {"id": job, "status": "null"}:
+            return out
+
+
+def names(events: list[dict[str, Any]]) -> list[str]:
+    """Event names, with the status of each JOB_STATUS_CHANGE: QEMU's order is visible."""
+    return [
+        e["data"]["status"] if e["event"] == "JOB_STATUS_CHANGE" else e["event"] for e in events
+    ]
+
+
 def statuses(events: list[dict[str, Any]], job: str) -> list[str]:
     return [
         e["data"]["status"]
@@ -170,7 +187,10 @@ class Workload:
         assert not self.errors, self.errors
 
 
-def test_trace_lifecycle_events_and_query(srv: ServerThread, tmp_path: Path, image: Path) -> None:
+@pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
+def test_trace_lifecycle_events_and_query(
+    srv: ServerThread, tmp_path: Path, image: Path, copy_mode: str
+) -> None:
     log = tmp_path / "t.log"
     base = tmp_path / "base.img"
     shutil.copyfile(image, base)  # sync=none: the base is the image at the start
@@ -178,9 +198,10 @@ def test_trace_lifecycle_events_and_query(srv: ServerThread, tmp_path: Path, ima
     async def go() -> None:
         qmp = await connect(srv)
         try:
+            target = {"type": "log", "filename": str(log)}
             await qmp.execute(
                 "block-trace",
-                {"job-id": "j0", "device": "disk", "target": {"type": "log", "filename": str(log)}},
+                {"job-id": "j0", "device": "disk", "target": target, "copy-mode": copy_mode},
             )
             evs = await events_until(qmp, "BLOCK_JOB_READY")
             assert statuses(evs, "j0") == ["created", "running", "ready"]
@@ -192,7 +213,7 @@ def test_trace_lifecycle_events_and_query(srv: ServerThread, tmp_path: Path, ima
                 assert key in job, key
             assert job["type"] == "trace" and job["device"] == "j0" and job["export"] == "disk"
             assert job["status"] == "ready" and job["ready"] is True and job["paused"] is False
-            assert job["io-status"] == "ok" and job["copy-mode"] == "background"
+            assert job["io-status"] == "ok" and job["copy-mode"] == copy_mode
             assert job["target"]["type"] == "log"
             (ex,) = await qmp.execute("query-block-exports")
             assert ex["jobs"] == ["j0"]
@@ -217,13 +238,12 @@ def test_trace_lifecycle_events_and_query(srv: ServerThread, tmp_path: Path, ima
             assert "j0" in str(info.value) and info.value.error_class == "GenericError"
 
             assert await qmp.execute("block-job-cancel", {"device": "j0"}) == {}
-            evs = await events_until(qmp, "BLOCK_JOB_COMPLETED")
-            assert statuses(evs, "j0") == ["waiting", "pending", "concluded"]
-            done = evs[-1]["data"]
+            evs = await until_null(qmp, "j0")
+            # QEMU's order: the end event comes before "concluded" (checked on a mirror job)
+            assert names(evs) == ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+            done = evs[2]["data"]
             assert done["device"] == "j0" and "error" not in done
             assert done["len"] == done["offset"] > 0
-            ev = await next_event(qmp)
-            assert ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["status"] == "null"
             assert await qmp.execute("query-block-jobs") == []
             with pytest.raises(ExecuteError) as info:
                 await qmp.execute("block-job-cancel", {"device": "j0"})
@@ -315,13 +335,13 @@ def test_events_in_order_under_fio(srv: ServerThread, tmp_path: Path) -> None:
             with pytest.raises(ExecuteError, match="Can't resume a job that was not paused"):
                 await qmp.execute("block-job-resume", {"device": "f"})
             await qmp.execute("job-cancel", {"id": "f"})
-            evs = await events_until(qmp, "BLOCK_JOB_COMPLETED")
-            expected = ["created", "running", "ready", *["standby", "ready"] * 3,
-                        "waiting", "pending", "concluded"]  # fmt: skip
-            assert statuses(evs, "f") == expected[3:]
-            seen = await events_until(watcher, "BLOCK_JOB_COMPLETED")
-            assert statuses(seen, "f") == expected
-            assert [e["event"] for e in seen].count("BLOCK_JOB_READY") == 1
+            evs = await until_null(qmp, "f")
+            expected = ["created", "running", "ready", "BLOCK_JOB_READY",
+                        *["standby", "ready"] * 3, "waiting", "pending",
+                        "BLOCK_JOB_COMPLETED", "concluded", "null"]  # fmt: skip
+            assert names(evs) == expected[4:]
+            seen = await until_null(watcher, "f")
+            assert names(seen) == expected
             stamps = [(e["timestamp"]["seconds"], e["timestamp"]["microseconds"]) for e in seen]
             assert stamps == sorted(stamps)
         finally:
@@ -571,9 +591,9 @@ def test_target_failure_events(srv: ServerThread, small_fs: Path, policy: str) -
                 # clients carry on; the job ends, COMPLETED carries the reason
                 assert err["action"] == "ignore"
                 assert failed is None
-                evs = await events_until(qmp, "BLOCK_JOB_COMPLETED")
-                assert "No space left on device" in evs[-1]["data"]["error"]
-                assert statuses(evs, "small")[-2:] == ["aborting", "concluded"]
+                evs = await until_null(qmp, "small")
+                assert names(evs)[-4:] == ["aborting", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+                assert "No space left on device" in evs[-3]["data"]["error"]
             else:
                 # writes fail with EIO until the trace is stopped; nothing diverges silently
                 assert err["action"] == "report"
@@ -616,12 +636,11 @@ def test_cancel_before_ready_is_cancelled(tmp_path: Path) -> None:
                 assert job["status"] == "paused" and job["ready"] is False, job
                 assert job["len"] > job["offset"]
                 await qmp.execute("block-job-cancel", {"device": "early"})
-                evs = await events_until(qmp, "BLOCK_JOB_CANCELLED")
-                assert statuses(evs, "early") == [
-                    "created", "running", "paused", "aborting", "concluded"]  # fmt: skip
-                assert "BLOCK_JOB_READY" not in [e["event"] for e in evs]
-                assert evs[-1]["data"]["device"] == "early"
-                assert "error" not in evs[-1]["data"]
+                evs = await until_null(qmp, "early")
+                assert names(evs) == ["created", "running", "paused", "aborting",
+                                      "BLOCK_JOB_CANCELLED", "concluded", "null"]  # fmt: skip
+                assert evs[4]["data"]["device"] == "early"
+                assert "error" not in evs[4]["data"]
             finally:
                 await qmp.disconnect()
 
@@ -668,3 +687,168 @@ def test_flooding_client_does_not_hurt_others(srv: ServerThread) -> None:
         asyncio.run(asyncio.wait_for(go(), 60))
     finally:
         flood.close()
+
+
+class RegionWorkload:
+    """Each of ``conns`` libnbd connections writes only its own region, recording every
+    operation *before* issuing it.  With disjoint regions the image at any instant is fixed by
+    how many operations of each connection were applied, so a trace's replay can be checked
+    against the workload's own history without stopping it."""
+
+    def __init__(self, uri: str, conns: int, seed: int = 11) -> None:
+        self.uri = uri
+        self.region = SIZE // conns
+        self.history: list[list[tuple[str, int, int, bytes]]] = [[] for _ in range(conns)]
+        self.acked = [0] * conns
+        self.stop_flag = threading.Event()
+        self.errors: list[BaseException] = []
+        self.threads = [
+            threading.Thread(target=self._run, args=(i, seed + i), daemon=True)
+            for i in range(conns)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int, seed: int) -> None:
+        rng = random.Random(seed)
+        h = nbd.NBD()
+        try:
+            h.connect_uri(self.uri)
+            base = i * self.region
+            while not self.stop_flag.is_set():
+                blocks = rng.randint(1, 8)
+                off = base + rng.randrange(0, self.region // 4096 - blocks) * 4096
+                length = blocks * 4096
+                r = rng.random()
+                if r < 0.8:
+                    data = rng.randbytes(length)
+                    self.history[i].append(("write", off, length, data))
+                    h.pwrite(data, off, nbd.CMD_FLAG_FUA if r < 0.05 else 0)
+                elif r < 0.9:
+                    self.history[i].append(("zero", off, length, b""))
+                    h.zero(length, off)
+                else:
+                    self.history[i].append(("trim", off, length, b""))
+                    h.trim(length, off)
+                self.acked[i] += 1
+        except BaseException as exc:
+            self.errors.append(exc)
+        finally:
+            h.shutdown()
+
+    def wait_acked(self, n: int, timeout: float = 30) -> None:
+        deadline = threading.Event()
+        timer = threading.Timer(timeout, deadline.set)
+        timer.start()
+        try:
+            while min(self.acked) < n and not deadline.is_set() and not self.errors:
+                self.stop_flag.wait(0.01)
+        finally:
+            timer.cancel()
+        assert not self.errors, self.errors
+        assert min(self.acked) >= n, f"workload too slow: {self.acked}"
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(30)
+        assert not self.errors, self.errors
+
+    def cut(self, i: int, initial: bytes, image: bytes, low: int, high: int) -> int:
+        """The k in [low, high] such that region i of ``image`` is ``initial`` with the first k
+        operations of connection i applied; fails if there is none."""
+        base = i * self.region
+        model = bytearray(initial[base : base + self.region])
+        target = image[base : base + self.region]
+        ops = self.history[i]
+        for k in range(len(ops) + 1):
+            if k > high:
+                break
+            if k >= low and model == target:
+                return k
+            if k < len(ops):
+                _, off, length, data = ops[k]
+                model[off - base : off - base + length] = data or bytes(length)
+        pytest.fail(f"region {i}: not a prefix of its operations in [{low}, {high}]")
+
+
+def test_stop_under_load_is_a_consistent_cut(
+    srv: ServerThread, tmp_path: Path, image: Path
+) -> None:
+    """Start (sync=full) and stop a trace while 4 connections keep writing, never pausing
+    them: the replayed log is the image at one instant, between the last write acknowledged
+    before block-job-cancel was sent and the first issued after BLOCK_JOB_COMPLETED."""
+    initial = image.read_bytes()
+    log = tmp_path / "cut.log"
+    rebuilt = make_image(tmp_path / "rebuilt.img", SIZE)
+    work = RegionWorkload(nbd_uri(srv), conns=4)
+    bounds: dict[str, list[int]] = {}
+
+    async def go() -> None:
+        qmp = await connect(srv)
+        try:
+            await asyncio.to_thread(work.wait_acked, 20)
+            target = {"type": "log", "filename": str(log)}
+            await qmp.execute(
+                "block-trace", {"job-id": "cut", "device": "disk", "sync": "full", "target": target}
+            )
+            await events_until(qmp, "BLOCK_JOB_READY")
+            await asyncio.to_thread(work.wait_acked, min(work.acked) + 30)
+            bounds["low"] = list(work.acked)
+            await qmp.execute("block-job-cancel", {"device": "cut"})
+            evs = await events_until(qmp, "BLOCK_JOB_COMPLETED")
+            bounds["high"] = [len(h) for h in work.history]
+            assert "error" not in evs[-1]["data"]
+            await asyncio.to_thread(work.wait_acked, max(bounds["high"]) + 10)
+        finally:
+            await qmp.disconnect()
+
+    try:
+        asyncio.run(asyncio.wait_for(go(), 120))
+    finally:
+        work.stop()
+    replay(log, rebuilt)
+    traced = rebuilt.read_bytes()
+    final = image.read_bytes()
+    for i in range(4):
+        k = work.cut(i, initial, traced, bounds["low"][i], bounds["high"][i])
+        assert k < len(work.history[i]), "writes after the stop reached the log"
+        n = len(work.history[i])
+        assert work.cut(i, initial, final, n, n) == n  # and the server applied everything
+
+
+def test_start_racing_export_delete(srv: ServerThread, tmp_path: Path) -> None:
+    """block-trace and block-export-del on one export from two clients: exactly one wins,
+    the other gets its error, and the state is what the winner made it."""
+
+    async def go() -> None:
+        a, b = await connect(srv), await connect(srv)
+        try:
+            for n in range(6):
+                img = make_image(tmp_path / f"race{n}.img", MiB)
+                await a.execute("block-export-add", {"id": "race", "filename": str(img),
+                                                     "writable": True})  # fmt: skip
+                target = {"type": "log", "filename": str(tmp_path / f"race{n}.log")}
+                start = a.execute("block-trace", {"job-id": "race", "device": "race",
+                                                  "target": target})  # fmt: skip
+                delete = b.execute("block-export-del", {"id": "race"})
+                if n % 2:
+                    start, delete = delete, start  # vary who is sent first
+                results = await asyncio.gather(start, delete, return_exceptions=True)
+                errs = [str(r) for r in results if isinstance(r, ExecuteError)]
+                assert len(errs) == 1, results
+                exports = [e["id"] for e in await a.execute("query-block-exports")]
+                jobs = [j["device"] for j in await a.execute("query-block-jobs")]
+                if errs[0] == "Cannot find device='race' nor node-name='race'":
+                    assert "race" not in exports and jobs == []  # the delete won
+                else:
+                    assert "in use by trace job 'race'" in errs[0]  # the start won
+                    assert "race" in exports and jobs == ["race"]
+                    await a.execute("block-job-cancel", {"device": "race"})
+                    await until_null(a, "race")
+                    await a.execute("block-export-del", {"id": "race"})
+        finally:
+            await a.disconnect()
+            await b.disconnect()
+
+    asyncio.run(asyncio.wait_for(go(), 120))

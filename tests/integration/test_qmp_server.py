@@ -193,7 +193,7 @@ def test_malformed_input_answered_connection_kept(srv: ServerThread) -> None:
         "id": "x",
     }
     c.send(b'{"execute": "quer\x1b')
-    assert c.recv()["error"]["desc"] == "JSON parse error, stray '\x1b'"
+    assert c.recv()["error"]["desc"] == "JSON parse error, stray '\"quer\x1b'"
     assert c.cmd("query-version", id="still")["id"] == "still"
     c.close()
 

@@ -96,6 +96,26 @@ def test_libnbd_concurrent_workload_replays_to_final_image(tmp_path: Path, mode:
         assert work.read_bytes() == img.read_bytes(), "replay-log disagrees"
 
 
+def test_two_traces_on_one_export_with_different_sector_sizes(tmp_path: Path) -> None:
+    """512-byte requests under a 4096-byte log: records widened with the image's bytes."""
+    img = make_image(tmp_path / "disk.img", SIZE, seed=2)
+    base = tmp_path / "base.img"
+    shutil.copyfile(img, base)
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    args = [
+        "--trace",
+        f"disk=log:{a},job-id=a",
+        "--trace",
+        f"disk=log:{b},sync=full,sector-size=4096,copy-mode=write-blocking,job-id=b",
+    ]
+    with ServerProcess(tmp_path, [img], args) as srv:
+        nbd_workload(srv.uri("disk"), seed=8, ops=300)
+    check_replay(a, base, img, tmp_path / "work.img")
+    check_replay(b, make_image(tmp_path / "empty.img", SIZE), img, tmp_path / "work.img")
+    with LogReader(b) as reader:
+        assert reader.super.sector_size == 4096
+
+
 def test_fio_workload_sync_full_rebuilds_from_empty(tmp_path: Path) -> None:
     require("fio")
     img = make_image(tmp_path / "disk.img", SIZE)

@@ -86,12 +86,16 @@ def test_transaction_wraps_round_the_ring() -> None:
 def test_commit_without_descriptor_and_other_sequences() -> None:
     r = Ring()
     r.write(1, descriptor(3, [100]))
-    tx = r.write(3, commit(4))  # a different sequence: nothing of 3 is applied
+    r.write(3, descriptor(5, [200]))
+    tx = r.write(5, commit(4))  # a different sequence: nothing of 3 or 5 is applied...
     assert tx is not None and tx.blocks == []
-    tx3 = r.write(4, commit(3))
-    assert tx3 is not None and tx3.blocks == [(100, 2, False)]
-    assert r.write(5, commit(3)) is not None  # a repeated commit applies nothing twice
-    assert r.j.stats.logged_blocks == 1
+    assert r.j.in_transaction  # ...5 is still open, 3 (older, never committed) is dropped
+    tx3 = r.write(6, commit(3))
+    assert tx3 is not None and tx3.blocks == []
+    tx5 = r.write(7, commit(5))
+    assert tx5 is not None and tx5.blocks == [(200, 4, False)]
+    assert r.write(8, commit(5)) is not None  # a repeated commit applies nothing twice
+    assert r.j.stats.logged_blocks == 1 and not r.j.in_transaction
 
 
 def test_garbage_and_hostile_blocks_do_not_raise() -> None:

@@ -263,7 +263,9 @@ def test_client_and_server_negotiate_structured_and_base_allocation() -> None:
     srv = server()
     ev = pair(ClientHandshake("disk"), srv)
     assert ev.structured_replies and ev.meta_contexts == {1: BASE_ALLOCATION}
-    assert ev.export.size == DISK.size and ev.export.flags == DISK.flags
+    assert ev.export.size == DISK.size
+    # structured replies on: SEND_DF is added (every READ reply is a single chunk)
+    assert ev.export.flags == DISK.flags | TransmissionFlag.SEND_DF
     assert ev.export.description == "a test disk" and ev.export.max_block == 32 << 20
     sev = srv.next_event()
     assert isinstance(sev, HandshakeDone) and sev.meta_contexts == ev.meta_contexts
@@ -272,7 +274,7 @@ def test_client_and_server_negotiate_structured_and_base_allocation() -> None:
 def test_client_without_structured_replies() -> None:
     ev = pair(ClientHandshake("other", structured_replies=False), server())
     assert not ev.structured_replies and ev.meta_contexts == {}
-    assert ev.export.flags & TransmissionFlag.READ_ONLY
+    assert ev.export.flags == OTHER.flags  # READ_ONLY, and no SEND_DF without structured
 
 
 def test_client_falls_back_to_export_name_when_go_unsupported() -> None:

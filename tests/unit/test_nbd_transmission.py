@@ -155,6 +155,12 @@ def test_validate_request_accepts(cmd: int, flags: int, offset: int, length: int
     validate_request(session(), cmd, flags, offset, length)
 
 
+def test_df_needs_send_df() -> None:
+    validate_request(session(flags=ALL | TF.SEND_DF), Cmd.READ, CmdFlag.DF, 0, 65536)
+    with pytest.raises(NBDRequestError):
+        validate_request(session(flags=ALL | TF.SEND_DF), Cmd.WRITE, CmdFlag.DF, 0, 512)
+
+
 def test_errno_mapping() -> None:
     assert nbd_error(E.EROFS) == NBDError.EPERM
     assert nbd_error(E.EDQUOT) == nbd_error(E.EFBIG) == NBDError.ENOSPC

@@ -95,7 +95,7 @@ def test_meta_file_roundtrip_and_corruption(tmp_path: Path) -> None:
         bad[i] ^= 0xFF
         with pytest.raises(FormatError):
             decode_meta(bytes(bad))
-    with pytest.raises(FormatError, match="truncated|length"):
+    with pytest.raises(FormatError, match=r"truncated|length"):
         decode_meta(bytes(raw[: len(raw) // 2]))
 
 

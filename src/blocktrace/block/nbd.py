@@ -11,6 +11,7 @@ FUA, TRIM or WRITE_ZEROES, as the device contract's defaults already do.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -153,6 +154,15 @@ class NBDDevice(BlockDevice):
                 await c.write(offset + i, view[i : i + step], fua=fua_native)
         if fua and not fua_native:
             await self.flush()
+
+    async def write_many(self, items: list[tuple[int, ReadableBuffer, bool]]) -> None:
+        """Several non-overlapping writes ``(offset, data, fua)``, pipelined in one send."""
+        if any(len(d) > self.max_block_size for _, d, _ in items) or (
+            not self.can_fua and any(f for _, _, f in items)
+        ):
+            await asyncio.gather(*(self.write(o, d, fua=f) for o, d, f in items))
+            return
+        await self._client().write_many(items)
 
     async def flush(self) -> None:
         if self.can_flush:

@@ -67,10 +67,14 @@ def start(
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Start a trace: e.g. ``disk=log:/var/tmp/disk.log,sync=full``.
+    """Start a trace on a running server (QMP block-trace).
 
-    Options are those of ``serve --trace``: sync=none|full, copy-mode=background|write-blocking,
-    on-target-error=report|break, queue-size=SIZE, and the target's own (sector-size=N).
+    \b
+    Example: disk=log:/var/tmp/disk.log,sync=full
+    SPEC is spelled as for serve --trace:
+      sync=none|full  copy-mode=background|write-blocking
+      on-target-error=report|break  queue-size=SIZE  job-id=ID
+      and the target's own options (log: sector-size=N).
     """
     parsed = parse_trace_spec(spec)
     target = dict(parsed.target)

@@ -141,14 +141,15 @@ class Ext4Engine:
         for start, end, owner in self.owners.overlaps(first, last + 1):
             if owner is not None and owner.kind is OwnerKind.DATA:
                 self._note_write(owner.ino, owner.lblk, owner.lblk + end - start, record)
+                self._unpend_range(start, end)
+                continue
+            if owner is None:
                 for b in range(start, end):
-                    self._unpend(b)
+                    self._pend(b, record, self._block_bytes(b, offset, mv))
                 continue
             for b in range(start, end):
                 block = self._block_bytes(b, offset, mv)
-                if owner is None:
-                    self._pend(b, record, block)
-                elif owner.kind is OwnerKind.JOURNAL:
+                if owner.kind is OwnerKind.JOURNAL:
                     out += self._journal_write(record, owner.lblk + b - start, b, block)
                 else:
                     self._meta_write(b, block)
@@ -164,10 +165,10 @@ class Ext4Engine:
             if owner is not None and owner.kind is OwnerKind.DATA:
                 self._note_write(owner.ino, owner.lblk, owner.lblk + stop - start, record)
                 continue
+            if owner is None:
+                self._unpend_range(start, stop)  # zeroed free space claims nothing
+                continue
             for b in range(start, stop):
-                if owner is None:
-                    self._unpend(b)  # zeroed free space claims nothing
-                    continue
                 lo, hi = max(offset, b * bs), min(offset + length, (b + 1) * bs)
                 out += self.write(record, lo, zero_block[: hi - lo])
                 self.stats.records -= 1
@@ -187,8 +188,7 @@ class Ext4Engine:
         """A discard/trim: ext4 discards free blocks only; forget pending writes there."""
         self.stats.records += 1
         bs = self.block_size
-        for b in range(offset // bs, (offset + length) // bs):
-            self._unpend(b)
+        self._unpend_range(-(-offset // bs), (offset + length) // bs)
         return []
 
     def finish(self, record: int) -> list[FileEvent]:
@@ -334,6 +334,7 @@ class Ext4Engine:
         tx = self.journal.block_written(jblk, block)
         if tx is None:
             return []
+        self.overlay.pop(b, None)  # the commit block itself is not needed again
         return self._apply_transaction(record, tx)
 
     def _apply_transaction(self, record: int, tx: Transaction) -> list[FileEvent]:
@@ -353,6 +354,8 @@ class Ext4Engine:
             self._meta_write(home, data)
             used.append(pblk)
         events = self._settle(record)
+        for jblk in tx.descriptors:
+            used.append(self._journal_blocks.get(jblk, -1))
         for pblk in used:  # logged copies are no longer needed once applied
             self.overlay.pop(pblk, None)
         return events
@@ -364,7 +367,8 @@ class Ext4Engine:
             while len(self.written_upto) > MAX_REMEMBERED:
                 self.written_upto.popitem(last=False)
         ranges = self.writes.setdefault(ino, [])
-        for r in ranges:
+        if ranges:  # sequential writes extend the last range; the rest merge at emission
+            r = ranges[-1]
             if r[0] <= lend and lstart <= r[1]:
                 r[0], r[1] = min(r[0], lstart), max(r[1], lend)
                 r[2] = min(r[2], record)
@@ -403,6 +407,18 @@ class Ext4Engine:
             self.stats.pending_blocks = len(self.pending)
             self.stats.pending_bytes = self._pending_bytes
         return record
+
+    def _unpend_range(self, start: int, end: int) -> None:
+        """Forget pending blocks in ``[start, end)`` (cheap for huge ranges, e.g. a discard of
+        the whole disk: it walks whichever is smaller, the range or the pending set)."""
+        if not self.pending:
+            return
+        if end - start > len(self.pending):
+            for b in [b for b in self.pending if start <= b < end]:
+                self._unpend(b)
+        else:
+            for b in range(start, end):
+                self._unpend(b)
 
     def _adopt(self, b: int) -> None:
         """A pending block turned out to be metadata: keep its contents in the view."""

@@ -36,6 +36,7 @@ from blocktrace.ext4.structs import (
 
 MAX_EXTENT_DEPTH = 5  #: the kernel's EXT4_MAX_EXTENT_DEPTH
 MAX_INDIRECT_BLOCKS = 1 << 16  #: budget of indirect blocks read per inode (hostile maps)
+MAX_DIR_BLOCKS = 1 << 16  #: larger directories are refused (every block is read and parsed)
 
 
 class BlockReader(Protocol):
@@ -58,7 +59,7 @@ class FileSource:
     ) -> None:
         self._fd = os.open(path, os.O_RDONLY)
         self.offset = offset
-        total = os.fstat(self._fd).st_size
+        total = os.lseek(self._fd, 0, os.SEEK_END)  # also right for block devices
         self.length = max(0, total - offset) if length is None else length
 
     def pread(self, offset: int, length: int) -> bytes:
@@ -243,6 +244,8 @@ class Ext4FS:
             self._walk_extents(inode.i_block, MAX_EXTENT_DEPTH + 1, result, set())
         else:
             self._walk_blockmap(inode.i_block, result)
+        if inode.is_dir and sum(e.length for e in result.extents) > MAX_DIR_BLOCKS:
+            raise Ext4FormatError(f"directory of more than {MAX_DIR_BLOCKS} blocks")
         return result
 
     def _walk_extents(self, node: bytes, depth_budget: int, out: InodeMap, seen: set[int]) -> None:

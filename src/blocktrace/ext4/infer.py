@@ -147,11 +147,7 @@ def infer(eng: Ext4Engine, record: int, *, emit_writes: bool = True) -> list[Fil
                 dir_blocks.update(_blocks(_new_runs(new_map.extents, old_map.extents)))
             elif after.is_reg:
                 for lblk, pblk, n in runs:
-                    for i in range(n):
-                        rec = eng._unpend(pblk + i)
-                        if rec is not None:
-                            eng.stats.attributed += 1
-                            eng._note_write(ino, lblk + i, lblk + i + 1, rec)
+                    _attribute(eng, ino, lblk, pblk, n)
         else:
             if prev is not None:
                 eng.istate.pop(ino, None)
@@ -320,7 +316,7 @@ def infer(eng: Ext4Engine, record: int, *, emit_writes: bool = True) -> list[Fil
 
     # 5. attribute changes ----------------------------------------------------------------------
     attrs: list[FileEvent] = []
-    shrunk: dict[int, int] = {}  # ino -> the block holding the new end of file
+    zeroed_tail: dict[int, int] = {}  # ino -> block a truncate zeroed the tail of
     for ino, (bi, ai, before_raw) in changes.items():
         if bi is None or ino in allocated or ino in freed or not (bi.in_use and ai.in_use):
             continue
@@ -336,8 +332,11 @@ def infer(eng: Ext4Engine, record: int, *, emit_writes: bool = True) -> list[Fil
             and (ai.size < bi.size or not _explained(eng, ino, ai.size, newly.get(ino, [])))
         ):
             attrs.append(FileEvent("truncate", path, ino, record, ts, name, size=ai.size))
-            if ai.size < bi.size and ai.size % bs:
-                shrunk[ino] = ai.size // bs  # the kernel zeroes the rest of this block
+            # the kernel zeroes the tail of the block holding the old (growing) or the new
+            # (shrinking) end of file: that block write is part of the truncate
+            eof = min(ai.size, bi.size)
+            if eof % bs:
+                zeroed_tail[ino] = eof // bs
         if ai.size != bi.size:
             eng.written_upto.pop(ino, None)
         st = eng.istate.get(ino)
@@ -357,8 +356,8 @@ def infer(eng: Ext4Engine, record: int, *, emit_writes: bool = True) -> list[Fil
     for ino, ranges in sorted(eng.writes.items() if emit_writes else ()):
         inode = alive(ino)
         path = freed_paths.get(ino) or eng.ns.path(ino)
-        for lstart, lend, drec in sorted(ranges):
-            if shrunk.get(ino) == lstart and lend == lstart + 1:
+        for lstart, lend, drec in _merged(ranges):
+            if zeroed_tail.get(ino) == lstart and lend == lstart + 1:
                 continue  # truncate's zeroing of the tail of the new last block
             offset, end = lstart * bs, lend * bs
             if inode is not None and offset < inode.size < end:
@@ -383,6 +382,37 @@ def infer(eng: Ext4Engine, record: int, *, emit_writes: bool = True) -> list[Fil
     creates.sort(key=lambda e: e.path.count("/"))
     deletes.sort(key=lambda e: -e.path.count("/"))
     return creates + links + renames + writes + attrs + deletes
+
+
+def _merged(ranges: list[list[int]]) -> list[tuple[int, int, int]]:
+    """Sorted ``[start, end, first record]`` ranges with overlapping/adjacent ones joined."""
+    out: list[tuple[int, int, int]] = []
+    for s, e, rec in sorted(ranges):
+        if out and s <= out[-1][1]:
+            ps, pe, prec = out[-1]
+            out[-1] = (ps, max(pe, e), min(prec, rec))
+        else:
+            out.append((s, e, rec))
+    return out
+
+
+def _attribute(eng: Ext4Engine, ino: int, lblk: int, pblk: int, n: int) -> None:
+    """Newly mapped blocks claim their pending writes (one range per contiguous stretch)."""
+    if not eng.pending:
+        return
+    start = -1
+    first_rec = 0
+    for i in range(n + 1):
+        rec = eng._unpend(pblk + i) if i < n else None
+        if rec is not None:
+            eng.stats.attributed += 1
+            if start < 0:
+                start, first_rec = i, rec
+            else:
+                first_rec = min(first_rec, rec)
+        elif start >= 0:
+            eng._note_write(ino, lblk + start, lblk + i, first_rec)
+            start = -1
 
 
 def _mtime_ns(eng: Ext4Engine, ino: int) -> int:

@@ -49,6 +49,7 @@ class Transaction:
     commit_time: float = 0.0
     blocks: list[tuple[int, int, bool]] = field(default_factory=list)
     revoked: list[int] = field(default_factory=list)
+    descriptors: list[int] = field(default_factory=list)  #: journal blocks of the descriptors
 
 
 @dataclass(slots=True)
@@ -162,7 +163,11 @@ class Journal:
         except Ext4FormatError:
             pass
         tx.revoked = self._revoked.pop(seq, [])
+        for table in (self._descriptors, self._revoked):  # older, never committed: stale
+            for old in [s for s in table if 0 < (seq - s) % (1 << 32) < 1 << 31]:
+                del table[old]
         for desc_jblk in self._descriptors.pop(seq, []):
+            tx.descriptors.append(desc_jblk)
             self._tags_of(desc_jblk, tx)
         return tx
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from enum import Enum, auto
 
 from blocktrace.nbd import wire
@@ -257,6 +258,13 @@ class ServerHandshake:
         info = self._lookup(name)
         if info is None:
             raise _OptionRefused(Rep.ERR_UNKNOWN, f"export {name!r} not available")
+        return self._with_df(info)
+
+    def _with_df(self, info: ExportInfo) -> ExportInfo:
+        """Advertise NBD_FLAG_SEND_DF once structured replies are on: every READ reply is one
+        chunk anyway, so "don't fragment" costs nothing (the spec forbids the flag otherwise)."""
+        if self.structured and not info.flags & TransmissionFlag.SEND_DF:
+            return replace(info, flags=info.flags | TransmissionFlag.SEND_DF)
         return info
 
     def _finish(self, info: ExportInfo, via_export_name: bool) -> None:
@@ -274,12 +282,13 @@ class ServerHandshake:
             name = _decode_string(data, "export name")
         except _OptionRefused as exc:
             raise NBDRemoteProtocolError(str(exc)) from None
-        info = self._lookup(name)
-        if info is None:
+        found = self._lookup(name)
+        if found is None:
             # No way to report an error here: the spec says to close the connection.
             self._state = _S.DONE
             self._events.append(HandshakeAborted(f"unknown export {name!r}"))
             return
+        info = self._with_df(found)
         self._out += wire.EXPORT_NAME_REPLY.pack(info.size, info.flags)
         if not self.no_zeroes:
             self._out += wire.EXPORT_NAME_PAD

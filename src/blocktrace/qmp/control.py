@@ -14,9 +14,11 @@ block jobs (:mod:`.jobs`).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from blocktrace.errors import UsageError
 from blocktrace.exports import Export, ExportRegistry
 from blocktrace.qmp import errors
 from blocktrace.qmp.commands import CommandTable
@@ -129,6 +131,9 @@ def install(
     the traces are stopped so they receive their ``BLOCK_JOB_*`` events, then the sockets
     close.
     """
+    nbd_socket = service.config.socket
+    if unix and nbd_socket and os.path.abspath(unix) == os.path.abspath(nbd_socket):
+        raise UsageError(f"--qmp {unix}: the NBD socket has that path; use another")
     state: dict[str, Control] = {}
 
     async def start(svc: Service) -> None:

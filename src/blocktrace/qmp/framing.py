@@ -7,6 +7,11 @@ braces and brackets outside strings, as QEMU does.  A complete value is then dec
 feeding a large message costs O(bytes), and a message split anywhere (even one byte at a time)
 gives the same result as the whole.
 
+Compatibility with QEMU 7.2's parser (checked side by side against the real one): strings
+may be single-quoted (``{'execute': 'quit'}``; ``\'`` escapes a quote in either kind), a
+duplicate key is an error, and failures use QEMU's wording (``expecting value``, ``invalid
+keyword 'tru'``, ``missing : in object pair``, ``expected separator in dict``...).
+
 Limits (QEMU has the same two): a message bigger than ``max_size`` bytes or nested deeper than
 ``max_depth`` is refused with QEMU's sentence and the splitter becomes *fatal*: the rest of such
 a message cannot be told from the next one, so the connection must close.  Control characters
@@ -25,14 +30,19 @@ from blocktrace.qmp import errors
 DEFAULT_MAX_SIZE = 1 << 20
 DEFAULT_MAX_DEPTH = 1024
 
-# Outside strings, inside a container: structure, quote, or a byte that is never valid there
-# (control characters other than TAB/LF/CR, and anything >= 0x80).
-_OUTSIDE = re.compile(rb'[{}\[\]"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\xff]')
-# Inside a string: its end, an escape, or a raw control character (forbidden by RFC 8259).
-_INSIDE = re.compile(rb'["\\\x00-\x1f]')
+# Outside strings, inside a container: structure, a quote, or a byte that is never valid there
+# (control characters other than TAB/LF/CR, DEL, and anything >= 0x80).
+_OUTSIDE = re.compile(rb"[{}\[\]\"'\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\xff]")
+# Inside a string: its end, an escape, a raw control character (forbidden by RFC 8259) or a
+# byte that never occurs in UTF-8.
+_INSIDE = {
+    0x22: re.compile(rb'["\\\x00-\x1f\xfe\xff]'),
+    0x27: re.compile(rb"['\\\x00-\x1f\xfe\xff]"),
+}
 # End of a bare top-level scalar (number, keyword).
-_SCALAR_END = re.compile(rb'[\s{}\[\]",:\x00-\x1f\x7f-\xff]')
+_SCALAR_END = re.compile(rb"[\s{}\[\]\"',:\x00-\x1f\x7f-\xff]")
 _WS = b" \t\r\n"
+_WORD = re.compile(r"[A-Za-z0-9_+.-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +67,83 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"invalid keyword '{name}'")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key")
+    return obj
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_object)
+
+
+def _container_at(text: str, pos: int) -> str:
+    """``dict`` or ``list``: the innermost container open at ``pos`` (for QEMU's wording)."""
+    stack: list[str] = []
+    quote = ""
+    i = 0
+    while i < pos:
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote = c
+        elif c in "{[":
+            stack.append("dict" if c == "{" else "list")
+        elif c in "}]" and stack:
+            stack.pop()
+        i += 1
+    return stack[-1] if stack else "dict"
+
+
+def _qemu_reason(exc: json.JSONDecodeError) -> str:
+    """Python's decoder message in the words of QEMU's ``json-parser.c``."""
+    msg, text, pos = exc.msg, exc.doc, exc.pos
+    if msg == "Expecting value":
+        word = _WORD.match(text, pos)
+        if word and text[pos].isalpha():
+            return f"invalid keyword '{word.group()}'"
+        return "expecting value"
+    if msg.startswith("Expecting property name"):
+        return "expecting value" if text[pos : pos + 1] == "}" else "key is not a string in object"
+    if msg == "Expecting ':' delimiter":
+        return "missing : in object pair"
+    if msg == "Expecting ',' delimiter":
+        return f"expected separator in {_container_at(text, pos)}"
+    if msg.startswith("Invalid \\escape") or msg.startswith("Invalid \\u"):
+        return "invalid escape sequence in string"
+    return msg[:1].lower() + msg[1:]
+
+
+def _single_quotes_to_json(text: str) -> str:
+    """Rewrite QEMU's extensions to plain JSON: single-quoted strings become double-quoted,
+    and ``\\'`` becomes ``'``.  Strings are known to be terminated (the splitter saw them)."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c not in "\"'":
+            out.append(c)
+            i += 1
+            continue
+        quote = c
+        out.append('"')
+        i += 1
+        while i < n and text[i] != quote:
+            d = text[i]
+            if d == "\\" and i + 1 < n:
+                e = text[i + 1]
+                out.append("'" if e == "'" else d + e)
+                i += 2
+                continue
+            out.append('\\"' if d == '"' else d)
+            i += 1
+        out.append('"')
+        i += 1
+    return "".join(out)
 
 
 def decode(raw: bytes) -> Item:
@@ -66,14 +152,16 @@ def decode(raw: bytes) -> Item:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return ParseError(errors.json_parse_error("invalid UTF-8 sequence in string"))
+    if "'" in text:
+        text = _single_quotes_to_json(text)
     try:
         value, end = _DECODER.raw_decode(text)
     except json.JSONDecodeError as exc:
-        return ParseError(errors.json_parse_error(exc.msg[:1].lower() + exc.msg[1:]))
+        return ParseError(errors.json_parse_error(_qemu_reason(exc)))
     except (ValueError, RecursionError) as exc:
         return ParseError(errors.json_parse_error(str(exc)))
     if text[end:].strip(" \t\r\n"):
-        return ParseError(errors.json_parse_error("extra data after value"))
+        return ParseError(errors.json_parse_error("expecting value"))
     return Value(value)
 
 
@@ -88,7 +176,8 @@ class JSONSplitter:
         self._buf = bytearray()  # the current partial message starts at _buf[0]
         self._pos = 0  # everything before _pos has been scanned
         self._depth = 0
-        self._in_string = False
+        self._quote = 0  # the quote byte of the string being scanned, 0 outside strings
+        self._string_start = 0
         self._scalar = False  # scanning a bare top-level scalar
         self.fatal = False
 
@@ -101,7 +190,7 @@ class JSONSplitter:
         del self._buf[:consumed]
         self._pos = 0
         self._depth = 0
-        self._in_string = False
+        self._quote = 0
         self._scalar = False
 
     def _emit(self, end: int, out: list[Item]) -> None:
@@ -109,7 +198,11 @@ class JSONSplitter:
         self._reset(end)
 
     def _stray(self, at: int, out: list[Item]) -> None:
-        out.append(ParseError(errors.json_stray(chr(self._buf[at]))))
+        """A byte the lexer rejects.  Like QEMU, the error shows the token it ended (inside a
+        string: the string so far), and the partial message is dropped."""
+        start = self._string_start if self._quote else at
+        token = bytes(self._buf[start : at + 1]).decode("utf-8", errors="replace")
+        out.append(ParseError(errors.json_stray(token)))
         self._reset(at + 1)
 
     def _limit(self, desc: str, out: list[Item]) -> None:
@@ -117,6 +210,10 @@ class JSONSplitter:
         self.fatal = True
         self._buf.clear()
         self._pos = 0
+
+    def _open_string(self, at: int, quote: int) -> None:
+        self._quote = quote
+        self._string_start = at
 
     def feed(self, data: bytes) -> list[Item]:
         """Consume ``data``; return the values and errors it completed, in input order."""
@@ -129,8 +226,8 @@ class JSONSplitter:
             if self._pos > self.max_size:
                 self._limit(errors.TOKEN_SIZE_LIMIT, out)
                 break
-            if self._in_string:
-                m = _INSIDE.search(buf, self._pos)
+            if self._quote:
+                m = _INSIDE[self._quote].search(buf, self._pos)
                 if m is None:
                     self._pos = len(buf)
                     if self._pos > self.max_size:
@@ -138,8 +235,8 @@ class JSONSplitter:
                     break
                 i = m.start()
                 c = buf[i]
-                if c == 0x22:  # closing quote
-                    self._in_string = False
+                if c == self._quote:  # closing quote
+                    self._quote = 0
                     self._pos = i + 1
                     if self._depth == 0:  # a top-level string
                         self._emit(i + 1, out)
@@ -170,9 +267,13 @@ class JSONSplitter:
                 self._pos = 1
                 if c in b"{[":
                     self._depth = 1
-                elif c == 0x22:
-                    self._in_string = True
-                elif c in b"}]:," or c < 0x20 or c >= 0x7F:
+                elif c in b"\"'":
+                    self._open_string(0, c)
+                elif c in b"}]:,":
+                    # QEMU parses a lone closing token and finds no value
+                    out.append(ParseError(errors.json_parse_error("expecting value")))
+                    self._reset(1)
+                elif c < 0x20 or c >= 0x7F:
                     self._stray(0, out)
                 else:
                     self._scalar = True
@@ -194,8 +295,8 @@ class JSONSplitter:
                     self._depth -= 1
                     if self._depth == 0:
                         self._emit(i + 1, out)
-                elif c == 0x22:
-                    self._in_string = True
+                elif c in b"\"'":
+                    self._open_string(i, c)
                 else:
                     self._stray(i, out)
         return out

@@ -94,6 +94,8 @@ class JobRegistry:
         self.ctx = ctx
         self.manager = manager
         self._stops: set[asyncio.Task[None]] = set()
+        self._held: dict[str, TraceEvent] = {}  # a "concluded" change waiting for its end event
+        self._ended: set[str] = set()  # jobs whose end event has been sent
         manager.add_listener(self._on_trace_event)
 
     def jobs_on(self, export: str) -> list[str]:
@@ -127,8 +129,27 @@ class JobRegistry:
             await asyncio.gather(*self._stops, return_exceptions=True)
 
     def _on_trace_event(self, trace: Trace, event: TraceEvent) -> None:
-        name, data = event_message(trace, event)
-        self.ctx.emit(name, data)
+        """Translate and broadcast, in QEMU's order: QEMU announces the end of a job
+        (``BLOCK_JOB_COMPLETED``/``CANCELLED``) *before* its status becomes ``concluded``, so a
+        ``concluded`` change seen first is held back until the end event has gone out."""
+        job = trace.job_id
+        if event.kind is EventKind.STATUS_CHANGE and event.status is JobStatus.CONCLUDED:
+            if job not in self._ended:
+                self._held[job] = event
+                return
+        elif event.kind is EventKind.STATUS_CHANGE and event.status is JobStatus.NULL:
+            held = self._held.pop(job, None)
+            if held is not None:  # no end event came: do not lose the change
+                self.ctx.emit(*event_message(trace, held))
+            self._ended.discard(job)
+        elif event.kind in (EventKind.COMPLETED, EventKind.CANCELLED):
+            self._ended.add(job)
+            self.ctx.emit(*event_message(trace, event))
+            held = self._held.pop(job, None)
+            if held is not None:
+                self.ctx.emit(*event_message(trace, held))
+            return
+        self.ctx.emit(*event_message(trace, event))
 
 
 def event_message(trace: Trace, event: TraceEvent) -> tuple[str, dict[str, Any]]:
@@ -239,7 +260,7 @@ def register(table: CommandTable) -> None:
         return out
 
     async def cancel(ctx: Control, trace: Trace) -> Any:
-        if trace.status in (JobStatus.CREATED,):
+        if trace.status in (JobStatus.CREATED, JobStatus.ABORTING):  # QEMU's verb table
             raise _verb_refused(trace, "cancel")
         ctx.jobs.stop_in_background(trace)
         return {}

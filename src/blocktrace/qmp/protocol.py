@@ -92,9 +92,9 @@ def render_return(value: Any, id: Any = NO_ID) -> bytes:
 
 
 def render_error(error: QMPError, id: Any = NO_ID) -> bytes:
-    msg: dict[str, Any] = {"error": error.to_wire()}
-    if id is not NO_ID:
-        msg["id"] = id
+    # QEMU puts the id first in error replies and last in successful ones.
+    msg: dict[str, Any] = {} if id is NO_ID else {"id": id}
+    msg["error"] = error.to_wire()
     return render(msg)
 
 
@@ -195,8 +195,8 @@ class ServerConnection:
         for i, cap in enumerate(enable):
             if not isinstance(cap, str):
                 raise errors.invalid_parameter_type(f"enable[{i}]", "string")
-            if cap != "oob":
-                raise errors.enum_value_refused(f"enable[{i}]", cap)
+            if cap != "oob":  # QEMU 7.2 names the list item 'null' here
+                raise errors.enum_value_refused("null", cap)
             if cap not in self.capabilities:
                 raise errors.generic(f"Capability '{cap}' not available")
         self.state = State.COMMAND

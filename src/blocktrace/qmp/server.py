@@ -21,8 +21,6 @@ import contextlib
 import itertools
 import logging
 import os
-import socket
-import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +40,7 @@ from blocktrace.qmp.protocol import (
     render_event,
     render_return,
 )
+from blocktrace.service import _bind_unix as bind_unix
 
 log = logging.getLogger(__name__)
 
@@ -218,23 +217,19 @@ class QMPServer:
     # --- listeners ----------------------------------------------------------------------------
 
     async def listen_unix(self, path: str | os.PathLike[str]) -> None:
-        """Listen on a Unix socket readable and writable by the owner only (mode 0600)."""
+        """Listen on a Unix socket readable and writable by the owner only (mode 0600).
+
+        Bound the service's way (under a private name, chmod-ed, renamed into place), so it
+        is never reachable with looser permissions; a stale socket is replaced, a live one
+        refused.
+        """
         path = os.fspath(path)
-        _remove_stale_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        sock = bind_unix(path, 0o600)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            sock.bind(tmp)
-            os.chmod(tmp, 0o600)
-            os.rename(tmp, path)  # appears at its real name already private
-        except OSError as exc:
+            server = await asyncio.start_unix_server(self._accept, sock=sock)
+        except BaseException:
             sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise UsageError(f"cannot listen on QMP socket {path}: {exc.strerror}") from exc
-        server = await asyncio.start_unix_server(self._accept, sock=sock)
+            raise
         self._servers.append(server)
         self._paths.append(path)
 
@@ -319,23 +314,6 @@ class QMPServer:
         log.debug("event %s %s", name, data)
         for client in list(self.clients.values()):
             client.offer_event(message)
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket left by a dead server; refuse to replace anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise UsageError(f"QMP socket path {path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)
-            return
-    raise UsageError(f"QMP socket {path} is in use by another server")
 
 
 def parse_listen(spec: str) -> tuple[str, int]:

@@ -410,9 +410,16 @@ class ReplicaTarget(Target):
         assert dev is not None
         for rec in group:
             self._unflushed.mark(rec.offset, rec.length)
+        write_many = getattr(dev, "write_many", None)
         if len(group) == 1:
             try:
                 await self._apply_one(dev, group[0])
+            except Exception as exc:
+                self._fail(exc, group)
+                return False
+        elif write_many is not None and all(r.kind is RecordKind.WRITE for r in group):
+            try:  # one send for the whole group (NBD): no task per record
+                await write_many([(r.offset, r.data, r.fua) for r in group])
             except Exception as exc:
                 self._fail(exc, group)
                 return False

@@ -253,16 +253,23 @@ class Delivery:
             self._fail(exc)
 
     async def _deliver_batch(self) -> None:
-        batch: list[TraceRecord] = []
-        nbytes = cost = 0
         queue = self._queue
-        while queue and len(batch) < MAX_BATCH_RECORDS:
-            rec = queue[0]
-            if batch and nbytes + rec.nbytes > MAX_BATCH_BYTES:
-                break
-            batch.append(queue.popleft())
-            nbytes += rec.nbytes
-            cost += record_cost(rec)
+        if len(queue) <= MAX_BATCH_RECORDS and self.queued_bytes <= MAX_BATCH_BYTES:
+            batch = list(queue)  # the common case: take everything, no per-record work
+            queue.clear()
+            cost = self.queued_bytes
+            nbytes = cost - RECORD_OVERHEAD * len(batch)
+        else:
+            batch = []
+            nbytes = 0
+            while queue and len(batch) < MAX_BATCH_RECORDS:
+                data = queue[0].data
+                n = len(data) if data is not None else 0
+                if batch and nbytes + n > MAX_BATCH_BYTES:
+                    break
+                batch.append(queue.popleft())
+                nbytes += n
+            cost = nbytes + RECORD_OVERHEAD * len(batch)
         try:
             await self.target.deliver(batch)
         except BaseException:

