@@ -205,3 +205,40 @@ def test_kernel_churn_reuses_inodes_and_blocks(tmp_path: Path, options: tuple[st
         assert journal.stats.logged_blocks + journal.stats.descriptors > 1024
     created = {e.path for e in events if e.kind == "create"}
     assert created == {e.path for e in events if e.kind == "write"}
+
+
+def test_base_taken_while_mounted_is_recovered(tmp_path: Path) -> None:
+    """Attaching to a running guest: the base image is copied while the file system is
+    mounted, so its recent metadata is only in the journal.  The engine replays the committed
+    transactions into its view first; the stream from that point on then yields exactly the
+    later operations, with correct paths."""
+    require_fuse_and_loop()
+    img = mkfs(tmp_path / "disk.img", 64, options=("-b", "4096"))
+    log = tmp_path / "disk.log"
+    mid = tmp_path / "mid.img"
+    with kernel_mount(tmp_path, img, log) as m:
+        os.makedirs(m / "early/deep")
+        with open(m / "early/deep/f", "wb") as f:
+            f.write(os.urandom(30_000))
+            # commit the transaction (journal only): unlike sync, fsync does not write the
+            # metadata home, so the copy below needs its journal replayed
+            os.fsync(f.fileno())
+        shutil.copy(img, mid)  # the guest is still running: a "live" base
+        start = entries(log)
+        os.rename(m / "early/deep/f", m / "early/g")
+        with open(m / "early/g", "ab") as f:
+            f.write(b"more")
+        os.rmdir(m / "early/deep")
+        os.sync()
+    with Watcher(mid) as w:
+        engine = w.engines[0][1]
+        assert engine.stats.recovered_transactions > 0
+        assert engine.path_of(engine.ns.children[2]["early"]) == "/early"
+        records = (r for r in log_records(log) if r.index >= start)
+        events = list(w.feed(records))
+    assert {(e.kind, e.path) for e in events} == {
+        ("rename", "/early/g"),
+        ("write", "/early/g"),
+        ("rmdir", "/early/deep"),
+    }
+    assert next(e for e in events if e.kind == "rename").old_path == "/early/deep/f"

@@ -28,6 +28,8 @@ INPUTS = [
     b'{"execute": "qmp_capabilities", "arguments": {"bogus": 1}, "id": "c1"}',
     b'{"execute": "qmp_capabilities", "id": "c"}',
     b'{"execute": "qmp_capabilities", "id": 12}',
+    b'{"execute": "qmp_capabilities", "arguments": {"bogus": 1}, "id": "c2"}',
+    b'{"execute": "qmp_capabilities", "arguments": {"enable": [1]}, "id": "c3"}',
     b'{"execute": "nope", "id": 1}',
     b'{"execute": "query-jobs", "bogus": 1, "id": 2}',
     b'{"arguments": {}, "id": 3}',

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from blocktrace.block.device import ReadableBuffer
+from blocktrace.block.device import Extent, ExtentFlags, ReadableBuffer
 from blocktrace.block.memory import MemoryDevice
 from blocktrace.errors import BlockDeviceError, StateError
 from blocktrace.exports import Export, ExportRegistry
@@ -59,10 +59,11 @@ class Client:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def connect(cls, path: str, export: str = "disk") -> Client:
+    async def connect(cls, path: str, export: str = "disk", structured: bool = False) -> Client:
         r, w = await asyncio.open_unix_connection(path)
         c = cls(r, w)
-        hs = ClientHandshake(export, structured_replies=False, meta_contexts=())
+        contexts = ("base:allocation",) if structured else ()
+        hs = ClientHandshake(export, structured_replies=structured, meta_contexts=contexts)
         while True:
             out = hs.data_to_send()
             if out:
@@ -320,3 +321,45 @@ def test_random_garbage_after_negotiation_never_breaks_the_server(
     with caplog.at_level("WARNING", logger="blocktrace.nbd"):
         serve(tmp_path, body)
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+class HugeSparseDevice(MemoryDevice):
+    """1 TiB of holes; records the ranges block status was asked about."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.size = 1 << 40
+        self.asked: list[int] = []
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        self.asked.append(length)
+        return [Extent(length, ExtentFlags.HOLE | ExtentFlags.ZERO)]
+
+
+def test_block_status_asks_the_device_in_growing_windows(tmp_path: Path) -> None:
+    async def main() -> None:
+        dev = HugeSparseDevice()
+        reg = ExportRegistry()
+        reg.add(Export("disk", dev))
+        srv = NBDServer(reg)
+        path = os.fspath(tmp_path / "bs.sock")
+        listener = await asyncio.get_running_loop().create_unix_server(srv.protocol_factory, path)
+        c = await Client.connect(path, structured=True)
+        full = (1 << 32) - 4096
+        c.request(Cmd.BLOCK_STATUS, 1, 0, full, CmdFlag.REQ_ONE)
+        head = await c.reader.readexactly(20)
+        magic, flags, rtype, cookie, length = struct.unpack(">IHHQI", head)
+        payload = await c.reader.readexactly(length)
+        assert (magic, flags, rtype, cookie) == (0x668E33EF, 1, 5, 1)
+        ctx, ext_len, ext_flags = struct.unpack(">III", payload)
+        assert (ctx, ext_len, ext_flags) == (1, full, 3)  # one extent covering the request
+        assert dev.asked[0] == 64 * MiB and dev.asked[-1] == full  # 64M, 256M, 1G, 4G-4K
+        dev.asked.clear()
+        c.request(Cmd.BLOCK_STATUS, 2, 0, 4096)
+        await c.reader.readexactly(20 + 12)
+        assert dev.asked == [4096]
+        await c.close()
+        listener.close()
+        await srv.shutdown(5)
+
+    asyncio.run(main())

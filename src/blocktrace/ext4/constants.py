@@ -85,6 +85,8 @@ SUPPORTED_INCOMPAT = (
     | FeatureIncompat.CSUM_SEED
     | FeatureIncompat.LARGEDIR
     | FeatureIncompat.EA_INODE
+    | FeatureIncompat.ENCRYPT  # names are ciphertext bytes: reported as such
+    | FeatureIncompat.CASEFOLD  # entries may carry a hash after the name: ignored
 )
 
 

@@ -41,7 +41,7 @@ from blocktrace.ext4 import constants as C
 from blocktrace.ext4.events import FileEvent
 from blocktrace.ext4.fs import ByteSource, DirEntry, Ext4FS, InodeMap, superblock_from_bytes
 from blocktrace.ext4.infer import IState, infer
-from blocktrace.ext4.journal import Journal, Transaction
+from blocktrace.ext4.journal import Journal, Transaction, recover
 from blocktrace.ext4.namespace import Namespace
 from blocktrace.ext4.ownership import Owner, OwnerKind, OwnershipMap
 from blocktrace.ext4.structs import Ext4FormatError, Inode
@@ -75,6 +75,7 @@ class EngineStats:
     pending_overflow: int = 0  #: unowned blocks forgotten (attribution lost)
     pending_data_dropped: int = 0  #: pending contents dropped (attribution kept)
     attributed: int = 0  #: pending blocks later claimed by a file
+    recovered_transactions: int = 0  #: journal transactions replayed into the base at start
 
 
 class Ext4Engine:
@@ -213,6 +214,8 @@ class Ext4Engine:
             self.owners.assign(start, count, Owner(_META_KINDS[kind], group=group))
         if self.fs.journal_inum:
             self._open_journal()
+        if self.journal is not None:
+            self._recover_journal()
         queue = [C.EXT4_ROOT_INO]
         self._track(C.EXT4_ROOT_INO)
         while queue:
@@ -251,6 +254,19 @@ class Ext4Engine:
             )
         except FormatError as exc:
             self._error(-1, f"journal not followed: {exc}", ino)
+
+    def _recover_journal(self) -> None:
+        """A base image taken while mounted: replay its committed transactions into the view
+        (not as events: they happened before the stream began)."""
+        assert self.journal is not None
+        replay, found = recover(self.journal.jsb, self._read_jblock)
+        for home, data in replay:
+            owner = self.owners.lookup(home)
+            if home < self.fs.blocks_count and not (owner and owner.kind is OwnerKind.JOURNAL):
+                self.overlay[home] = data
+        self.stats.recovered_transactions = found
+        if replay:  # group descriptors may have been logged too
+            self.fs.groups = self.fs.read_group_descs()
 
     def _read_jblock(self, jblk: int) -> bytes:
         pblk = self._journal_blocks.get(jblk)

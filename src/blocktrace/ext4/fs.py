@@ -164,7 +164,7 @@ class Ext4FS:
             raise Ext4FormatError("meta_bg group descriptor layout is not supported")
         self.gdt_start = first + 1
         self.gdt_blocks = -(-(self.group_count * self.desc_size) // self.block_size)
-        self.groups = self._read_group_descs()
+        self.groups = self.read_group_descs()
         self.journal_inum = (
             sb.s_journal_inum if sb.s_feature_compat & C.FeatureCompat.HAS_JOURNAL else 0
         )
@@ -177,7 +177,7 @@ class Ext4FS:
         return cls(sb, reader or SourceBlocks(source, 1024 << sb.s_log_block_size))
 
     # ---------------------------------------------------------------- groups and inodes
-    def _read_group_descs(self) -> list[GroupDesc]:
+    def read_group_descs(self) -> list[GroupDesc]:
         per_block = self.block_size // self.desc_size
         groups: list[GroupDesc] = []
         for blk in range(self.gdt_blocks):

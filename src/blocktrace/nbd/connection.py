@@ -63,6 +63,9 @@ WRITE_LOW = 1024 * 1024
 #: Replies smaller than this are joined with their header into one write on the stock loop.
 _JOIN_LIMIT = 64 * 1024
 _DISCARD_CHUNK = 256 * 1024
+#: BLOCK_STATUS: first window asked of the device with REQ_ONE, and the cap without it.
+_STATUS_WINDOW = 64 * 1024 * 1024
+_STATUS_MAX = 1024 * 1024 * 1024
 #: Largest large-WRITE buffer kept for reuse per connection.
 _SPARE_MAX = 4 * 1024 * 1024
 #: Gathered reply bytes after which the batch is written out mid-parse (back-pressure).
@@ -438,7 +441,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 fast=bool(flags & _FAST_ZERO),
             )
         elif cmd == _STATUS:
-            coro = device.block_status(offset, length)
+            coro = self._block_status(device, offset, length, bool(flags & _REQ_ONE))
         elif cmd == _CACHE:
             coro = device.cache(offset, length)
         elif cmd == _DISC:
@@ -471,6 +474,21 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._tasks.add(task)  # the loop holds tasks weakly
         task.add_done_callback(self._tasks.discard)
         return False
+
+    @staticmethod
+    async def _block_status(
+        device: BlockDevice, offset: int, length: int, req_one: bool
+    ) -> list[Extent]:
+        """Ask the device about a window, not the whole (up to 4 GiB) request: mapping a
+        fragmented file costs per extent, and QEMU asks with REQ_ONE for one extent at a time
+        over the rest of the disk, which would make a full map quadratic.  The window grows
+        while one extent fills it; the spec lets a reply describe a prefix of the range."""
+        window = min(length, _STATUS_WINDOW if req_one else _STATUS_MAX)
+        while True:
+            extents = await device.block_status(offset, window)
+            if window >= length or len(extents) != 1 or extents[0].length < window:
+                return extents
+            window = min(length, window * 4)
 
     async def _finish(
         self,

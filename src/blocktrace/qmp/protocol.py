@@ -184,11 +184,8 @@ class ServerConnection:
         return name, arguments
 
     def _negotiate(self, arguments: dict[str, Any], id: Any) -> Reply:
-        if self.state is not State.NEGOTIATION:
-            raise errors.negotiation_complete()
-        for key in arguments:
-            if key != "enable":
-                raise errors.parameter_unexpected(key)
+        # As QEMU's marshaller: arguments are checked first (members, then leftovers), then
+        # the state.
         enable = arguments.get("enable", [])
         if not isinstance(enable, list):
             raise errors.invalid_parameter_type("enable", "array")
@@ -197,8 +194,14 @@ class ServerConnection:
                 raise errors.invalid_parameter_type(f"enable[{i}]", "string")
             if cap != "oob":  # QEMU 7.2 names the list item 'null' here
                 raise errors.enum_value_refused("null", cap)
-            if cap not in self.capabilities:
-                raise errors.generic(f"Capability '{cap}' not available")
+        for key in arguments:
+            if key != "enable":
+                raise errors.parameter_unexpected(key)
+        if self.state is not State.NEGOTIATION:
+            raise errors.negotiation_complete()
+        unavailable = [cap for cap in enable if cap not in self.capabilities]
+        if unavailable:
+            raise errors.generic(f"Capability {', '.join(unavailable)} not available")
         self.state = State.COMMAND
         return Reply(render_return({}, id), negotiated=True)
 

@@ -10,8 +10,8 @@ Life of a trace (QEMU's mirror job is the model)::
 
     created -> running --(sync copy done, or at once for sync=none)--> ready
     running <-> paused, ready <-> standby            (pause/resume: delivery stops)
-    ready --stop()--> waiting -> pending -> concluded -> null     BLOCK_JOB_COMPLETED
-    running --stop()--> aborting -> concluded -> null             BLOCK_JOB_CANCELLED
+    ready --stop()--> waiting -> pending -> [COMPLETED] -> concluded -> null
+    running --stop()--> aborting -> [CANCELLED] -> concluded -> null
     target failure, on-target-error=break: aborting -> concluded -> null
                                                     BLOCK_JOB_ERROR + COMPLETED(error)
     target failure, on-target-error=report: stays, writes fail EIO, BLOCK_JOB_ERROR;
@@ -392,11 +392,12 @@ class Trace:
     def _conclude(self, *, cancelled: bool) -> None:
         if self.status is not JobStatus.ABORTING and self.error is not None:
             self._set_status(JobStatus.ABORTING)
-        self._set_status(JobStatus.CONCLUDED)
+        # QEMU's order (iotests): the end event, then "concluded", then "null"
         if cancelled:
             self._emit(TraceEvent(EventKind.CANCELLED, self.status))
         else:
             self._emit(TraceEvent(EventKind.COMPLETED, self.status, self.error))
+        self._set_status(JobStatus.CONCLUDED)
         self._concluded.set()
         self._manager._forget(self)
         self._set_status(JobStatus.NULL)
