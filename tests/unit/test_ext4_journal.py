@@ -121,3 +121,31 @@ def test_superblock_rewrite_updates_features() -> None:
     r.write(5, bytes(b))
     tx = r.write(7, commit(1))
     assert tx is not None and tx.blocks == [(77, 6, False)]
+
+
+def test_recover_replays_committed_unrevoked_blocks() -> None:
+    from blocktrace.ext4.journal import recover
+    from blocktrace.ext4.structs import JournalSuperblock
+
+    blocks: dict[int, bytes] = {}
+    blocks[1] = descriptor(7, [100, 200])
+    blocks[2], blocks[3] = b"a" * BS, b"b" * BS
+    blocks[4] = commit(7)
+    blocks[5] = revoke(8, [100])
+    blocks[6] = descriptor(8, [300])
+    blocks[7] = b"c" * BS
+    blocks[8] = commit(8)
+    blocks[9] = descriptor(9, [400])  # never committed: not replayed
+    blocks[10] = b"d" * BS
+    jsb = JournalSuperblock.parse(jsb_bytes(start=1, sequence=7))
+    replay, found = recover(jsb, lambda j: blocks.get(j, bytes(BS)))
+    assert found == 2
+    assert replay == [(200, b"b" * BS), (300, b"c" * BS)]
+    clean = JournalSuperblock.parse(jsb_bytes(start=0, sequence=7))
+    assert recover(clean, lambda j: blocks.get(j, bytes(BS))) == ([], 0)
+
+
+def jsb_bytes(start: int, sequence: int) -> bytes:
+    b = bytearray(jsb())
+    struct.pack_into(">II", b, 0x18, sequence, start)
+    return bytes(b)

@@ -40,6 +40,12 @@ from blocktrace.errors import UsageError
     help="Bytes of pending block contents kept (oldest dropped first).",
 )
 @click.option("--no-verify", is_flag=True, help="Do not verify blocktrace log checksums.")
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Keep reading as the log grows (a running trace) until its end mark or Ctrl-C.",
+)
 def watch(
     base_image: str,
     log: str,
@@ -48,6 +54,7 @@ def watch(
     max_pending: int | None,
     max_pending_bytes: int | None,
     no_verify: bool,
+    follow: bool,
 ) -> None:
     """Follow the ext4 file systems of BASE_IMAGE through the writes recorded in LOG.
 
@@ -56,10 +63,10 @@ def watch(
     """
     import os
 
-    from blocktrace.ext4.watcher import Watcher, log_records
+    from blocktrace.ext4.watcher import Watcher, follow_log_records, log_records
 
     for path, what in ((base_image, "base image"), (log, "log")):
-        if not os.path.isfile(path):
+        if not os.path.isfile(path) and not (follow and path == log):
             raise UsageError(f"{what} {path}: no such file")
     if as_json is None:
         as_json = not sys.stdout.isatty()
@@ -71,8 +78,11 @@ def watch(
     out = sys.stdout
     with Watcher(base_image, **kwargs) as watcher:
         try:
-            for event in watcher.feed(log_records(log, verify=not no_verify)):
+            records = (follow_log_records if follow else log_records)(log, verify=not no_verify)
+            for event in watcher.feed(records):
                 out.write((event.to_json() if as_json else event.describe()) + "\n")
+                if follow:
+                    out.flush()
         except BrokenPipeError:
             sys.stderr.close()  # e.g. | head: stop quietly
             return

@@ -17,7 +17,8 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,30 +46,73 @@ class StreamRecord:
 
 def log_records(path: str | os.PathLike[str], *, verify: bool = True) -> Iterator[StreamRecord]:
     """The records of a dm-log-writes log (kernel, QEMU blklogwrites or blocktrace)."""
-    from blocktrace.logwrites.format import LogFlag
     from blocktrace.logwrites.reader import LogReader
 
     with LogReader(path, verify=verify) as reader:
-        for e in reader.entries(with_data=True):
-            if e.mark is not None:
-                yield StreamRecord(e.index, MARK)
-                continue
-            if e.is_data:
-                if e.is_zeroes:
-                    yield StreamRecord(e.index, ZERO, e.target_offset, e.length)
-                elif e.is_discard:
-                    yield StreamRecord(e.index, DISCARD, e.target_offset, e.length)
-                else:
-                    yield StreamRecord(
-                        e.index,
-                        WRITE,
-                        e.target_offset,
-                        e.length,
-                        e.read_data(),
-                        bool(e.flags & LogFlag.FUA),
-                    )
-            if e.flags & LogFlag.FLUSH:
-                yield StreamRecord(e.index, FLUSH)
+        for entry in reader.entries(with_data=True):
+            yield from _entry_records(entry)
+
+
+def follow_log_records(
+    path: str | os.PathLike[str],
+    *,
+    verify: bool = True,
+    poll: float = 0.2,
+    stop: Callable[[], bool] | None = None,
+) -> Iterator[StreamRecord]:
+    """Like :func:`log_records`, for a log still being written (``tail -f``): yields entries as
+    the log's super block counts them (a writer counts entries when it syncs, i.e. at the
+    guest's flushes), until the ``dm-log-writes-end`` mark or until ``stop()`` is true.
+
+    Each refresh re-reads the super block and walks the entry headers from the start (the
+    reader's public API), so a refresh costs O(entries); it happens only when the count grew.
+    A log without a super block yet (QEMU writes it at the first flush) is waited for.
+    """
+    from blocktrace.logwrites.format import BadSuperBlock
+    from blocktrace.logwrites.reader import LogReader
+    from blocktrace.logwrites.writer import END_MARK
+
+    done = 0
+    while True:
+        try:
+            reader: LogReader | None = LogReader(path, verify=verify)
+        except BadSuperBlock:
+            reader = None  # not written yet
+        if reader is not None:
+            with reader:
+                if reader.nr_entries > done:
+                    for entry in reader.entries(done, with_data=True):
+                        yield from _entry_records(entry)
+                        done = entry.index + 1
+                        if entry.mark == END_MARK:
+                            return
+        if stop is not None and stop():
+            return
+        time.sleep(poll)
+
+
+def _entry_records(e: Any) -> Iterator[StreamRecord]:
+    from blocktrace.logwrites.format import LogFlag
+
+    if e.mark is not None:
+        yield StreamRecord(e.index, MARK)
+        return
+    if e.is_data:
+        if e.is_zeroes:
+            yield StreamRecord(e.index, ZERO, e.target_offset, e.length)
+        elif e.is_discard:
+            yield StreamRecord(e.index, DISCARD, e.target_offset, e.length)
+        else:
+            yield StreamRecord(
+                e.index,
+                WRITE,
+                e.target_offset,
+                e.length,
+                e.read_data(),
+                bool(e.flags & LogFlag.FUA),
+            )
+    if e.flags & LogFlag.FLUSH:
+        yield StreamRecord(e.index, FLUSH)
 
 
 def from_trace_record(rec: Any) -> StreamRecord:

@@ -1,4 +1,4 @@
-"""asyncio NBD client: a thin adapter over the sans-IO cores (handshake + ReplyParser).
+"""asyncio NBD client: a thin adapter over the sans-IO handshake core and the wire layouts.
 
 One :class:`asyncio.Protocol` per connection.  Negotiation is the core's
 :class:`~blocktrace.nbd.handshake.ClientHandshake` (fixed newstyle, structured replies,
@@ -6,6 +6,10 @@ One :class:`asyncio.Protocol` per connection.  Negotiation is the core's
 In the transmission phase every request gets a fresh cookie and a future; any number of
 requests are in flight at once (bounded by ``max_in_flight``) and replies, simple or
 structured, are matched by cookie in whatever order the server sends them.
+
+Replies are parsed in place from one receive buffer (the layouts of :mod:`blocktrace.nbd.wire`,
+the same rules as :class:`~blocktrace.nbd.transmission.ReplyParser`): a successful write's
+reply completes its future without allocating anything, which is the replica's hot path.
 
 Why a Protocol and not streams: replies are dispatched from ``data_received`` without a reader
 task in between, so a completed request's waiter is woken in the same loop iteration the reply
@@ -31,6 +35,8 @@ from blocktrace.errors import BlockDeviceError
 from blocktrace.nbd import wire
 from blocktrace.nbd.constants import (
     BASE_ALLOCATION,
+    NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STRUCTURED_REPLY_MAGIC,
     Cmd,
     CmdFlag,
     ReplyFlag,
@@ -41,13 +47,17 @@ from blocktrace.nbd.errors import NBDRemoteProtocolError
 from blocktrace.nbd.events import (
     ExportInfo,
     HandshakeDone,
-    Need,
     ReplyChunk,
     SimpleReply,
 )
 from blocktrace.nbd.handshake import ClientHandshake
-from blocktrace.nbd.transmission import ReplyParser, encode_request
+from blocktrace.nbd.transmission import encode_request
 
+_U32 = wire.U32
+_SIMPLE = wire.SIMPLE_REPLY
+_CHUNK = wire.CHUNK
+#: largest structured reply chunk accepted (a READ chunk is at most the 32 MiB request)
+MAX_CHUNK = 64 * 1024 * 1024
 #: WRITE payloads up to this size are joined with their header into one send
 _JOIN_LIMIT = 64 * 1024
 
@@ -108,7 +118,7 @@ class NBDClient:
         self._hs = ClientHandshake(
             export_name, structured_replies=structured_replies, meta_contexts=meta_contexts
         )
-        self._parser = ReplyParser()
+        self._rbuf = bytearray()
         self._transport: asyncio.Transport | None = None
         self._done: asyncio.Future[HandshakeDone] = asyncio.get_running_loop().create_future()
         self._pending: dict[int, _Pending] = {}
@@ -285,8 +295,6 @@ class NBDClient:
             pend = _Pending(cmd, offset, length, fut)
             if cmd == Cmd.READ:
                 pend.data = bytearray(length)
-                if not self.structured_replies:
-                    self._parser.expect_read(cookie, length)
             self._pending[cookie] = pend
             header = encode_request(cmd, cookie, offset, length, flags)
             transport = self._transport
@@ -323,20 +331,56 @@ class NBDClient:
                         return
                 else:
                     return
-            self._parser.receive_data(data)
-            while True:
-                event = self._parser.next_event()
-                if isinstance(event, Need):
-                    return
-                if isinstance(event, SimpleReply):
-                    self._on_simple(event)
-                else:
-                    self._on_chunk(event)
+            self._replies(data)
         except NBDRemoteProtocolError as exc:
             if not self._done.done():
                 self._done.set_exception(exc)
             self._fail_all(exc)
             self._abort()
+
+    def _replies(self, data: bytes) -> None:
+        """Parse every complete reply in the buffer: one ``del`` per read, no object per
+        successful write reply (the replica's hot path)."""
+        buf = self._rbuf
+        buf += data
+        pos, end = 0, len(buf)
+        pending = self._pending
+        try:
+            while end - pos >= 4:
+                (magic,) = _U32.unpack_from(buf, pos)
+                if magic == NBD_SIMPLE_REPLY_MAGIC:
+                    if end - pos < _SIMPLE.size:
+                        break
+                    _, error, cookie = _SIMPLE.unpack_from(buf, pos)
+                    pend = pending.get(cookie)
+                    if pend is None:
+                        raise NBDRemoteProtocolError(f"reply to unknown cookie {cookie}")
+                    n = pend.length if pend.cmd == Cmd.READ and not error else 0
+                    if end - pos < _SIMPLE.size + n:
+                        break
+                    start = pos + _SIMPLE.size
+                    pos = start + n
+                    if not error and not n:  # the common case: a write acknowledged
+                        del pending[cookie]
+                        if not pend.future.done():
+                            pend.future.set_result(None)
+                        continue
+                    self._on_simple(SimpleReply(cookie, error, bytes(buf[start:pos])))
+                elif magic == NBD_STRUCTURED_REPLY_MAGIC:
+                    if end - pos < _CHUNK.size:
+                        break
+                    _, flags, rtype, cookie, length = _CHUNK.unpack_from(buf, pos)
+                    if length > MAX_CHUNK:
+                        raise NBDRemoteProtocolError(f"reply chunk of {length} bytes is too large")
+                    if end - pos < _CHUNK.size + length:
+                        break
+                    start = pos + _CHUNK.size
+                    pos = start + length
+                    self._on_chunk(ReplyChunk(cookie, flags, rtype, bytes(buf[start:pos])))
+                else:
+                    raise NBDRemoteProtocolError(f"bad reply magic {magic:#x}")
+        finally:
+            del buf[:pos]
 
     def _on_simple(self, ev: SimpleReply) -> None:
         pend = self._pending.pop(ev.cookie, None)

@@ -368,6 +368,7 @@ class ReplicaTarget(Target):
 
     async def _apply(self, records: Sequence[TraceRecord]) -> None:
         group: list[TraceRecord] = []
+        blocks: set[int] = set()  # 4 KiB blocks the group touches: a cheap overlap test
         for i, rec in enumerate(records):
             if self.device is None:  # degraded: only remember what the replica lacks
                 self._skip(records[i:])
@@ -380,6 +381,7 @@ class ReplicaTarget(Target):
                     self._skip(records[i:])
                     return
                 group = []
+                blocks.clear()
                 try:
                     await self.device.flush()
                     self._flushed()
@@ -389,17 +391,22 @@ class ReplicaTarget(Target):
                     self._skip(records[i + 1 :])
                     return
                 continue
+            first, last = rec.offset >> 12, (rec.offset + rec.length - 1) >> 12
+            large = last - first > 256  # applied on its own rather than indexed
             if group and (
-                len(group) >= MAX_GROUP
-                or any(
-                    rec.offset < g.offset + g.length and g.offset < rec.offset + rec.length
-                    for g in group
-                )
+                large or len(group) >= MAX_GROUP or any(b in blocks for b in range(first, last + 1))
             ):
                 if not await self._run_group(group):
                     self._skip(records[i:])
                     return
                 group = []
+                blocks.clear()
+            if large:
+                if not await self._run_group([rec]):
+                    self._skip(records[i + 1 :])
+                    return
+                continue
+            blocks.update(range(first, last + 1))
             group.append(rec)
         if group and not await self._run_group(group):
             return
