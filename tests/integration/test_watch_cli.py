@@ -7,12 +7,13 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 from ext4_recording import debugfs, diff_records, qemu_log
 
-from support import blocktrace, require, run
+from support import BLOCKTRACE, ServerProcess, blocktrace, require, run
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +89,50 @@ def test_operator_errors_are_one_line(
     assert proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("blocktrace: ") and "Traceback" not in proc.stderr
+
+
+def test_follow_a_running_trace(tmp_path: Path) -> None:
+    """``watch --follow`` tails the log of a trace running in another process: events appear
+    while the server runs, and the command ends by itself at the log's end mark."""
+    require("mkfs.ext4", "debugfs", "qemu-io")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a" * 2000)
+    img = tmp_path / "disk.img"
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    run(["mkfs.ext4", "-q", "-F", "-d", str(src), str(img)], timeout=60)
+    base = tmp_path / "base.img"
+    shutil.copy(img, base)
+    changed = tmp_path / "changed.img"
+    shutil.copy(img, changed)
+    debugfs(changed, "mkdir /followed\nrm /a\n")
+    log = tmp_path / "trace.log"
+    watcher = subprocess.Popen(
+        [*BLOCKTRACE, "watch", str(base), str(log), "--follow", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with ServerProcess(tmp_path, [img], ["--trace", f"log:{log}"]) as srv:
+            cmds: list[str] = []
+            for i, rec in enumerate(diff_records(base, changed)):
+                if rec.kind == "write":
+                    chunk = tmp_path / f"c{i}"
+                    chunk.write_bytes(bytes(rec.data))
+                    cmds += ["-c", f"write -s {chunk} {rec.offset} {len(rec.data)}"]
+            run(["qemu-io", "-f", "raw", *cmds, "-c", "flush", srv.uri()], timeout=60)
+            assert watcher.stdout is not None
+            first = json.loads(watcher.stdout.readline())  # arrives while the server runs
+            assert watcher.poll() is None
+        watcher.wait(timeout=30)  # the end mark stops it (output is a few lines: no pipe stall)
+        out = watcher.stdout.read()  # the same buffered reader as readline() above
+        err = watcher.stderr.read() if watcher.stderr else ""
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait(10)
+    events = [first, *map(json.loads, out.splitlines())]
+    assert {(e["kind"], e["path"]) for e in events} == {("mkdir", "/followed"), ("delete", "/a")}
+    assert watcher.returncode == 0, err

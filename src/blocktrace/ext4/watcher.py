@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -74,10 +75,10 @@ def follow_log_records(
 
     done = 0
     while True:
-        try:
-            reader: LogReader | None = LogReader(path, verify=verify)
-        except BadSuperBlock:
-            reader = None  # not written yet
+        reader: LogReader | None = None
+        if os.path.exists(path):
+            with contextlib.suppress(BadSuperBlock):  # no super block yet: wait
+                reader = LogReader(path, verify=verify)
         if reader is not None:
             with reader:
                 if reader.nr_entries > done:

@@ -359,8 +359,10 @@ class TraceFilter(Filter):
         mid_start = -(-offset // a) * a
         mid_end = (offset + length) // a * a
         records: list[TraceRecord] = []
-        if mid_start >= mid_end or end - start <= SMALL_UNALIGNED:
-            # small: one WRITE of what the range holds now, so one operation = one record
+        aligned = start == offset and end == offset + length
+        if mid_start >= mid_end or (not aligned and end - start <= SMALL_UNALIGNED):
+            # small and unaligned: one WRITE of what the range holds now, so one operation is
+            # one record; aligned zeroes and trims always stay payload-free records
             payload = bytes(await self.child.read(start, end - start))
             self.seq += 1
             return [TraceRecord(self.seq, WRITE, start, end - start, data=payload)]
