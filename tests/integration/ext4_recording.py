@@ -248,6 +248,29 @@ def phase_replace(m: Path) -> None:
     os.link(m / "d2/inner", m / "inner2")
 
 
+def phase_sparse(m: Path) -> None:
+    with open(m / "sparse", "wb") as f:  # 40 separate extents: a depth-1 extent tree
+        for i in range(40):
+            f.seek(i * (1 << 20))
+            f.write(b"s" * 4096)
+
+
+def phase_fallocate(m: Path) -> None:
+    with open(m / "falloc", "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, 1 << 20)  # unwritten extents, no data
+    with open(m / "sparse", "r+b") as f:  # a block mapped through the extent index block
+        f.seek(20 * (1 << 20) + 1000)
+        f.write(b"t" * 10)
+    os.utime(m / "sparse")  # times only: no event
+
+
+def phase_fill(m: Path) -> None:
+    with open(m / "falloc", "r+b") as f:  # into the unwritten extent
+        f.seek(8192)
+        f.write(b"w" * 4096)
+    os.truncate(m / "sparse", 0)
+
+
 def phase_extend(m: Path) -> None:
     os.unlink(m / "d2/inner")  # one of two names: the inode lives on as /inner2
     os.truncate(m / "inner2", 100_000)  # grows: the kernel zeroes the old last block's tail
@@ -334,4 +357,7 @@ PHASES: list[Phase] = [
         phase_extend,
         {("delete", "/d2/inner"), ("truncate", "/inner2"), ("write", "/x2")},
     ),
+    ("sparse", phase_sparse, {("create", "/sparse"), ("write", "/sparse")}),
+    ("fallocate", phase_fallocate, {("create", "/falloc"), ("write", "/sparse")}),
+    ("fill", phase_fill, {("write", "/falloc"), ("truncate", "/sparse")}),
 ]

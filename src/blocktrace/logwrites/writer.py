@@ -47,13 +47,20 @@ import mmap
 import os
 import random
 import stat
+import struct
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+from zlib import crc32
 
 from blocktrace.errors import StateError, TargetError
 from blocktrace.logwrites.format import (
+    _CRC_FIELD,
+    ENTRY_SIZE,
     REPLAY_LOG_MAX_ZERO_SIZE,
+    TRAILER_SIZE,
+    TRAILER_TAG,
     ExtFlag,
     LogFlag,
     SuperBlock,
@@ -372,6 +379,83 @@ class LogWriter:
                 self._write_pending()
             return index
 
+    def append_writes(self, entries: Sequence[tuple[int, int, bytes]]) -> int:
+        """Append plain data entries ``(flags, offset, data)`` in one go: the trace hot path.
+
+        ``flags`` is 0, FUA and/or METADATA; ``offset`` and ``len(data)`` are sector-aligned
+        bytes and ``data`` is immutable ``bytes`` (large payloads are kept by reference until
+        written out, small ones are copied).  Unlike :meth:`append`, nothing is written out
+        here, so the caller chooses the thread that does the I/O (:meth:`write_out` when
+        :attr:`pending_bytes` says so; :meth:`sync` writes out too).  Small entries are packed
+        contiguously into one buffer, header then data, so one CRC call covers each entry and
+        one write covers the batch.  Returns the index of the last entry appended.
+        """
+        S = self.sector_size
+        mask = S - 1
+        shift = S.bit_length() - 1
+        pack = _header_struct(S).pack_into
+        pack_crc = _CRC.pack_into
+        crc_at = S - TRAILER_SIZE + _CRC_FIELD
+        checksums = self.checksums
+        # without checksums the trailer bytes stay zero, as in pack_entry_header
+        tag, log_id = (TRAILER_TAG, self.log_id) if checksums else (_NO_TAG, 0)
+        total = 0
+        for flags, offset, data in entries:
+            n = len(data)
+            if offset & mask or n & mask or not n or offset < 0 or flags & ~_PLAIN_FLAGS:
+                raise ValueError(f"bad data entry at offset {offset}, {n} bytes, flags {flags}")
+            if n < DIRECT_THRESHOLD:
+                total += S + n
+        with self._lock:
+            self._check_usable()
+            first = index = self._nr_entries
+            chunk = bytearray(total)
+            view = memoryview(chunk)
+            pos = seg = 0  # seg: start of the packed bytes not yet handed to _pending
+            pending = self._pending
+            data_bytes = 0
+            for flags, offset, data in entries:
+                n = len(data)
+                data_bytes += n
+                idx = index if checksums else 0
+                if n < DIRECT_THRESHOLD:
+                    end = pos + S + n
+                    pack(chunk, pos, offset >> shift, n >> shift, flags, 0, tag, 0, log_id, 0, idx)
+                    chunk[pos + S : end] = data
+                    if checksums:
+                        pack_crc(chunk, pos + crc_at, crc32(view[pos:end]))
+                    pos = end
+                else:
+                    if pos > seg:  # stream order: the entries packed so far go first
+                        pending.append(view[seg:pos])
+                        seg = pos
+                    header = bytearray(S)
+                    pack(header, 0, offset >> shift, n >> shift, flags, 0, tag, 0, log_id, 0, idx)
+                    if checksums:
+                        pack_crc(header, crc_at, crc32(data, crc32(header)))
+                    pending.append(header)
+                    pending.append(data)
+                    self._pending_bytes += S + n
+                index += 1
+            if pos > seg:
+                pending.append(view[seg:pos] if seg else chunk)
+            self._pending_bytes += total
+            self._nr_entries = index
+            self.stats.entries += index - first
+            self.stats.data_bytes += data_bytes
+            return index - 1
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes appended but not yet written out (see :meth:`append_writes`)."""
+        return self._pending_bytes
+
+    def write_out(self) -> None:
+        """Write the pending batch to the log (blocking; does not sync or count anything)."""
+        with self._lock:
+            self._check_usable()
+            self._write_pending()
+
     # -- durability ------------------------------------------------------------------------
 
     def sync(self) -> int:
@@ -570,6 +654,22 @@ class LogWriter:
         return SuperBlock(
             nr_entries, self.sector_size, log_id=self.log_id if self.checksums else None
         ).pack()
+
+
+def _header_struct(sector_size: int) -> struct.Struct:
+    """One whole header sector: entry fields, zero padding, our trailer.  ``pack_into`` zeroes
+    the padding itself, so a header is packed with one call into any buffer."""
+    st = _HEADER_STRUCTS.get(sector_size)
+    if st is None:
+        pad = sector_size - ENTRY_SIZE - TRAILER_SIZE
+        st = _HEADER_STRUCTS[sector_size] = struct.Struct(f"<QQQQ{pad}x4sIIIQ")
+    return st
+
+
+_HEADER_STRUCTS: dict[int, struct.Struct] = {}
+_CRC = struct.Struct("<I")
+_NO_TAG = bytes(4)
+_PLAIN_FLAGS = _FUA | _METADATA
 
 
 def _advance(bufs: list[Buffer], n: int) -> list[Buffer]:

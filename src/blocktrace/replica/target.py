@@ -62,8 +62,10 @@ from blocktrace.trace.targets.base import Target, TargetInfo
 
 log = logging.getLogger(__name__)
 
-#: most records applied concurrently (also bounds the overlap check, quadratic in it)
-MAX_GROUP = 32
+#: most records applied concurrently: pipelined in one send to a device with ``write_many``
+#: (NBD), tasks otherwise
+MAX_GROUP = 256
+MAX_GROUP_TASKS = 32
 #: unit of background copying (one read + one write under the delivery lock)
 SYNC_CHUNK = 1024 * 1024
 BACKOFF_MIN = 0.05
@@ -369,6 +371,7 @@ class ReplicaTarget(Target):
     async def _apply(self, records: Sequence[TraceRecord]) -> None:
         group: list[TraceRecord] = []
         blocks: set[int] = set()  # 4 KiB blocks the group touches: a cheap overlap test
+        max_group = MAX_GROUP if hasattr(self.device, "write_many") else MAX_GROUP_TASKS
         for i, rec in enumerate(records):
             if self.device is None:  # degraded: only remember what the replica lacks
                 self._skip(records[i:])
@@ -394,7 +397,7 @@ class ReplicaTarget(Target):
             first, last = rec.offset >> 12, (rec.offset + rec.length - 1) >> 12
             large = last - first > 256  # applied on its own rather than indexed
             if group and (
-                large or len(group) >= MAX_GROUP or any(b in blocks for b in range(first, last + 1))
+                large or len(group) >= max_group or any(b in blocks for b in range(first, last + 1))
             ):
                 if not await self._run_group(group):
                     self._skip(records[i:])

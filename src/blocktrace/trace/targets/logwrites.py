@@ -28,8 +28,12 @@ from blocktrace.trace.targets.base import Target, TargetInfo
 
 _FUA = int(LogFlag.FUA)
 
-#: batches with more payload than this are appended in a thread
-THREAD_THRESHOLD = 1024 * 1024
+#: batches with more payload than this are appended (CRC included) in a thread
+THREAD_THRESHOLD = 256 * 1024
+#: pending log bytes at which the packed entries are written out, in a thread
+WRITE_OUT_BYTES = 4 * 1024 * 1024
+
+_WRITER_BATCH_BYTES = 64 * 1024 * 1024
 
 _KEYS = {"type", "filename", "sector-size", "zeroes", "direct"}
 
@@ -105,31 +109,45 @@ class LogTarget(Target):
             sector_size=self._sector_size,
             zeroes=self._zeroes,
             direct=self._direct,
+            # write-outs are ours (in a thread), not triggered by small appends on the loop
+            batch_bytes=_WRITER_BATCH_BYTES,
         )
 
     async def deliver(self, records: Sequence[TraceRecord]) -> None:
-        if sum(r.nbytes for r in records) > THREAD_THRESHOLD:
-            await asyncio.to_thread(self._append, records)
+        w = self.writer
+        nbytes = 0
+        for rec in records:
+            if rec.data is not None:
+                nbytes += len(rec.data)
+        if nbytes > THREAD_THRESHOLD:
+            # large payloads: CRC and write-out in a thread (both release the GIL)
+            await asyncio.to_thread(self._append_and_write, records)
         else:
-            self._append(records)
+            self._append(records)  # packing only: no I/O on the event loop
+            if w.pending_bytes >= WRITE_OUT_BYTES:
+                await asyncio.to_thread(w.write_out)
+
+    def _append_and_write(self, records: Sequence[TraceRecord]) -> None:
+        self._append(records)
+        self.writer.write_out()
 
     def _append(self, records: Sequence[TraceRecord]) -> None:
         w = self.writer
-        shift = self.alignment.bit_length() - 1
-        mask = self.alignment - 1
-        append = w.append
+        run: list[tuple[int, int, bytes]] = []
         try:
             for rec in records:
                 kind = rec.kind
                 if kind is RecordKind.WRITE:
-                    # the hot path: the writer's raw append with the sector numbers computed
-                    # here (records are aligned by the filter; checked, never assumed)
+                    # the hot path: runs of writes go to the writer in one call (it checks
+                    # alignment: records are aligned by the filter, checked, never assumed)
                     data = rec.data
                     assert data is not None
-                    if rec.offset & mask or len(data) & mask:
-                        raise ValueError(f"unaligned record {rec!r}")
-                    append(_FUA if rec.fua else 0, rec.offset >> shift, len(data) >> shift, data)
-                elif kind is RecordKind.FLUSH:
+                    run.append((_FUA if rec.fua else 0, rec.offset, data))
+                    continue
+                if run:
+                    w.append_writes(run)
+                    run = []
+                if kind is RecordKind.FLUSH:
                     w.flush()
                 elif kind is RecordKind.ZERO:
                     w.write_zeroes(rec.offset, rec.length, fua=rec.fua)
@@ -137,6 +155,8 @@ class LogTarget(Target):
                     w.discard(rec.offset, rec.length, fua=rec.fua)
                 elif kind is RecordKind.MARK:
                     w.mark(rec.name)
+            if run:
+                w.append_writes(run)
         except ValueError as exc:  # a record the log cannot express: a bug, but not silent
             raise TargetError(self.name, str(exc)) from exc
 
