@@ -78,6 +78,21 @@ TARGET_VARIANTS: dict[str, tuple[Member, ...]] = {
         *REPLICA_MEMBERS,
     ),
     "nbd": (Member("uri", Str(), doc="an NBD URI kept identical to the export"), *REPLICA_MEMBERS),
+    "introspect": (
+        Member("filename", Str(), doc="file-level events as JSON lines (docs/introspection.md)"),
+        Member(
+            "max-pending",
+            Int(0, (1 << 63) - 1, kind="uint64"),
+            optional=True,
+            doc="data blocks held while their owner is unknown",
+        ),
+        Member(
+            "max-pending-bytes",
+            Int(0, (1 << 63) - 1, kind="uint64"),
+            optional=True,
+            doc="bytes of such data kept for attribution",
+        ),
+    ),
 }
 
 BlockTraceTarget = Union(
