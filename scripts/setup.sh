@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   qemu-utils qemu-system-x86 qemu-system-common  # qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon
-  libnbd-bin python3-libnbd nbdfuse              # nbdinfo, nbdcopy, nbdsh, nbdfuse, module nbd
+  libnbd-bin python3-libnbd                      # nbdinfo, nbdcopy, nbdsh, nbdfuse, module nbd
   nbdkit fio e2fsprogs fuse3 util-linux          # fio's nbd engine, mkfs.ext4/debugfs, losetup
   python3-venv python3-pip
 )

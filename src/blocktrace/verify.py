@@ -107,6 +107,9 @@ class VerifyResult:
     first_difference: int | None  # byte offset, None if identical
     differing_blocks: int
     total_blocks: int
+    #: coalesced differing ``(offset, length)`` byte ranges, block-aligned (the first
+    #: MAX_REGIONS of them; ``differing_blocks`` counts them all)
+    regions: tuple[tuple[int, int], ...] = ()
 
     @property
     def identical(self) -> bool:
@@ -133,6 +136,7 @@ def compare(
     first: int | None = None
     differing = 0
     partial_differs = False  # the block straddling the end of the shorter source
+    regions: list[tuple[int, int]] = []
     pos = 0
     while pos < common:
         n = min(chunk, common - pos)
@@ -143,6 +147,7 @@ def compare(
                 ba = da[off : off + block_size]
                 bb = db[off : off + block_size]
                 if ba != bb:
+                    _add_region(regions, pos + off, len(ba))
                     differing += 1
                     partial_differs = pos + off + block_size > common
                     if first is None:
@@ -156,9 +161,33 @@ def compare(
             differing += 1
         if first is None:
             first = common
+        tail = common - common % block_size if not partial_differs else common
+        _add_region(regions, tail, longest - tail)
         if progress is not None:
             progress(longest)
-    return VerifyResult(a.size, b.size, block_size, first, differing, -(-longest // block_size))
+    return VerifyResult(
+        a.size,
+        b.size,
+        block_size,
+        first,
+        differing,
+        -(-longest // block_size),
+        tuple(regions[:MAX_REGIONS]),
+    )
+
+
+#: differing regions kept in a result (a summary, not an inventory)
+MAX_REGIONS = 1000
+
+
+def _add_region(regions: list[tuple[int, int]], offset: int, length: int) -> None:
+    if length <= 0:
+        return
+    if regions and regions[-1][0] + regions[-1][1] >= offset:
+        start = regions[-1][0]
+        regions[-1] = (start, max(regions[-1][0] + regions[-1][1], offset + length) - start)
+    elif len(regions) <= MAX_REGIONS:
+        regions.append((offset, length))
 
 
 def _first_mismatch(x: bytes, y: bytes) -> int:

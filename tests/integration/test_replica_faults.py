@@ -224,3 +224,33 @@ def test_two_blocktrace_instances_on_loopback_tcp(tmp_path: Path) -> None:
     finally:
         b.stop()
     assert same_files(src, rep, SIZE)
+
+
+def test_qmp_block_trace_to_replica_reports_states(tmp_path: Path) -> None:
+    """block-trace with a replica target over QMP: options, READY, state events, cancel."""
+    src = random_image(tmp_path / "src.img", SIZE, 13)
+    rep = tmp_path / "rep.img"
+    with ServerProcess(tmp_path, [src], ["--qmp", str(tmp_path / "qmp.sock")]) as srv:
+        qmp = QMP(tmp_path / "qmp.sock")
+        target = {"type": "replica", "filename": str(rep), "force": False, "granularity": 65536}
+        qmp.q.cmd(
+            "block-trace",
+            **{"job-id": "r", "device": "src", "sync": "full", "target": target},
+        )
+        job = qmp.wait_caught_up()
+        assert job["status"] == "ready" and job["target"]["filename"] == str(rep)
+        wl = Workload(srv.uri("src"), src, 14)
+        wl.run(100)
+        wl.close()
+        qmp.wait_caught_up()
+        qmp.q.cmd("block-job-cancel", device="r")
+        events = []
+        while not any(e["event"] == "BLOCK_JOB_COMPLETED" for e in events):
+            events += qmp.q.get_events(wait=10.0)
+        names = [e["event"] for e in events]
+        assert "BLOCK_JOB_READY" in names
+        states = [e["data"]["state"] for e in events if e["event"] == "BLOCK_TRACE_REPLICA_STATE"]
+        assert "ready" in states and states[-1] == "closed"
+        qmp.close()
+    wl.check_source(src)
+    assert same_files(src, rep, SIZE)

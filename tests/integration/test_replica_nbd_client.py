@@ -22,7 +22,7 @@ from blocktrace.block.device import ExtentFlags
 from blocktrace.block.nbd import NBDDevice, parse_nbd_uri
 from blocktrace.errors import BlockDeviceError, RemoteProtocolError, UsageError
 from blocktrace.nbd.client import NBDDisconnected
-from support import ServerProcess, require
+from support import ServerProcess, blocktrace, require
 
 MiB = 1024 * 1024
 SIZE = 16 * MiB
@@ -142,3 +142,25 @@ def test_connect_refused_is_a_block_device_error(tmp_path: Path) -> None:
             await NBDDevice.open(f"nbd+unix:///x?socket={tmp_path}/none.sock", timeout=5)
 
     asyncio.run(main())
+
+
+def test_verify_nbd_uri_against_file_lists_differing_regions(tmp_path: Path) -> None:
+    require("qemu-nbd")
+    img = sparse(tmp_path / "r.img", SIZE)
+    copy = sparse(tmp_path / "copy.img", SIZE)
+    with open(copy, "r+b") as f:
+        for off in (4096 + 10, 5 * MiB, 5 * MiB + 4096):  # two regions, the second 8 KiB
+            f.seek(off)
+            f.write(b"z")
+    q = QemuNBD(img, sock=tmp_path / "q.sock").start()
+    try:
+        same = blocktrace("verify", q.uri, str(img))
+        assert "identical" in same.stdout
+        out = blocktrace("verify", q.uri, str(copy), check=False)
+    finally:
+        q.stop()
+    assert out.returncode == 1, out.stderr
+    assert "first difference at byte 4106" in out.stdout
+    assert "4096+4096" in out.stdout and f"{5 * MiB}+8192" in out.stdout
+    bad = blocktrace("verify", "nbd+unix:///r?socket=/nonexistent.sock", str(img), check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr

@@ -41,6 +41,7 @@ def test_bitmap_mark_clear_runs() -> None:
     bm.mark(0, 10 * G + 100)
     assert list(bm.runs(max_run=4 * G)) == [(0, 4 * G), (4 * G, 4 * G), (8 * G, 2 * G + 100)]
     assert bm.count() == 11
+    assert list(bm.runs(start=5 * G + 7)) == [(5 * G, 5 * G + 100)]
 
 
 @settings(max_examples=60, deadline=None)
@@ -62,6 +63,16 @@ def test_bitmap_matches_model(ops: list[tuple[bool, int, int]]) -> None:
             for i in range(-(-off // G), (off + n) // G):
                 model[i] = False
     assert [bm.test(i * G) for i in range(bm.nbits)] == model
+    covered = [False] * bm.nbits
+    for off, n in bm.runs(max_run=3 * G):
+        for i in range(off // G, (off + n - 1) // G + 1):
+            covered[i] = True
+    assert covered == model
+    assert bm.dirty_bytes() == sum(n for _, n in bm.runs()) == sum(model) * G
+    assert bool(bm) == any(model)
+    mid = size // 2  # a run crossing ``start`` is cut there
+    want = [(max(o, mid), o + n - max(o, mid)) for o, n in bm.runs() if o + n > mid]
+    assert list(bm.runs(start=mid)) == want
     again = DirtyBitmap.from_bytes(size, G, bm.to_bytes())
     assert list(again.runs()) == list(bm.runs())
 

@@ -74,10 +74,12 @@ def build_config(
     "--trace",
     "traces",
     multiple=True,
-    metavar="EXPORT=log:PATH[,OPT=VAL...]",
-    help="Trace an export from the start (options: sync=none|full, "
-    "copy-mode=background|write-blocking, on-target-error=report|break, queue-size=64M, "
-    "sector-size=512, job-id=ID; repeatable).  See docs/trace.md.",
+    metavar="[EXPORT=]TYPE:ARG[,OPT=VAL...]",
+    help="Trace an export from the start; TYPE:ARG is log:PATH (dm-log-writes log), "
+    "replica:PATH (raw image), nbd:URI (remote export) or introspect:PATH (ext4 events as "
+    "JSON lines).  Options: sync=none|full, copy-mode=background|write-blocking, "
+    "on-target-error=report|break, queue-size=64M, sector-size=512, job-id=ID; repeatable.  "
+    "See docs/trace.md.",
 )
 @click.option(
     "--qmp",

@@ -9,7 +9,10 @@ from __future__ import annotations
 import click
 
 from blocktrace.cli.replay import progress_bar
-from blocktrace.verify import DEFAULT_BLOCK_SIZE, compare, open_source
+from blocktrace.verify import DEFAULT_BLOCK_SIZE, MAX_REGIONS, compare, open_source
+
+#: differing regions listed on the terminal (the result keeps more)
+SHOW_REGIONS = 10
 
 
 @click.command()
@@ -44,4 +47,12 @@ def verify(a: str, b: str, block_size: int) -> None:
         f"{result.differing_blocks} of {result.total_blocks} blocks of "
         f"{result.block_size} bytes differ"
     )
+    shown = result.regions[:SHOW_REGIONS]
+    more = len(result.regions) - len(shown)
+    capped = "+" if len(result.regions) >= MAX_REGIONS else ""
+    click.echo(f"differing regions ({len(result.regions)}{capped}):")
+    for offset, length in shown:
+        click.echo(f"  {offset}+{length}  [{offset:#x}, {offset + length:#x})")
+    if more > 0:
+        click.echo(f"  ... and {more} more")
     raise click.exceptions.Exit(1)

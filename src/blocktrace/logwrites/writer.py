@@ -145,6 +145,9 @@ class LogWriter:
         self._pos = position  # where the next pending byte goes
         self._pending: list[Buffer] = []
         self._pending_bytes = 0
+        self._pack: bytearray | None = None  # append_writes' reusable packing buffer
+        self._pack_view = memoryview(b"")
+        self._pack_fill = 0  # bytes of _pack referenced by _pending
         self._failed: TargetError | None = None
         self._closed = False
         self.stats = WriterStats()
@@ -409,9 +412,22 @@ class LogWriter:
         with self._lock:
             self._check_usable()
             first = index = self._nr_entries
-            chunk = bytearray(total)
-            view = memoryview(chunk)
-            pos = seg = 0  # seg: start of the packed bytes not yet handed to _pending
+            # Pack into the reusable buffer (no allocation, no zero-fill: the header struct
+            # writes every header byte and the data fills the rest); it is free again once
+            # everything pending is written out.
+            pos = self._pack_fill
+            if pos + total <= _PACK_BYTES:
+                if self._pack is None:
+                    self._pack = bytearray(_PACK_BYTES)
+                    self._pack_view = memoryview(self._pack)
+                chunk, view = self._pack, self._pack_view
+                self._pack_fill = pos + total
+            else:
+                chunk = bytearray(total)
+                view = memoryview(chunk)
+                pos = 0
+            seg = pos  # start of the packed bytes not yet handed to _pending
+            start = pos
             pending = self._pending
             data_bytes = 0
             for flags, offset, data in entries:
@@ -438,8 +454,8 @@ class LogWriter:
                     self._pending_bytes += S + n
                 index += 1
             if pos > seg:
-                pending.append(view[seg:pos] if seg else chunk)
-            self._pending_bytes += total
+                pending.append(view[seg:pos])
+            self._pending_bytes += pos - start
             self._nr_entries = index
             self.stats.entries += index - first
             self.stats.data_bytes += data_bytes
@@ -553,6 +569,13 @@ class LogWriter:
         """Write the batch at ``_pos`` (caller holds ``_lock``); short writes are continued."""
         bufs, self._pending = self._pending, []
         total, self._pending_bytes = self._pending_bytes, 0
+        try:
+            self._write_bufs(bufs, total)
+        finally:
+            del bufs  # nothing references the packing buffer any more: reuse it
+            self._pack_fill = 0
+
+    def _write_bufs(self, bufs: list[Buffer], total: int) -> None:
         if not bufs:
             return
         pos = self._pos
@@ -670,6 +693,8 @@ _HEADER_STRUCTS: dict[int, struct.Struct] = {}
 _CRC = struct.Struct("<I")
 _NO_TAG = bytes(4)
 _PLAIN_FLAGS = _FUA | _METADATA
+#: append_writes' packing buffer (small entries, header + data contiguous)
+_PACK_BYTES = 8 * 1024 * 1024
 
 
 def _advance(bufs: list[Buffer], n: int) -> list[Buffer]:

@@ -12,9 +12,11 @@ Pure data, no I/O: :mod:`blocktrace.replica.meta` persists it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 DEFAULT_GRANULARITY = 64 * 1024
+_NONZERO = re.compile(b"[^\x00]")
 
 
 class DirtyBitmap:
@@ -87,34 +89,40 @@ class DirtyBitmap:
 
     def count(self) -> int:
         """Number of dirty regions."""
-        return sum(bin(b).count("1") for b in self._bits if b)
+        return int.from_bytes(self._bits, "little").bit_count()
 
     def dirty_bytes(self) -> int:
         """Bytes covered by dirty regions (the last region clipped to the device size)."""
-        return sum(length for _, length in self.runs())
+        n = self.count() * self.granularity
+        if n and self.test(self.size - 1):
+            n -= self.nbits * self.granularity - self.size
+        return n
 
     def __bool__(self) -> bool:
-        return any(self._bits)
+        return _NONZERO.search(self._bits) is not None
 
-    def runs(self, max_run: int | None = None) -> Iterator[tuple[int, int]]:
-        """Coalesced dirty ``(offset, length)`` runs in offset order, clipped to ``size``,
-        each at most ``max_run`` bytes when given."""
+    def runs(self, max_run: int | None = None, start: int = 0) -> Iterator[tuple[int, int]]:
+        """Coalesced dirty ``(offset, length)`` runs in offset order from byte offset
+        ``start`` (rounded down to a region), clipped to ``size``, each at most ``max_run``
+        bytes when given.  Clean stretches are skipped at C speed (a regex over the bytes)."""
         bits = self._bits
         g = self.granularity
-        i = 0
         n = self.nbits
+        i = start >> self._shift
         while i < n:
-            byte = i >> 3
-            if bits[byte] == 0 and i & 7 == 0:
-                i += 8
+            if not bits[i >> 3] & (1 << (i & 7)):
+                if i & 7 == 0 or not bits[i >> 3] >> (i & 7):
+                    m = _NONZERO.search(bits, (i >> 3) + (1 if i & 7 else 0))
+                    if m is None:
+                        return
+                    i = max(i, m.start() * 8)
+                while i < n and not bits[i >> 3] & (1 << (i & 7)):
+                    i += 1
                 continue
-            if not bits[byte] & (1 << (i & 7)):
-                i += 1
-                continue
-            start = i
+            first = i
             while i < n and bits[i >> 3] & (1 << (i & 7)):
                 i += 1
-            off = start * g
+            off = first * g
             end = min(i * g, self.size)
             while off < end:
                 step = end - off if max_run is None else min(max_run, end - off)

@@ -108,9 +108,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` so that a crash leaves the old or the new content."""
-    tmp = path.with_name(path.name + ".tmp")
+def atomic_write(path: Path, data: bytes, tmp_suffix: str = ".tmp") -> None:
+    """Replace ``path`` by ``data`` so that a crash leaves the old or the new content.
+
+    Concurrent writers must use distinct ``tmp_suffix`` values."""
+    tmp = path.with_name(path.name + tmp_suffix)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         view = memoryview(data)

@@ -50,12 +50,13 @@ from blocktrace.replica.meta import (
     ReplicaMeta,
     SourceRecord,
     SyncMode,
+    atomic_write,
+    encode_meta,
     file_fingerprint,
     load_meta,
     new_generation,
     plan_attach,
     rotate_generation,
-    save_meta,
 )
 from blocktrace.trace.records import RecordKind, TraceRecord
 from blocktrace.trace.targets.base import Target, TargetInfo
@@ -140,6 +141,7 @@ class ReplicaTarget(Target):
         self._closing = False
         self._fatal: BaseException | None = None
         self._last_save = 0.0
+        self._save_task: asyncio.Task[None] | None = None
         self._listeners: list[Listener] = []
         self._source_record: SourceRecord | None = None
 
@@ -268,11 +270,11 @@ class ReplicaTarget(Target):
                 granularity=g,
             )
             bitmap = DirtyBitmap(self.size, g)
-        elif bitmap.granularity != g or meta.size != self.size:
-            g = self.granularity = bitmap.granularity if meta.size == self.size else g
-            if meta.size != self.size:
-                bitmap = DirtyBitmap(self.size, g)
-                meta.size = self.size
+        elif meta.size != self.size:  # resized source: plan_attach chose a full copy
+            bitmap = DirtyBitmap(self.size, g)
+            meta.size, meta.granularity = self.size, g
+        else:  # a known replica keeps the granularity its bitmap was made with
+            g = self.granularity = bitmap.granularity
         self._dirty = bitmap
         self._unflushed = DirtyBitmap(self.size, g)
         self._compare = DirtyBitmap(self.size, g)
@@ -331,6 +333,9 @@ class ReplicaTarget(Target):
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._worker
+        if self._save_task is not None:  # the final save must be the last rename
+            with contextlib.suppress(Exception):
+                await self._save_task
         async with self._lock:
             if self.device is not None:
                 try:
@@ -620,18 +625,42 @@ class ReplicaTarget(Target):
     # -- persistence ----------------------------------------------------------------------------
 
     def _maybe_save(self) -> None:
-        if time.monotonic() - self._last_save >= SAVE_INTERVAL:
-            with contextlib.suppress(OSError):
-                self._save(force=True)
+        """Periodic save while streaming, written by a worker thread: an fsync must not stall
+        the event loop (and so every client) once a second."""
+        if (
+            self._save_task is None
+            and self.meta is not None
+            and self.meta_path is not None
+            and time.monotonic() - self._last_save >= SAVE_INTERVAL
+        ):
+            data = self._encode()
+            self._last_save = time.monotonic()
+            self._save_task = asyncio.get_running_loop().create_task(
+                self._save_in_thread(self.meta_path, data)
+            )
 
-    def _save(self, *, force: bool) -> None:
-        if self.meta is None or self.meta_path is None:
-            return
+    async def _save_in_thread(self, path: Path, data: bytes) -> None:
+        try:
+            await asyncio.to_thread(atomic_write, path, data, ".tmp-bg")
+        except OSError as exc:
+            log.warning("%s: cannot save replica metadata: %s", self.name, exc)
+        finally:
+            self._save_task = None
+
+    def _encode(self) -> bytes:
+        assert self.meta is not None
         if self.state == "ready":
             self.meta.applied_seq = self.applied_seq
+        self.meta.updated = time.time()
         bitmap = self._dirty.copy()
         bitmap.merge(self._compare)  # a pending compare is a pending copy for a reader
-        save_meta(self.meta_path, self.meta, bitmap)
+        return encode_meta(self.meta, bitmap)
+
+    def _save(self, *, force: bool) -> None:
+        """Save now, in this thread (state changes, open and close)."""
+        if self.meta is None or self.meta_path is None:
+            return
+        atomic_write(self.meta_path, self._encode())
         self._last_save = time.monotonic()
 
 
