@@ -27,6 +27,7 @@ import signal
 import socket
 import stat
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -292,9 +293,18 @@ class Service:
             await self._stop.wait()
             log.info("stopping")
         finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
-            await self.stop()
+            # The handlers stay installed while we stop: a second SIGTERM (systemd and
+            # `timeout` signal the whole group; impatient operators press ^C twice) must not
+            # kill us half way through delivering queued records and closing logs.  Once
+            # stopped, the process is on its way out: later signals are ignored rather than
+            # allowed to turn a clean exit into "killed by SIGTERM".
+            try:
+                await self.stop()
+            finally:
+                for sig in signals:
+                    loop.remove_signal_handler(sig)
+                    if threading.current_thread() is threading.main_thread():
+                        signal.signal(sig, signal.SIG_IGN)
 
     async def stop(self) -> None:
         """Stop accepting, finish in-flight requests, run shutdown hooks, flush, close."""

@@ -97,6 +97,10 @@ def test_connection_cut_by_proxy(tmp_path: Path) -> None:
         assert qmp.job()["target"]["lag-bytes"] > 0
         proxy.heal()
         job = qmp.wait(lambda j: j["target"]["reconnects"] >= 1 and j["target"]["state"] == "ready")
+        events = [e for e in qmp.q.get_events() if e["event"] == "BLOCK_TRACE_REPLICA_STATE"]
+        states = [e["data"]["state"] for e in events]
+        assert "degraded" in states and states[-1] == "ready", states
+        assert all(e["data"]["device"] == "r" for e in events)
         wl.run(50)
         wl.close()
         job = qmp.wait_caught_up()
@@ -179,6 +183,22 @@ def test_source_restart_resumes_without_full_copy(tmp_path: Path) -> None:
             assert job["target"]["sync-mode"] == "compare"  # unclean: compare, copy only diffs
             assert job["target"]["synced-bytes"] < SIZE // 2
             qmp.close()
+        q.stop()
+        # the source restarts while the replica is down: it serves anyway, degraded
+        with source_server(tmp_path, src, target) as srv:
+            qmp = QMP(tmp_path / "qmp.sock")
+            assert qmp.job()["target"]["state"] == "degraded"
+            wl = Workload(srv.uri("src"), src, 10)
+            wl.run(100)
+            q.start()
+            job = qmp.wait_caught_up()
+            assert job["target"]["sync-mode"] == "bitmap"
+            assert 0 < job["target"]["synced-bytes"] < SIZE // 2
+            wl.run(20)
+            wl.close()
+            qmp.wait_caught_up()
+            qmp.close()
+        wl.check_source(src)
     finally:
         q.stop()
     assert blocktrace("verify", str(src), str(rep)).returncode == 0

@@ -133,6 +133,10 @@ async def test_restart_resumes_without_copy_and_catches_untracked_writes(tmp_pat
     assert info["sync-mode"] == "compare"
     assert info["synced-bytes"] < SIZE // 2
     assert same(tmp_path / "src.img", rep)
+    rep.unlink()  # the replica image is lost: its metadata must not be trusted
+    info = await replicate(tmp_path, spec, 45, n=10)
+    assert info["sync-mode"] == "full"
+    assert same(tmp_path / "src.img", rep)
 
 
 @aio

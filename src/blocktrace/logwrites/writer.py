@@ -41,6 +41,7 @@ and the entry count, so appends proceed while it waits for ``fdatasync``.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import mmap
@@ -145,14 +146,17 @@ class LogWriter:
         self._pos = position  # where the next pending byte goes
         self._pending: list[Buffer] = []
         self._pending_bytes = 0
-        self._pack: bytearray | None = None  # append_writes' reusable packing buffer
+        self._pack: mmap.mmap | None = None  # append_writes' reusable packing buffer
         self._pack_view = memoryview(b"")
         self._pack_fill = 0  # bytes of _pack referenced by _pending
+        #: (index in _pending, start, end) of the last piece of _pack handed to _pending
+        self._pack_last: tuple[int, int, int] | None = None
         self._failed: TargetError | None = None
         self._closed = False
         self.stats = WriterStats()
         self._dfd: int | None = None  # O_DIRECT descriptor, if direct I/O works here
         self._stage: mmap.mmap | None = None  # page-aligned staging buffer for O_DIRECT
+        self._stage_addr = 0
         if direct:
             self._open_direct()
 
@@ -416,9 +420,11 @@ class LogWriter:
             # writes every header byte and the data fills the rest); it is free again once
             # everything pending is written out.
             pos = self._pack_fill
+            chunk: mmap.mmap | bytearray
             if pos + total <= _PACK_BYTES:
                 if self._pack is None:
-                    self._pack = bytearray(_PACK_BYTES)
+                    # page-aligned, so O_DIRECT writes it without a staging copy
+                    self._pack = mmap.mmap(-1, _PACK_BYTES)
                     self._pack_view = memoryview(self._pack)
                 chunk, view = self._pack, self._pack_view
                 self._pack_fill = pos + total
@@ -443,7 +449,7 @@ class LogWriter:
                     pos = end
                 else:
                     if pos > seg:  # stream order: the entries packed so far go first
-                        pending.append(view[seg:pos])
+                        self._add_packed(view, seg, pos, chunk)
                         seg = pos
                     header = bytearray(S)
                     pack(header, 0, offset >> shift, n >> shift, flags, 0, tag, 0, log_id, 0, idx)
@@ -454,12 +460,29 @@ class LogWriter:
                     self._pending_bytes += S + n
                 index += 1
             if pos > seg:
-                pending.append(view[seg:pos])
+                self._add_packed(view, seg, pos, chunk)
             self._pending_bytes += pos - start
             self._nr_entries = index
             self.stats.entries += index - first
             self.stats.data_bytes += data_bytes
             return index - 1
+
+    def _add_packed(self, view: memoryview, start: int, end: int, chunk: object) -> None:
+        """Hand packed bytes ``[start, end)`` to the batch, extending the previous piece of
+        the packing buffer when it ends at ``start`` (one large write instead of many)."""
+        pending = self._pending
+        last = self._pack_last
+        if (
+            chunk is self._pack
+            and last is not None
+            and last[0] == len(pending) - 1
+            and last[2] == start
+        ):
+            pending[-1] = view[last[1] : end]
+            self._pack_last = (last[0], last[1], end)
+            return
+        pending.append(view[start:end])
+        self._pack_last = (len(pending) - 1, start, end) if chunk is self._pack else None
 
     @property
     def pending_bytes(self) -> int:
@@ -574,6 +597,7 @@ class LogWriter:
         finally:
             del bufs  # nothing references the packing buffer any more: reuse it
             self._pack_fill = 0
+            self._pack_last = None
 
     def _write_bufs(self, bufs: list[Buffer], total: int) -> None:
         if not bufs:
@@ -619,6 +643,8 @@ class LogWriter:
         except OSError:
             return  # tmpfs and friends: buffered appends
         self._stage = mmap.mmap(-1, _STAGE_BYTES)
+        # its address, for GIL-free copies (valid while the mapping is open)
+        self._stage_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._stage))
 
     def _close_direct(self) -> None:
         if self._dfd is not None:
@@ -637,7 +663,29 @@ class LogWriter:
         assert stage is not None and self._dfd is not None
         cap = len(stage)
         fill = 0
+        pack = self._pack
         for b in bufs:
+            if pack is not None and isinstance(b, memoryview) and b.obj is pack:
+                # packed entries already sit in page-aligned memory: no staging copy
+                if fill:
+                    pos = self._direct_out(fill, pos)
+                    fill = 0
+                pos = self._direct_write(b, pos)
+                continue
+            if type(b) is bytes and len(b) >= _MEMMOVE_MIN:
+                # a large payload: copy it without holding the GIL (ctypes releases it), so
+                # the event loop runs on while this thread copies
+                src = _bytes_address(b)
+                off, n = 0, len(b)
+                while off < n:
+                    take = min(cap - fill, n - off)
+                    _memmove(self._stage_addr + fill, src + off, take)
+                    fill += take
+                    off += take
+                    if fill == cap:
+                        pos = self._direct_out(fill, pos)
+                        fill = 0
+                continue
             mv = memoryview(b).cast("B") if isinstance(b, memoryview) else memoryview(b)
             off, n = 0, len(mv)
             while off < n:
@@ -653,16 +701,22 @@ class LogWriter:
         return pos
 
     def _direct_out(self, fill: int, pos: int) -> int:
-        assert self._stage is not None and self._dfd is not None
+        assert self._stage is not None
         with memoryview(self._stage) as whole, whole[:fill] as view:
-            n = os.pwrite(self._dfd, view, pos)
-            self.stats.writes += 1
-            while n < fill:  # a short direct write: finish through the page cache
-                m = os.pwrite(self._fd, view[n:], pos + n)
-                if m <= 0:
-                    raise OSError(errno.EIO, "pwrite wrote nothing")
-                n += m
-        return pos + fill
+            return self._direct_write(view, pos)
+
+    def _direct_write(self, view: memoryview, pos: int) -> int:
+        """One O_DIRECT write of aligned memory at ``pos``; returns the new end position."""
+        assert self._dfd is not None
+        size = view.nbytes
+        n = os.pwrite(self._dfd, view, pos)
+        self.stats.writes += 1
+        while n < size:  # a short direct write: finish through the page cache
+            m = os.pwrite(self._fd, view[n:], pos + n)
+            if m <= 0:
+                raise OSError(errno.EIO, "pwrite wrote nothing")
+            n += m
+        return pos + size
 
     def _fail(self, exc: OSError, what: str) -> TargetError:
         """Enter the failed state (sticky); return the error every later call raises."""
@@ -695,6 +749,18 @@ _NO_TAG = bytes(4)
 _PLAIN_FLAGS = _FUA | _METADATA
 #: append_writes' packing buffer (small entries, header + data contiguous)
 _PACK_BYTES = 8 * 1024 * 1024
+
+
+#: payloads at least this large are copied into the O_DIRECT stage with the GIL released
+_MEMMOVE_MIN = 64 * 1024
+_memmove = ctypes.memmove
+
+
+def _bytes_address(b: bytes) -> int:
+    """Address of a bytes object's data (valid while ``b`` is alive; it is never written)."""
+    addr = ctypes.cast(ctypes.c_char_p(b), ctypes.c_void_p).value
+    assert addr is not None
+    return addr
 
 
 def _advance(bufs: list[Buffer], n: int) -> list[Buffer]:

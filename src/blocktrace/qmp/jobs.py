@@ -112,6 +112,8 @@ class JobRegistry:
         self._held: dict[str, TraceEvent] = {}  # a "concluded" change waiting for its end event
         self._ended: set[str] = set()  # jobs whose end event has been sent
         manager.add_listener(self._on_trace_event)
+        for trace in manager.list():  # started before QMP was (serve --trace)
+            self.watch_target(trace)
 
     def jobs_on(self, export: str) -> list[str]:
         return [t.job_id for t in self.manager.on_export(export)]
@@ -143,11 +145,26 @@ class JobRegistry:
         if self._stops:
             await asyncio.gather(*self._stops, return_exceptions=True)
 
+    def watch_target(self, trace: Trace) -> None:
+        """Replica targets report connection/sync state changes: QMP event
+        ``BLOCK_TRACE_REPLICA_STATE`` {device, state, error?} (docs/replica.md)."""
+        watch = getattr(trace.target, "add_listener", None)
+        if watch is None:
+            return
+
+        def on_state(_target: Any, state: str, details: dict[str, Any]) -> None:
+            data = {"device": trace.job_id, "state": state, **details}
+            self.ctx.emit("BLOCK_TRACE_REPLICA_STATE", data)
+
+        watch(on_state)
+
     def _on_trace_event(self, trace: Trace, event: TraceEvent) -> None:
         """Translate and broadcast, in QEMU's order: QEMU announces the end of a job
         (``BLOCK_JOB_COMPLETED``/``CANCELLED``) *before* its status becomes ``concluded``, so a
         ``concluded`` change seen first is held back until the end event has gone out."""
         job = trace.job_id
+        if event.kind is EventKind.STATUS_CHANGE and event.status is JobStatus.CREATED:
+            self.watch_target(trace)
         if event.kind is EventKind.STATUS_CHANGE and event.status is JobStatus.CONCLUDED:
             if job not in self._ended:
                 self._held[job] = event
@@ -226,16 +243,9 @@ def register(table: CommandTable) -> None:
             if args["device"] not in ctx.service.registry:
                 raise errors.device_not_found(args["device"])
             try:
-                trace = await ctx.jobs.manager.start(job_id, args["device"], target, options)
+                await ctx.jobs.manager.start(job_id, args["device"], target, options)
             except BlocktraceError as exc:
                 raise errors.generic(str(exc)) from None
-        watch = getattr(trace.target, "add_listener", None)
-        if watch is not None:  # replica targets: connection/sync state changes as events
-
-            def on_state(_target: Any, state: str, details: dict[str, Any]) -> None:
-                ctx.emit("BLOCK_TRACE_REPLICA_STATE", {"device": job_id, "state": state, **details})
-
-            watch(on_state)
         return {}
 
     @table.command(

@@ -46,6 +46,7 @@ from blocktrace.errors import BlocktraceError, TargetError, UsageError
 from blocktrace.replica.bitmap import DEFAULT_GRANULARITY, DirtyBitmap
 from blocktrace.replica.meta import (
     SOURCE_SUFFIX,
+    AttachPlan,
     Fingerprint,
     ReplicaMeta,
     SourceRecord,
@@ -155,6 +156,10 @@ class ReplicaTarget(Target):
         """Evidence that the replica was not written behind our back (local files only)."""
         return None
 
+    def replica_exists(self) -> bool:
+        """False if the replica is known to be gone (a local image deleted): copy it all."""
+        return True
+
     def default_meta_path(self) -> Path | None:
         """Where the metadata lives when ``meta=`` is not given."""
         if self.source_path is None:
@@ -235,6 +240,7 @@ class ReplicaTarget(Target):
         except BlocktraceError as exc:
             raise TargetError(self.name, str(exc)) from exc
         meta, bitmap = loaded if loaded else (None, None)
+        exists = self.replica_exists()
         plan = plan_attach(
             meta,
             bitmap,
@@ -248,18 +254,25 @@ class ReplicaTarget(Target):
         )
         try:
             self.device = await self.open_device()
-        except BlocktraceError as exc:
-            raise TargetError(self.name, f"cannot open replica: {exc}") from exc
-        except OSError as exc:
-            raise TargetError(self.name, f"cannot open replica: {exc.strerror or exc}") from exc
-        if self.device.size < self.size:
-            await self.device.close()
-            raise TargetError(
-                self.name, f"replica is {self.device.size} bytes, source is {self.size}"
-            )
-        if self.device.read_only:
-            await self.device.close()
-            raise TargetError(self.name, "replica is read-only")
+        except (BlocktraceError, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if self.on_disconnect != "degrade" or loaded is None:
+                raise TargetError(self.name, f"cannot open replica: {reason}") from exc
+            # a known replica, gone for now (a source restart during an outage): serve the
+            # source anyway, degraded; the worker connects when the replica is back
+            log.warning("%s: replica unavailable (%s); starting degraded", self.name, reason)
+            self.last_error = reason
+        if self.device is not None:
+            problem = ""
+            if self.device.size < self.size:
+                problem = f"replica is {self.device.size} bytes, source is {self.size}"
+            elif self.device.read_only:
+                problem = "replica is read-only"
+            if problem:
+                await self.device.close()
+                raise TargetError(self.name, problem)
+        if meta is not None and not exists and plan.mode is not SyncMode.FULL:
+            plan = AttachPlan(SyncMode.FULL, "the replica image was missing: full copy")
         g = self.granularity
         if meta is None or meta.source_id != self._source_record.source_id or bitmap is None:
             meta = ReplicaMeta(
@@ -295,9 +308,10 @@ class ReplicaTarget(Target):
             self._source_record.save(src_rec_path)
             self._save(force=True)
         except OSError as exc:
-            await self.device.close()
+            if self.device is not None:
+                await self.device.close()
             raise TargetError(self.name, f"cannot write replica metadata: {exc}") from exc
-        self._set_state("synchronizing")
+        self._set_state("synchronizing" if self.device is not None else "degraded")
 
     def attached(self) -> None:
         """The stream now holds every write: copying from the source is safe from here on

@@ -47,15 +47,15 @@ class LogTarget(Target):
         *,
         sector_size: int | None = None,
         zeroes: ZeroesMode = "discard",
-        direct: bool = False,
+        direct: bool = True,
     ) -> None:
         self.filename = os.path.abspath(filename)
         self.name = f"log:{filename}"
         self._sector_size = sector_size
         self._zeroes: ZeroesMode = zeroes
-        # Buffered by default: small batches are appended on the event loop, where an
-        # O_DIRECT write-out of the writer's 4 MiB batch would stall every client for the
-        # disk's latency (measured: 4 KiB random writes ~25% slower with direct=on).
+        # O_DIRECT by default: write-outs run in a thread, so the disk's latency stalls no
+        # client, and the log skips the page cache (no copy there, no write-back burst
+        # competing for the CPU): measured 1.3-1.6x faster for 1 MiB writes, same for 4 KiB.
         self._direct = direct
         self._writer: LogWriter | None = None
 
@@ -77,7 +77,7 @@ class LogTarget(Target):
         zeroes = spec.get("zeroes", "discard")
         if zeroes not in ("discard", "data"):
             raise UsageError(f"zeroes must be discard|data, not {zeroes!r}")
-        direct = spec.get("direct", False)
+        direct = spec.get("direct", True)
         if direct in ("on", "true", True):
             direct = True
         elif direct in ("off", "false", False):

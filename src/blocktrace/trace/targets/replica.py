@@ -75,5 +75,8 @@ class LocalReplicaTarget(ReplicaTarget):
     def replica_fingerprint(self) -> Fingerprint | None:
         return file_fingerprint(self.filename)
 
+    def replica_exists(self) -> bool:
+        return os.path.exists(self.filename)
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "filename": self.filename}
