@@ -25,6 +25,7 @@ connection is closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
 from collections.abc import Iterable, Sequence
@@ -269,7 +270,10 @@ class NBDClient:
                 await asyncio.wait(pending, timeout=10)
             if self._lost is None:
                 self._transport.write(encode_request(Cmd.DISC, self._next_cookie()))
-                self._transport.close()
+                self._transport.close()  # sends what is buffered (DISC included), then closes
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5):
+                        await self._closed.wait()
         self._abort()
         await self._closed.wait()
 

@@ -17,8 +17,9 @@ and closed), then ``BLOCK_JOB_COMPLETED`` (the trace was ready: the stream is co
 Races: commands that create or end jobs, or add or remove exports, hold :attr:`Control.lock`,
 so two ``block-trace`` with one job id, or a cancel racing a start, are serialised: the
 second gets QEMU's error (``Job ID 'x' already in use``) or sees the finished start, never a
-half-made job.  Target types: the schema of each lives in :data:`TARGET_VARIANTS`; a type the
-trace layer cannot build yet (``replica``, ``nbd``) fails with a GenericError saying so.
+half-made job.  Target types (``log``, ``replica``, ``nbd``, ``introspect``): the schema of
+each lives in :data:`TARGET_VARIANTS`, the constructor in ``blocktrace.trace.targets``; a
+target that cannot be opened fails the command with a GenericError saying why.
 """
 
 from __future__ import annotations
