@@ -40,14 +40,17 @@ class Workload:
     rw: str
     bs: str
     iodepth: int
-    metric: str  # "iops" or "MB/s"
+    metric: str  # "iops", "MB/s", "p50 us" or "p99 us" (completion latency percentiles)
     direction: str  # fio JSON section: "read" or "write"
+    default: bool = True  # run unless --workloads names others
 
 
 WORKLOADS = [
     Workload("4k randwrite QD16", "randwrite", "4k", 16, "iops", "write"),
     Workload("4k randread QD16", "randread", "4k", 16, "iops", "read"),
     Workload("1M seqwrite QD8", "write", "1M", 8, "MB/s", "write"),
+    Workload("4k randwrite QD1 p50", "randwrite", "4k", 1, "p50 us", "write", default=False),
+    Workload("4k randwrite QD1 p99", "randwrite", "4k", 1, "p99 us", "write", default=False),
 ]
 
 
@@ -57,7 +60,8 @@ class Contender:
 
     name: str
     command: Callable[[Path, Path, Path], list[str]]
-    setup: Callable[[Path], None] = lambda workdir: None
+    #: a helper process started first (e.g. the qemu-nbd a replica target writes to)
+    sidecar: Callable[[Path, Path], list[str]] | None = None
     peak_rss: int = 0
     results: dict[str, float] = field(default_factory=dict)
 
@@ -101,7 +105,10 @@ def qemu_nbd_blklogwrites(image: Path, sock: Path, workdir: Path) -> list[str]:
 
 def blocktrace(*extra: str) -> Callable[[Path, Path, Path], list[str]]:
     def command(image: Path, sock: Path, workdir: Path) -> list[str]:
-        args = [a.replace("{log}", str(workdir / "trace.log")) for a in extra]
+        args = [
+            a.replace("{log}", str(workdir / "trace.log")).replace("{workdir}", str(workdir))
+            for a in extra
+        ]
         return [
             PYTHON,
             "-m",
@@ -116,6 +123,20 @@ def blocktrace(*extra: str) -> Callable[[Path, Path, Path], list[str]]:
     return command
 
 
+def replica_qemu_nbd(workdir: Path, image: Path) -> list[str]:
+    """The replica's server: qemu-nbd on a copy of the image (the replica starts in sync, so
+    ``sync=none`` is truthful and the figures measure streaming, not the initial copy)."""
+    replica = workdir / "replica.img"
+    shutil.copyfile(image, replica)
+    return ["qemu-nbd", "-t", "-f", "raw", "-x", "r", "-k", str(workdir / "replica.sock"),
+            "--cache=writeback", str(replica)]  # fmt: skip
+
+
+def replica_trace(mode: str) -> list[str]:
+    uri = "nbd+unix:///r?socket={workdir}/replica.sock"
+    return ["--trace", f"{EXPORT}=nbd:{uri},sync=none,copy-mode={mode}"]
+
+
 CONTENDERS = [
     Contender("qemu-nbd", qemu_nbd),
     Contender("blocktrace", blocktrace()),
@@ -127,6 +148,16 @@ CONTENDERS = [
     Contender(
         "blocktrace+log write-blocking",
         blocktrace("--trace", f"{EXPORT}=log:{{log}},copy-mode=write-blocking"),
+    ),
+    Contender(
+        "blocktrace+replica background",
+        blocktrace(*replica_trace("background")),
+        sidecar=replica_qemu_nbd,
+    ),
+    Contender(
+        "blocktrace+replica write-blocking",
+        blocktrace(*replica_trace("write-blocking")),
+        sidecar=replica_qemu_nbd,
     ),
 ]
 
@@ -146,6 +177,18 @@ RATIOS = [
         None,
     ),
     ("traced background / untraced blocktrace", "blocktrace+log background", "blocktrace", 0.8),
+    (
+        "replica background / untraced blocktrace",
+        "blocktrace+replica background",
+        "blocktrace",
+        0.8,
+    ),
+    (
+        "replica write-blocking / untraced blocktrace",
+        "blocktrace+replica write-blocking",
+        "blocktrace",
+        None,
+    ),
 ]
 
 
@@ -193,27 +236,40 @@ def run_fio(uri: str, w: Workload, size: int, runtime: int) -> float:
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + 120, check=True)
     job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0][w.direction]
-    return float(job["iops"]) if w.metric == "iops" else float(job["bw"]) * 1024 / 1e6
+    if w.metric == "iops":
+        return float(job["iops"])
+    if w.metric == "MB/s":
+        return float(job["bw"]) * 1024 / 1e6
+    pct = "50.000000" if w.metric == "p50 us" else "99.000000"
+    return float(job["clat_ns"]["percentile"][pct]) / 1000
 
 
 def measure(c: Contender, image: Path, w: Workload, size: int, runtime: int) -> float:
     with tempfile.TemporaryDirectory(prefix="bench-", dir=image.parent) as tmp:
         workdir = Path(tmp)
         sock = workdir / "nbd.sock"
-        proc = subprocess.Popen(
-            c.command(image, sock, workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        try:
-            wait_listening(sock, proc)
-            value = run_fio(f"nbd+unix:///{EXPORT}?socket={sock}", w, size, runtime)
-            c.peak_rss = max(c.peak_rss, peak_rss(proc.pid))
-        finally:
-            proc.send_signal(signal.SIGTERM)
+        procs: list[subprocess.Popen[bytes]] = []
+        with open(workdir / "stderr", "wb") as err:
             try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                if c.sidecar is not None:
+                    side = subprocess.Popen(c.sidecar(workdir, image), stderr=err)
+                    procs.append(side)
+                    wait_listening(workdir / "replica.sock", side)
+                proc = subprocess.Popen(
+                    c.command(image, sock, workdir), stdout=subprocess.DEVNULL, stderr=err
+                )
+                procs.insert(0, proc)
+                wait_listening(sock, proc)
+                value = run_fio(f"nbd+unix:///{EXPORT}?socket={sock}", w, size, runtime)
+                c.peak_rss = max(c.peak_rss, peak_rss(proc.pid))
+            finally:
+                for p in procs:  # the server first: it flushes to its sidecar on the way out
+                    p.send_signal(signal.SIGTERM)
+                    try:
+                        p.wait(60)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait()
         return value
 
 
@@ -237,6 +293,9 @@ def main() -> int:
     ap.add_argument("--runtime", type=int, default=8, help="seconds per measurement")
     ap.add_argument("--size", type=int, default=512, help="image size in MiB")
     ap.add_argument("--only", help="comma-separated contender names")
+    ap.add_argument(
+        "--workloads", help="comma-separated workload names (default: the throughput ones)"
+    )
     ap.add_argument("--dir", type=Path, help="where to put the image (default: a temp dir)")
     ap.add_argument("--markdown", type=Path, help="write the report as Markdown here")
     ap.add_argument("--json", type=Path, help="write raw results as JSON here")
@@ -249,6 +308,10 @@ def main() -> int:
     if args.only:
         wanted = set(args.only.split(","))
         contenders = [c for c in CONTENDERS if c.name in wanted]
+    workloads = [w for w in WORKLOADS if w.default]
+    if args.workloads:
+        names = args.workloads.split(",")
+        workloads = [w for w in WORKLOADS if w.name in names]
     size = args.size * MiB
     base = Path(tempfile.mkdtemp(prefix="blocktrace-bench-", dir=args.dir))
     try:
@@ -257,7 +320,7 @@ def main() -> int:
             chunk = os.urandom(MiB)
             for _ in range(args.size):
                 f.write(chunk)
-        for w in WORKLOADS:
+        for w in workloads:
             for c in contenders:
                 try:
                     c.results[w.name] = measure(c, image, w, size, args.runtime)
@@ -270,7 +333,7 @@ def main() -> int:
                 )
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    report = render(contenders, args)
+    report = render(contenders, workloads, args)
     print(report)
     if args.markdown:
         args.markdown.write_text(report)
@@ -284,33 +347,45 @@ def main() -> int:
     return 0
 
 
-def render(contenders: list[Contender], args: argparse.Namespace) -> str:
+def render(contenders: list[Contender], workloads: list[Workload], args: argparse.Namespace) -> str:
     by_name = {c.name: c for c in contenders}
+    command = f".venv/bin/python bench/nbd_fio.py --runtime {args.runtime} --size {args.size}"
+    if args.only:
+        command += f" --only '{args.only}'"
+    if args.workloads:
+        command += f" --workloads '{args.workloads}'"
     lines = [
         f"Machine: {machine()}",
         "",
-        f"Command: `.venv/bin/python bench/nbd_fio.py --runtime {args.runtime} --size {args.size}`",
+        f"Command: `{command}`",
         "",
         "| contender | "
-        + " | ".join(f"{w.name} ({w.metric})" for w in WORKLOADS)
+        + " | ".join(f"{w.name} ({w.metric})" for w in workloads)
         + " | peak RSS (MiB) |",
-        "|---|" + "---:|" * (len(WORKLOADS) + 1),
+        "|---|" + "---:|" * (len(workloads) + 1),
     ]
     for c in contenders:
-        cells = [f"{c.results[w.name]:,.0f}" if w.name in c.results else "n/a" for w in WORKLOADS]
+        cells = [f"{c.results[w.name]:,.0f}" if w.name in c.results else "n/a" for w in workloads]
         lines.append(f"| {c.name} | " + " | ".join(cells) + f" | {c.peak_rss / MiB:.0f} |")
     lines += [
         "",
-        "| ratio | " + " | ".join(w.name for w in WORKLOADS) + " | goal |",
-        "|---|" + "---:|" * (len(WORKLOADS) + 1),
+        "Ratios (throughput: contender / baseline; latency: microseconds added over the baseline):",
+        "",
+        "| ratio | " + " | ".join(w.name for w in workloads) + " | goal |",
+        "|---|" + "---:|" * (len(workloads) + 1),
     ]
     for label, num, den, goal in RATIOS:
         if num not in by_name or den not in by_name:
             continue
         cells = []
-        for w in WORKLOADS:
+        for w in workloads:
             a, b = by_name[num].results.get(w.name), by_name[den].results.get(w.name)
-            cells.append(f"{a / b:.2f}x" if a and b else "n/a")
+            if not (a and b):
+                cells.append("n/a")
+            elif w.metric.endswith(" us"):
+                cells.append(f"{a - b:+,.0f} us")
+            else:
+                cells.append(f"{a / b:.2f}x")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {f'>= {goal}x' if goal else ''} |")
     return "\n".join(lines) + "\n"
 

@@ -37,7 +37,8 @@ def wait_port(port: int, timeout: float = 15) -> None:
 
 
 class QemuNBD:
-    """qemu-nbd serving a raw image as export ``r`` on a Unix socket or a TCP port."""
+    """qemu-nbd serving a raw image as export ``r`` on a Unix socket or a TCP port, to up to
+    four clients at once (the replica target, and `blocktrace verify` beside it)."""
 
     def __init__(self, image: Path, *, sock: Path | None = None, port: int = 0) -> None:
         self.image, self.sock, self.port = image, sock, port
@@ -54,7 +55,18 @@ class QemuNBD:
         if self.sock is not None and self.sock.exists():
             self.sock.unlink()  # left behind by a kill -9
         self.proc = subprocess.Popen(
-            ["qemu-nbd", "-f", "raw", "--persistent", "-x", "r", *where, str(self.image)],
+            [
+                "qemu-nbd",
+                "-f",
+                "raw",
+                "-e",
+                "4",
+                "--persistent",
+                "-x",
+                "r",
+                *where,
+                str(self.image),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

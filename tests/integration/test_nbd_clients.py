@@ -323,6 +323,7 @@ def test_fio_nbd_engine_with_crc32c_verify(server: ServerProcess) -> None:
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",  # no local-*-verify.state left in the cwd
             "--output-format=json",
         ],
         timeout=120,

@@ -22,7 +22,7 @@ from blocktrace.block.file import FileDevice
 from blocktrace.block.filter import Filter
 from blocktrace.errors import BlockDeviceError, TargetError
 from blocktrace.exports import ExportRegistry, open_export
-from blocktrace.replica.meta import load_meta
+from blocktrace.replica.meta import SourceRecord, load_meta
 from blocktrace.trace import TraceFilter, TraceManager, TraceOptions
 from blocktrace.trace.targets.replica import LocalReplicaTarget
 
@@ -126,9 +126,16 @@ async def test_restart_resumes_without_copy_and_catches_untracked_writes(tmp_pat
     info = await replicate(tmp_path, spec, 30)  # restart: nothing changed in between
     assert info["sync-mode"] == "bitmap" and info["synced-bytes"] == 0
     assert same(tmp_path / "src.img", rep)
-    with open(tmp_path / "src.img", "r+b") as f:  # written while no trace was attached
-        f.seek(12345)
-        f.write(b"untracked" * 100)
+    src = tmp_path / "src.img"
+    record = SourceRecord.load(Path(str(src) + ".btsource"))
+    closed_at = record.replicas[os.path.realpath(rep)]["fingerprint"][1]
+    for _ in range(10_000):  # written while no trace was attached, in a later clock tick
+        with open(src, "r+b") as f:
+            f.seek(12345)
+            f.write(b"untracked" * 100)
+        if os.stat(src).st_mtime_ns != closed_at:
+            break
+        await asyncio.sleep(0.001)
     info = await replicate(tmp_path, spec, 40, n=10)
     assert info["sync-mode"] == "compare"
     assert info["synced-bytes"] < SIZE // 2
@@ -144,9 +151,18 @@ async def test_split_brain_refused_unless_forced(tmp_path: Path) -> None:
     rep = tmp_path / "rep.img"
     spec: dict[str, Any] = {"type": "replica", "filename": str(rep)}
     await replicate(tmp_path, spec, 50)
-    with open(rep, "r+b") as f:  # the replica is written behind our back (promoted, say)
-        f.seek(4096)
-        f.write(b"diverged")
+    got = load_meta(Path(str(rep) + ".btreplica"))
+    assert got is not None and got[0].fingerprint is not None
+    closed_at = got[0].fingerprint[1]
+    # the replica is written behind our back (promoted, say), in a later file-system clock
+    # tick than the clean close (timestamps are coarse: a write in the same tick is unseen)
+    for _ in range(10_000):
+        with open(rep, "r+b") as f:
+            f.seek(4096)
+            f.write(b"diverged")
+        if os.stat(rep).st_mtime_ns != closed_at:
+            break
+        await asyncio.sleep(0.001)
     filt, mgr, _ = await setup(tmp_path)
     with pytest.raises(TargetError, match="split brain"):
         await mgr.start("r", "disk", spec, TraceOptions())
@@ -201,12 +217,58 @@ class Flaky(Filter):
         await self.child.write_zeroes(offset, length, may_trim=may_trim, fua=fua)
 
 
+class VolatileCache(Flaky):
+    """A replica with a volatile write cache: writes are held in memory until a flush (or a
+    FUA), and lost when the device fails, as a power cut would lose them."""
+
+    def __init__(self, child: BlockDevice) -> None:
+        super().__init__(child)
+        self.pending: list[tuple[int, bytes]] = []
+
+    def _check(self) -> None:
+        if Flaky.broken:
+            self.pending.clear()  # the cache's content is gone with the device
+        super()._check()
+
+    async def read(self, offset: int, length: int) -> ReadableBuffer:
+        data = bytearray(await self.child.read(offset, length))
+        for off, buf in self.pending:
+            lo, hi = max(off, offset), min(off + len(buf), offset + length)
+            if lo < hi:
+                data[lo - offset : hi - offset] = buf[lo - off : hi - off]
+        return bytes(data)
+
+    async def write(self, offset: int, data: ReadableBuffer, *, fua: bool = False) -> None:
+        self._check()
+        self.pending.append((offset, bytes(data)))
+        if fua:
+            await self.flush()
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, may_trim: bool = False, fua: bool = False, **kw: Any
+    ) -> None:
+        await self.write(offset, bytes(length), fua=fua)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self.write(offset, bytes(length), fua=fua)
+
+    async def flush(self) -> None:
+        self._check()
+        for off, buf in self.pending:
+            await self.child.write(off, buf)
+        self.pending.clear()
+        await self.child.flush()
+
+
 class FlakyReplica(LocalReplicaTarget):
+    volatile = False
+
     async def open_device(self) -> BlockDevice:
         if Flaky.broken:
             raise BlockDeviceError(errno.ECONNREFUSED, "injected")
         await super().open_device()
-        return Flaky(FileDevice(self.filename))
+        cls = VolatileCache if self.volatile else Flaky
+        return cls(FileDevice(self.filename))
 
 
 @aio
@@ -220,7 +282,7 @@ async def test_failure_degrades_then_resyncs_only_dirty(tmp_path: Path) -> None:
     trace = await mgr.start("r", "disk", target, opts)
     async with asyncio.timeout(30):
         await trace.wait_ready()
-    copied = target.sync_bytes_copied
+    copied = target.describe()["synced-bytes"]
     Flaky.broken = errno.ENOSPC
     try:
         # clients keep writing (and flushing) while the replica is failed: nothing fails
@@ -237,7 +299,7 @@ async def test_failure_degrades_then_resyncs_only_dirty(tmp_path: Path) -> None:
         while target.state != "ready":
             await asyncio.sleep(0.01)
     assert target.reconnects >= 1
-    assert target.sync_bytes_copied - copied <= dirty  # only dirty regions were copied
+    assert target.describe()["synced-bytes"] - copied <= dirty  # only dirty regions were copied
     await workload(filt, 81, 20)
     await trace.stop()
     await filt.close()
@@ -264,3 +326,38 @@ async def test_fail_policy_fails_the_trace(tmp_path: Path) -> None:
     assert target.state == "failed"
     await trace.stop()
     await filt.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_faults_converge(tmp_path: Path, seed: int) -> None:
+    """Faults injected at random points of a random workload (both copy modes, overlapping
+    writes, zeroes, trims, flushes; half the seeds with a replica whose volatile cache loses
+    unflushed writes when it fails): once the replica is back, it is identical."""
+
+    async def main() -> None:
+        rng = random.Random(seed)
+        rep = tmp_path / "rep.img"
+        filt, mgr, src = await setup(tmp_path)
+        target = FlakyReplica(str(rep), reconnect_max=0.05)
+        target.volatile = seed >= 3
+        mode = "write-blocking" if seed % 2 else "background"
+        trace = await mgr.start(
+            "r", "disk", target, TraceOptions.from_dict({"sync": "full", "copy-mode": mode})
+        )
+        try:
+            for step in range(12):
+                Flaky.broken = rng.choice((0, 0, errno.EIO, errno.ENOSPC))
+                await asyncio.gather(
+                    *(workload(filt, seed * 100 + step * 10 + c, 15) for c in range(2))
+                )
+        finally:
+            Flaky.broken = 0
+        async with asyncio.timeout(30):
+            await trace.wait_ready()
+            while target.state != "ready":
+                await asyncio.sleep(0.01)
+        await trace.stop()
+        await filt.close()
+        assert same(src, rep), target.describe()
+
+    asyncio.run(main())

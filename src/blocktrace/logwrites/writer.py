@@ -19,6 +19,15 @@ Appending and durability are separate steps, like a database log:
   never a counted entry that is not fully on disk.  Concurrent ``sync`` calls coalesce (group
   commit): a caller whose entries a running sync already covered returns without I/O.
 
+* :meth:`LogWriter.append_writes` is the batch fast path (the trace log target's): many plain
+  data entries in one call, each header packed with one ``struct`` call into a reusable
+  page-aligned buffer right before its data, so one CRC call covers the entry (libdeflate's
+  CRC-32 through ctypes where installed: same value as zlib's, 3-10x faster, GIL released),
+  and nothing is written out: the caller chooses the thread for :meth:`write_out`.  O_DIRECT
+  writes that buffer as is (no staging copy); large payloads are copied into the staging
+  buffer with the GIL released.  It writes exactly the bytes ``write`` would
+  (tests/unit/test_logwrites_fastpath.py).
+
 A FLUSH or FUA entry is only a record in the stream; the *caller* decides when to ``sync``
 (write-blocking tracing: before acknowledging a client's FUA write or FLUSH).
 
@@ -50,9 +59,9 @@ import random
 import stat
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 from zlib import crc32
 
 from blocktrace.errors import StateError, TargetError
@@ -82,7 +91,8 @@ DIRECT_THRESHOLD = 256 * 1024
 DEFAULT_BATCH_BYTES = 4 * 1024 * 1024
 _MAX_IOV = 1024  # Linux IOV_MAX
 _FUA, _METADATA, _DISCARD = int(LogFlag.FUA), int(LogFlag.METADATA), int(LogFlag.DISCARD)
-_STAGE_BYTES = 4 * 1024 * 1024  # O_DIRECT staging buffer (a multiple of every sector size)
+#: O_DIRECT staging buffer (a multiple of every sector size; larger writes, fewer of them)
+_STAGE_BYTES = 8 * 1024 * 1024
 _ZERO_CHUNK = 8 * 1024 * 1024  # max bytes per zero-data entry in zeroes="data" mode
 #: Mark appended by :meth:`LogWriter.close` with ``end_mark=True`` (the kernel's teardown mark).
 END_MARK = "dm-log-writes-end"
@@ -436,6 +446,10 @@ class LogWriter:
             start = pos
             pending = self._pending
             data_bytes = 0
+            fast = _fast_crc32 if checksums else None
+            # the chunk's address for fast_crc32 (the anchor keeps it exported meanwhile)
+            anchor = ctypes.c_char.from_buffer(chunk) if fast is not None and total else None
+            base = ctypes.addressof(anchor) if anchor is not None else 0
             for flags, offset, data in entries:
                 n = len(data)
                 data_bytes += n
@@ -444,7 +458,9 @@ class LogWriter:
                     end = pos + S + n
                     pack(chunk, pos, offset >> shift, n >> shift, flags, 0, tag, 0, log_id, 0, idx)
                     chunk[pos + S : end] = data
-                    if checksums:
+                    if fast is not None:
+                        pack_crc(chunk, pos + crc_at, fast(0, base + pos, S + n))
+                    elif checksums:
                         pack_crc(chunk, pos + crc_at, crc32(view[pos:end]))
                     pos = end
                 else:
@@ -453,7 +469,9 @@ class LogWriter:
                         seg = pos
                     header = bytearray(S)
                     pack(header, 0, offset >> shift, n >> shift, flags, 0, tag, 0, log_id, 0, idx)
-                    if checksums:
+                    if fast is not None and type(data) is bytes:
+                        pack_crc(header, crc_at, fast(crc32(header), data, n))
+                    elif checksums:
                         pack_crc(header, crc_at, crc32(data, crc32(header)))
                     pending.append(header)
                     pending.append(data)
@@ -461,6 +479,7 @@ class LogWriter:
                 index += 1
             if pos > seg:
                 self._add_packed(view, seg, pos, chunk)
+            del anchor
             self._pending_bytes += pos - start
             self._nr_entries = index
             self.stats.entries += index - first
@@ -651,6 +670,7 @@ class LogWriter:
             os.close(self._dfd)
             self._dfd = None
         if self._stage is not None:
+            self._stage_addr = 0
             self._stage.close()
             self._stage = None
 
@@ -750,6 +770,25 @@ _PLAIN_FLAGS = _FUA | _METADATA
 #: append_writes' packing buffer (small entries, header + data contiguous)
 _PACK_BYTES = 8 * 1024 * 1024
 
+
+def _load_fast_crc32() -> Callable[[int, int | bytes, int], int] | None:
+    """libdeflate's CRC-32 (the same CRC as zlib's, computed with carry-less multiply
+    instructions: ~3x faster per 4 KiB entry, ~5-10x per MiB, and called through ctypes
+    it runs without the GIL).  None where the library is missing or disagrees with zlib."""
+    try:
+        fn = ctypes.CDLL("libdeflate.so.0").libdeflate_crc32
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_uint32
+    fn.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
+    probe = bytes(range(256)) * 33
+    if fn(crc32(probe[:7]), probe[7:], len(probe) - 7) != crc32(probe):
+        return None
+    return cast("Callable[[int, int | bytes, int], int]", fn)
+
+
+#: ``fast_crc32(crc, address_or_bytes, length)``; None: use zlib.crc32
+_fast_crc32 = None if os.environ.get("BLOCKTRACE_NO_LIBDEFLATE") else _load_fast_crc32()
 
 #: payloads at least this large are copied into the O_DIRECT stage with the GIL released
 _MEMMOVE_MIN = 64 * 1024

@@ -41,9 +41,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from blocktrace.block.device import BlockDevice, ExtentFlags
+from blocktrace.block.device import BlockDevice
 from blocktrace.errors import BlocktraceError, TargetError, UsageError
 from blocktrace.replica.bitmap import DEFAULT_GRANULARITY, DirtyBitmap
+from blocktrace.replica.copy import CopyStats, SourceReadError, copy_region
 from blocktrace.replica.meta import (
     SOURCE_SUFFIX,
     AttachPlan,
@@ -75,18 +76,6 @@ BACKOFF_MIN = 0.05
 SAVE_INTERVAL = 1.0
 
 Listener = Callable[["ReplicaTarget", str, dict[str, Any]], None]
-
-_BOOL = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False}
-_BOOL |= {"no": False, "0": False}
-
-
-def parse_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    try:
-        return _BOOL[str(value).lower()]
-    except KeyError:
-        raise UsageError(f"{key} must be on|off, not {value!r}") from None
 
 
 class ReplicaTarget(Target):
@@ -129,8 +118,7 @@ class ReplicaTarget(Target):
         self.applied_seq = 0
         self.applied_records = 0
         self.missed_records = 0  # records that found the replica degraded
-        self.sync_bytes_copied = 0  # payload bytes written by synchronisation
-        self.sync_bytes_compared = 0
+        self._copy_stats = CopyStats()
         self.synchronized = asyncio.Event()
         self._dirty = DirtyBitmap(0, granularity)
         self._unflushed = DirtyBitmap(0, granularity)
@@ -204,8 +192,8 @@ class ReplicaTarget(Target):
             "lag-bytes": self._dirty.dirty_bytes() + self._compare.dirty_bytes(),
             "sync-mode": self.sync_mode.value,
             "sync-reason": self.plan_reason,
-            "synced-bytes": self.sync_bytes_copied,
-            "compared-bytes": self.sync_bytes_compared,
+            "synced-bytes": self._copy_stats.copied,
+            "compared-bytes": self._copy_stats.compared,
             "reconnects": self.reconnects,
             "generation": self.meta.generation if self.meta else None,
         }
@@ -585,8 +573,8 @@ class ReplicaTarget(Target):
             offset, length = run
             self._unflushed.mark(offset, length)
             try:
-                await self._copy(dev, src, offset, length, compare)
-            except _SourceError as exc:
+                await copy_region(dev, src, offset, length, compare=compare, stats=self._copy_stats)
+            except SourceReadError as exc:
                 raise (exc.__cause__ or exc) from None
             except Exception as exc:
                 self._degrade(exc)
@@ -594,47 +582,6 @@ class ReplicaTarget(Target):
             self._unflushed_ops += 1
             (self._compare if compare else self._dirty).clear(offset, length)
             return False
-
-    async def _copy(
-        self, dev: BlockDevice, src: BlockDevice, offset: int, length: int, compare: bool
-    ) -> None:
-        try:
-            extents = await src.block_status(offset, length) if src.can_extents else []
-        except Exception as exc:
-            raise _SourceError() from exc
-        pos = offset
-        end = offset + length
-        for ext in extents or []:
-            n = min(ext.length, end - pos)
-            if n <= 0:
-                break
-            if ext.flags & ExtentFlags.ZERO:
-                if not compare or bytes(await dev.read(pos, n)).count(0) != n:
-                    await dev.write_zeroes(pos, n, may_trim=bool(ext.flags & ExtentFlags.HOLE))
-                    self.sync_bytes_copied += n if not compare else 0
-                self.sync_bytes_compared += n if compare else 0
-            else:
-                await self._copy_data(dev, src, pos, n, compare)
-            pos += n
-        if pos < end:
-            await self._copy_data(dev, src, pos, end - pos, compare)
-
-    async def _copy_data(
-        self, dev: BlockDevice, src: BlockDevice, offset: int, length: int, compare: bool
-    ) -> None:
-        try:
-            data = bytes(await src.read(offset, length))
-        except Exception as exc:
-            raise _SourceError() from exc
-        if compare:
-            self.sync_bytes_compared += length
-            if bytes(await dev.read(offset, length)) == data:
-                return
-        if data.count(0) == length:
-            await dev.write_zeroes(offset, length)
-        else:
-            await dev.write(offset, data)
-        self.sync_bytes_copied += length
 
     # -- persistence ----------------------------------------------------------------------------
 
@@ -676,7 +623,3 @@ class ReplicaTarget(Target):
             return
         atomic_write(self.meta_path, self._encode())
         self._last_save = time.monotonic()
-
-
-class _SourceError(Exception):
-    """Internal: reading the *source* failed (``__cause__``); fatal, unlike replica errors."""

@@ -16,8 +16,21 @@ from blocktrace.block.device import BlockDevice
 from blocktrace.block.file import FileDevice
 from blocktrace.errors import UsageError
 from blocktrace.replica.meta import META_SUFFIX, Fingerprint, file_fingerprint
-from blocktrace.replica.target import ReplicaTarget, parse_bool
+from blocktrace.replica.target import ReplicaTarget
 from blocktrace.trace.options import parse_size
+
+_BOOL = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False}
+_BOOL |= {"no": False, "0": False}
+
+
+def parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    try:
+        return _BOOL[str(value).lower()]
+    except KeyError:
+        raise UsageError(f"{key} must be on|off, not {value!r}") from None
+
 
 #: keys every replica-type target accepts besides its main argument
 COMMON_KEYS = ("meta", "force", "on-disconnect", "granularity", "reconnect-max")

@@ -1,0 +1,82 @@
+"""The writer's batch fast path (``LogWriter.append_writes``, used by the trace log target)
+writes byte-for-byte the log that one ``write`` call per entry writes: same headers, trailers,
+CRCs and layout, with O_DIRECT and buffered, with and without checksums, with libdeflate's
+CRC and with zlib's, whatever the batch boundaries and write-out points."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from blocktrace.logwrites import writer as writer_mod
+from blocktrace.logwrites.reader import LogReader
+from blocktrace.logwrites.writer import DIRECT_THRESHOLD, LogWriter
+
+
+def _entries(rng: random.Random, sector: int, n: int) -> list[tuple[int, int, bytes]]:
+    sizes = [sector, 4096, 4096, 8192, 65536, DIRECT_THRESHOLD, 1 << 20]
+    out = []
+    for _ in range(n):
+        size = max(sector, rng.choice(sizes) // sector * sector)
+        out.append((rng.choice([0, 2]), rng.randrange(4096) * sector, rng.randbytes(size)))
+    return out
+
+
+@pytest.mark.parametrize("sector", [512, 4096])
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("checksums", [True, False])
+@pytest.mark.parametrize("fast_crc", [True, False])
+def test_append_writes_equals_one_write_per_entry(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    sector: int,
+    direct: bool,
+    checksums: bool,
+    fast_crc: bool,
+) -> None:
+    if fast_crc and writer_mod._fast_crc32 is None:
+        pytest.skip("libdeflate (libdeflate.so.0) is not installed")
+    if not fast_crc:
+        monkeypatch.setattr(writer_mod, "_fast_crc32", None)
+    rng = random.Random(sector + direct * 2 + checksums * 4 + fast_crc * 8)
+    entries = _entries(rng, sector, 120)
+    # one batch over the packing buffer's size (8 MiB): the overflow buffer path
+    entries += [(0, i * 65536, rng.randbytes(65536)) for i in range(140)]
+    ref = LogWriter.create(tmp_path / "ref", sector_size=sector, checksums=checksums)
+    fast = LogWriter.create(
+        tmp_path / "fast", sector_size=sector, checksums=checksums, direct=direct
+    )
+    fast.log_id = ref.log_id
+    for flags, offset, data in entries:
+        ref.write(offset, data, fua=bool(flags & 2))
+    head = entries[:-140]
+    i = 0
+    while i < len(head):
+        k = rng.randrange(1, 30)
+        assert fast.append_writes(head[i : i + k]) == min(i + k, len(head)) - 1
+        i += k
+        if rng.random() < 0.3:
+            fast.write_out()
+        if rng.random() < 0.1:
+            fast.sync()
+    fast.append_writes(entries[-140:])
+    assert fast.nr_entries == len(entries)
+    ref.close(end_mark=True)
+    fast.close(end_mark=True)
+    assert (tmp_path / "fast").read_bytes() == (tmp_path / "ref").read_bytes()
+    with LogReader(tmp_path / "fast") as r:
+        got = [(e.target_offset, e.read_data()) for e in r.entries() if e.nr_sectors]
+        assert r.tail().state == "clean"
+    assert got == [(offset, data) for _, offset, data in entries]
+
+
+def test_append_writes_refuses_bad_entries_and_appends_nothing(tmp_path: Path) -> None:
+    w = LogWriter.create(tmp_path / "log")
+    good = (0, 0, b"x" * 512)
+    for bad in [(0, 100, b"x" * 512), (0, 0, b"x" * 100), (0, 0, b""), (4, 0, b"x" * 512)]:
+        with pytest.raises(ValueError):
+            w.append_writes([good, bad])
+    assert w.nr_entries == 0 and w.pending_bytes == 0
+    w.close()
