@@ -80,3 +80,51 @@ def test_append_writes_refuses_bad_entries_and_appends_nothing(tmp_path: Path) -
             w.append_writes([good, bad])
     assert w.nr_entries == 0 and w.pending_bytes == 0
     w.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_log_target_large_batches_keep_order_and_bytes(tmp_path: Path, direct: bool) -> None:
+    """A batch bigger than the packing buffer (packed and written out in a thread, in
+    several write-outs) and small ones (packed on the loop) give the entries in stream
+    order, each with its data, FUA, flush and mark entries in place."""
+    import asyncio
+
+    from blocktrace.trace.records import RecordKind, TraceRecord
+    from blocktrace.trace.targets.base import TargetInfo
+    from blocktrace.trace.targets.logwrites import LogTarget
+
+    rng = random.Random(7)
+    records: list[TraceRecord] = []
+    for seq in range(1, 3001):
+        if seq % 500 == 0:
+            records.append(TraceRecord(seq, RecordKind.FLUSH))
+        elif seq % 777 == 0:
+            records.append(TraceRecord(seq, RecordKind.MARK, name=f"m{seq}"))
+        else:
+            size = rng.choice([4096, 4096, 8192, 512 * 1024])
+            off = rng.randrange(256) * 4096
+            data = rng.randbytes(size)
+            records.append(TraceRecord(seq, RecordKind.WRITE, off, size, seq % 3 == 0, data))
+
+    async def main() -> None:
+        target = LogTarget(str(tmp_path / "t.log"), direct=direct)
+        await target.open(TargetInfo("disk", 1 << 30, 512))
+        await target.deliver(records[:2500])  # > 8 MiB: the thread path
+        for i in range(2500, 3000, 7):  # small batches: packed on the loop
+            await target.deliver(records[i : i + 7])
+        await target.make_durable()
+        await target.close(clean=True)
+
+    asyncio.run(main())
+    with LogReader(tmp_path / "t.log") as r:
+        entries = list(r.entries())
+        assert r.tail().state == "clean"
+        assert len(entries) == len(records) + 1  # + dm-log-writes-end
+        for rec, e in zip(records, entries, strict=False):
+            if rec.kind is RecordKind.WRITE:
+                assert (e.target_offset, e.read_data()) == (rec.offset, rec.data)
+                assert bool(e.flags & 2) == rec.fua
+            elif rec.kind is RecordKind.FLUSH:
+                assert e.flags == 1
+            else:
+                assert e.flags == 8

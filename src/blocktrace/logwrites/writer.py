@@ -504,6 +504,12 @@ class LogWriter:
         self._pack_last = (len(pending) - 1, start, end) if chunk is self._pack else None
 
     @property
+    def pack_room(self) -> int:
+        """Bytes :meth:`append_writes` can still pack (header + data of entries under
+        ``DIRECT_THRESHOLD``) before the packing buffer overflows; :meth:`write_out` frees it."""
+        return _PACK_BYTES - self._pack_fill
+
+    @property
     def pending_bytes(self) -> int:
         """Bytes appended but not yet written out (see :meth:`append_writes`)."""
         return self._pending_bytes

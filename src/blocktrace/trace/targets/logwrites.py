@@ -31,7 +31,7 @@ from typing import Any
 
 from blocktrace.errors import TargetError, UsageError
 from blocktrace.logwrites.format import LogFlag, validate_mark
-from blocktrace.logwrites.writer import LogWriter, ZeroesMode
+from blocktrace.logwrites.writer import DIRECT_THRESHOLD, LogWriter, ZeroesMode
 from blocktrace.trace.options import parse_size
 from blocktrace.trace.records import RecordKind, TraceRecord
 from blocktrace.trace.targets.base import Target, TargetInfo
@@ -138,12 +138,18 @@ class LogTarget(Target):
                 await asyncio.to_thread(w.write_out)
 
     def _append_and_write(self, records: Sequence[TraceRecord]) -> None:
-        self._append(records)
+        self._append(records, in_thread=True)
         self.writer.write_out()
 
-    def _append(self, records: Sequence[TraceRecord]) -> None:
+    def _append(self, records: Sequence[TraceRecord], *, in_thread: bool = False) -> None:
+        """Hand ``records`` to the writer.  ``in_thread``: I/O is allowed here, so write out
+        whenever the writer's packing buffer would overflow (it then stays the one aligned
+        buffer O_DIRECT writes without a copy)."""
         w = self.writer
         run: list[tuple[int, int, bytes]] = []
+        S = self.alignment
+        room = w.pack_room if in_thread else -1
+        packed = 0
         try:
             for rec in records:
                 kind = rec.kind
@@ -152,6 +158,15 @@ class LogTarget(Target):
                     # alignment: records are aligned by the filter, checked, never assumed)
                     data = rec.data
                     assert data is not None
+                    if room >= 0 and len(data) < DIRECT_THRESHOLD:
+                        packed += S + len(data)
+                        if packed > room:
+                            if run:
+                                w.append_writes(run)
+                                run = []
+                            w.write_out()
+                            room = w.pack_room
+                            packed = S + len(data)
                     run.append((_FUA if rec.fua else 0, rec.offset, data))
                     continue
                 if run:
