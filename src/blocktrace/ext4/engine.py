@@ -145,8 +145,7 @@ class Ext4Engine:
                 self._unpend_range(start, end)
                 continue
             if owner is None:
-                for b in range(start, end):
-                    self._pend(b, record, self._block_bytes(b, offset, mv))
+                self._pend_run(start, end, record, offset, mv)
                 continue
             for b in range(start, end):
                 block = self._block_bytes(b, offset, mv)
@@ -413,6 +412,77 @@ class Ext4Engine:
             self.stats.pending_overflow += 1
         self.stats.pending_blocks = len(self.pending)
         self.stats.pending_bytes = self._pending_bytes
+
+    def _pend_run(self, start: int, end: int, record: int, offset: int, mv: memoryview) -> None:
+        """:meth:`_pend` for every block of ``[start, end)`` (the bulk-data path: data written
+        before its extent is committed), with the same per-block policy, without a call and a
+        memoryview copy per block; only the partial first and last blocks need a read."""
+        bs = self.block_size
+        pending, pending_data, stats = self.pending, self.pending_data, self.stats
+        max_pending, max_bytes = self.max_pending, self.max_pending_bytes
+        pending_bytes = self._pending_bytes
+        n = len(mv)
+        for b in range(start, end):
+            lo = b * bs - offset
+            block = mv[lo : lo + bs].tobytes() if lo >= 0 and lo + bs <= n else None
+            if block is None:
+                block = self._block_bytes(b, offset, mv)
+            pending.pop(b, None)  # a rewrite moves to the end, as move_to_end would
+            pending[b] = record
+            old = pending_data.pop(b, None)
+            if old is not None:
+                pending_bytes -= len(old)
+            size = len(block)
+            if max_bytes >= size:
+                pending_data[b] = block
+                pending_bytes += size
+                while pending_bytes > max_bytes:
+                    _, dropped = pending_data.popitem(last=False)
+                    pending_bytes -= len(dropped)
+                    stats.pending_data_dropped += 1
+            while len(pending) > max_pending:
+                gone, _ = pending.popitem(last=False)
+                dropped_data = pending_data.pop(gone, None)
+                if dropped_data is not None:
+                    pending_bytes -= len(dropped_data)
+                stats.pending_overflow += 1
+        self._pending_bytes = pending_bytes
+        stats.pending_blocks = len(pending)
+        stats.pending_bytes = pending_bytes
+
+    def claim_pending(self, pblk: int, n: int) -> list[tuple[int, int, int]]:
+        """Unpend blocks ``[pblk, pblk+n)``: the runs ``(i, j, first_record)`` of offsets into
+        the range that were pending (``first_record``: the earliest record of the run)."""
+        pending = self.pending
+        runs: list[tuple[int, int, int]] = []
+        if not pending:
+            return runs
+        pop, data_pop = pending.pop, self.pending_data.pop
+        start = -1
+        first_rec = 0
+        claimed = 0
+        for i in range(n):
+            rec = pop(pblk + i, None)
+            if rec is None:
+                if start >= 0:
+                    runs.append((start, i, first_rec))
+                    start = -1
+                continue
+            claimed += 1
+            data = data_pop(pblk + i, None)
+            if data is not None:
+                self._pending_bytes -= len(data)
+            if start < 0:
+                start, first_rec = i, rec
+            elif rec < first_rec:
+                first_rec = rec
+        if start >= 0:
+            runs.append((start, n, first_rec))
+        if claimed:
+            self.stats.attributed += claimed
+            self.stats.pending_blocks = len(pending)
+            self.stats.pending_bytes = self._pending_bytes
+        return runs
 
     def _unpend(self, b: int) -> int | None:
         record = self.pending.pop(b, None)

@@ -398,21 +398,8 @@ def _merged(ranges: list[list[int]]) -> list[tuple[int, int, int]]:
 
 def _attribute(eng: Ext4Engine, ino: int, lblk: int, pblk: int, n: int) -> None:
     """Newly mapped blocks claim their pending writes (one range per contiguous stretch)."""
-    if not eng.pending:
-        return
-    start = -1
-    first_rec = 0
-    for i in range(n + 1):
-        rec = eng._unpend(pblk + i) if i < n else None
-        if rec is not None:
-            eng.stats.attributed += 1
-            if start < 0:
-                start, first_rec = i, rec
-            else:
-                first_rec = min(first_rec, rec)
-        elif start >= 0:
-            eng._note_write(ino, lblk + start, lblk + i, first_rec)
-            start = -1
+    for i, j, first_rec in eng.claim_pending(pblk, n):
+        eng._note_write(ino, lblk + i, lblk + j, first_rec)
 
 
 def _mtime_ns(eng: Ext4Engine, ino: int) -> int:

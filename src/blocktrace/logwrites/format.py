@@ -322,6 +322,20 @@ def pack_entry_header(
     return buf
 
 
+def header_sector_struct(sector_size: int) -> struct.Struct:
+    """One whole header sector: entry fields, zero padding, our trailer (``QQQQ`` +
+    ``4sIIIQ``).  ``pack_into`` zeroes the padding itself, so the writer's fast path packs a
+    header with one call into any buffer (no mark text: data entries only)."""
+    st = _HEADER_SECTOR_STRUCTS.get(sector_size)
+    if st is None:
+        pad = sector_size - ENTRY_SIZE - TRAILER_SIZE
+        st = _HEADER_SECTOR_STRUCTS[sector_size] = struct.Struct(f"<QQQQ{pad}x4sIIIQ")
+    return st
+
+
+_HEADER_SECTOR_STRUCTS: dict[int, struct.Struct] = {}
+
+
 def seal_entry_header(
     header: bytearray,
     data: bytes | bytearray | memoryview | None,

@@ -5,13 +5,12 @@ Design
 Appending and durability are separate steps, like a database log:
 
 * ``write``/``discard``/``write_zeroes``/``flush``/``mark`` *append* entries.  Small entries are
-  gathered in memory and written with one ``pwritev`` per batch; a large entry (>= 256 KiB of
-  data) is written at once together with the pending batch.  Where the file system allows
-  it (``direct=True``, the default) batches go through a page-aligned staging buffer with
-  O_DIRECT: one memcpy, no page-cache copy and no write-back burst at ``fdatasync`` (measured
-  about 2x faster for 1 MiB entries here); otherwise one buffered ``pwritev`` per batch,
-  without copying large buffers.  When an append method returns, the caller may reuse its
-  buffer.  Appending makes nothing durable and does not change the super block.
+  gathered in memory and written out per batch; a large entry (>= 256 KiB of data) is
+  written at once together with the pending batch.  Writing a batch is the I/O layer's job
+  (:mod:`blocktrace.logwrites.fileio`: O_DIRECT through a page-aligned staging buffer where
+  the file system allows it, ``direct=True`` by default; else buffered ``pwritev``).  When an
+  append method returns, the caller may reuse its buffer.  Appending makes nothing durable
+  and does not change the super block.
 * :meth:`LogWriter.sync` is the durability point: write out the batch, ``fdatasync``, rewrite
   the super block with ``nr_entries`` = every entry appended before ``sync`` was called, and
   ``fdatasync`` again.  When it returns, every entry appended before the call is durable *and
@@ -21,12 +20,10 @@ Appending and durability are separate steps, like a database log:
 
 * :meth:`LogWriter.append_writes` is the batch fast path (the trace log target's): many plain
   data entries in one call, each header packed with one ``struct`` call into a reusable
-  page-aligned buffer right before its data, so one CRC call covers the entry (libdeflate's
-  CRC-32 through ctypes where installed: same value as zlib's, 3-10x faster, GIL released),
-  and nothing is written out: the caller chooses the thread for :meth:`write_out`.  O_DIRECT
-  writes that buffer as is (no staging copy); large payloads are copied into the staging
-  buffer with the GIL released.  It writes exactly the bytes ``write`` would
-  (tests/unit/test_logwrites_fastpath.py).
+  page-aligned buffer right before its data, so one CRC call covers the entry (fileio's
+  ``fast_crc32``, libdeflate, where installed), and nothing is written out: the caller
+  chooses the thread for :meth:`write_out`.  O_DIRECT writes that buffer as is (no staging
+  copy).  It writes exactly the bytes ``write`` would (tests/unit/test_logwrites_fastpath.py).
 
 A FLUSH or FUA entry is only a record in the stream; the *caller* decides when to ``sync``
 (write-blocking tracing: before acknowledging a client's FUA write or FLUSH).
@@ -53,21 +50,23 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import mmap
 import os
 import random
 import stat
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal
 from zlib import crc32
 
 from blocktrace.errors import StateError, TargetError
+from blocktrace.logwrites.fileio import MAX_IOV as _MAX_IOV
+from blocktrace.logwrites.fileio import Buffer, LogFile, PackBuffer
+from blocktrace.logwrites.fileio import fast_crc32 as _fast_crc32
+from blocktrace.logwrites.fileio import fsync_dir as _fsync_dir
 from blocktrace.logwrites.format import (
     _CRC_FIELD,
-    ENTRY_SIZE,
     REPLAY_LOG_MAX_ZERO_SIZE,
     TRAILER_SIZE,
     TRAILER_TAG,
@@ -75,6 +74,7 @@ from blocktrace.logwrites.format import (
     LogFlag,
     SuperBlock,
     check_sector_size,
+    header_sector_struct,
     pack_entry_header,
     seal_entry_header,
     validate_mark,
@@ -82,17 +82,13 @@ from blocktrace.logwrites.format import (
 
 log = logging.getLogger(__name__)
 
-Buffer = bytes | bytearray | memoryview
 ZeroesMode = Literal["discard", "data"]
 
 #: Data at least this large is written immediately instead of being copied into the batch.
 DIRECT_THRESHOLD = 256 * 1024
 #: Pending batch limit before it is written out (bytes / iovecs).
 DEFAULT_BATCH_BYTES = 4 * 1024 * 1024
-_MAX_IOV = 1024  # Linux IOV_MAX
 _FUA, _METADATA, _DISCARD = int(LogFlag.FUA), int(LogFlag.METADATA), int(LogFlag.DISCARD)
-#: O_DIRECT staging buffer (a multiple of every sector size; larger writes, fewer of them)
-_STAGE_BYTES = 8 * 1024 * 1024
 _ZERO_CHUNK = 8 * 1024 * 1024  # max bytes per zero-data entry in zeroes="data" mode
 #: Mark appended by :meth:`LogWriter.close` with ``end_mark=True`` (the kernel's teardown mark).
 END_MARK = "dm-log-writes-end"
@@ -156,24 +152,17 @@ class LogWriter:
         self._pos = position  # where the next pending byte goes
         self._pending: list[Buffer] = []
         self._pending_bytes = 0
-        self._pack: mmap.mmap | None = None  # append_writes' reusable packing buffer
-        self._pack_view = memoryview(b"")
-        self._pack_fill = 0  # bytes of _pack referenced by _pending
-        #: (index in _pending, start, end) of the last piece of _pack handed to _pending
-        self._pack_last: tuple[int, int, int] | None = None
+        self._pack = PackBuffer()  # append_writes' reusable, page-aligned packing buffer
         self._failed: TargetError | None = None
         self._closed = False
         self.stats = WriterStats()
-        self._dfd: int | None = None  # O_DIRECT descriptor, if direct I/O works here
-        self._stage: mmap.mmap | None = None  # page-aligned staging buffer for O_DIRECT
-        self._stage_addr = 0
-        if direct:
-            self._open_direct()
+        # the I/O layer: O_DIRECT through a staging buffer where possible (fileio.py)
+        self._file = LogFile(fd, path, sector_size, self.stats, direct=direct)
 
     @property
     def direct(self) -> bool:
         """True while appends go through O_DIRECT (falls back to buffered on EINVAL)."""
-        return self._dfd is not None
+        return self._file.direct
 
     # -- construction -----------------------------------------------------------------------
 
@@ -410,7 +399,7 @@ class LogWriter:
         S = self.sector_size
         mask = S - 1
         shift = S.bit_length() - 1
-        pack = _header_struct(S).pack_into
+        pack = header_sector_struct(S).pack_into
         pack_crc = _CRC.pack_into
         crc_at = S - TRAILER_SIZE + _CRC_FIELD
         checksums = self.checksums
@@ -429,22 +418,11 @@ class LogWriter:
             # Pack into the reusable buffer (no allocation, no zero-fill: the header struct
             # writes every header byte and the data fills the rest); it is free again once
             # everything pending is written out.
-            pos = self._pack_fill
-            chunk: mmap.mmap | bytearray
-            if pos + total <= _PACK_BYTES:
-                if self._pack is None:
-                    # page-aligned, so O_DIRECT writes it without a staging copy
-                    self._pack = mmap.mmap(-1, _PACK_BYTES)
-                    self._pack_view = memoryview(self._pack)
-                chunk, view = self._pack, self._pack_view
-                self._pack_fill = pos + total
-            else:
-                chunk = bytearray(total)
-                view = memoryview(chunk)
-                pos = 0
+            chunk, view, pos = self._pack.reserve(total)
             seg = pos  # start of the packed bytes not yet handed to _pending
             start = pos
             pending = self._pending
+            add_packed = self._pack.add_to
             data_bytes = 0
             fast = _fast_crc32 if checksums else None
             # the chunk's address for fast_crc32 (the anchor keeps it exported meanwhile)
@@ -465,7 +443,7 @@ class LogWriter:
                     pos = end
                 else:
                     if pos > seg:  # stream order: the entries packed so far go first
-                        self._add_packed(view, seg, pos, chunk)
+                        add_packed(pending, view, seg, pos, chunk)
                         seg = pos
                     header = bytearray(S)
                     pack(header, 0, offset >> shift, n >> shift, flags, 0, tag, 0, log_id, 0, idx)
@@ -478,7 +456,7 @@ class LogWriter:
                     self._pending_bytes += S + n
                 index += 1
             if pos > seg:
-                self._add_packed(view, seg, pos, chunk)
+                add_packed(pending, view, seg, pos, chunk)
             del anchor
             self._pending_bytes += pos - start
             self._nr_entries = index
@@ -486,28 +464,11 @@ class LogWriter:
             self.stats.data_bytes += data_bytes
             return index - 1
 
-    def _add_packed(self, view: memoryview, start: int, end: int, chunk: object) -> None:
-        """Hand packed bytes ``[start, end)`` to the batch, extending the previous piece of
-        the packing buffer when it ends at ``start`` (one large write instead of many)."""
-        pending = self._pending
-        last = self._pack_last
-        if (
-            chunk is self._pack
-            and last is not None
-            and last[0] == len(pending) - 1
-            and last[2] == start
-        ):
-            pending[-1] = view[last[1] : end]
-            self._pack_last = (last[0], last[1], end)
-            return
-        pending.append(view[start:end])
-        self._pack_last = (len(pending) - 1, start, end) if chunk is self._pack else None
-
     @property
     def pack_room(self) -> int:
         """Bytes :meth:`append_writes` can still pack (header + data of entries under
         ``DIRECT_THRESHOLD``) before the packing buffer overflows; :meth:`write_out` frees it."""
-        return _PACK_BYTES - self._pack_fill
+        return self._pack.room
 
     @property
     def pending_bytes(self) -> int:
@@ -566,8 +527,7 @@ class LogWriter:
                         self._write_pending()
         finally:
             self._closed = True
-            os.close(self._fd)
-            self._close_direct()
+            self._file.close()
 
     def __enter__(self) -> LogWriter:
         return self
@@ -621,128 +581,16 @@ class LogWriter:
             self._write_bufs(bufs, total)
         finally:
             del bufs  # nothing references the packing buffer any more: reuse it
-            self._pack_fill = 0
-            self._pack_last = None
+            self._pack.reset()
 
     def _write_bufs(self, bufs: list[Buffer], total: int) -> None:
         if not bufs:
             return
-        pos = self._pos
-        if self._dfd is not None:
-            try:
-                self._pos = self._write_direct(bufs, pos)
-                self.stats.log_bytes += total
-                return
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise self._fail(exc, "append") from exc
-                # This file system refuses our alignment: rewrite the batch (idempotent)
-                # through the page cache from now on.
-                log.info("%s: O_DIRECT refused (%s); using buffered appends", self.path, exc)
-                self._close_direct()
         try:
-            for start in range(0, len(bufs), _MAX_IOV):
-                chunk: list[Buffer] = bufs[start : start + _MAX_IOV]
-                want = sum(len(b) for b in chunk)
-                while want:
-                    n = os.pwritev(self._fd, chunk, pos)
-                    self.stats.writes += 1
-                    if n == 0:
-                        raise OSError(errno.EIO, "pwritev wrote nothing")
-                    pos += n
-                    want -= n
-                    if want:
-                        chunk = _advance(chunk, n)
+            self._pos = self._file.write(bufs, self._pos, aligned=self._pack.mem)
         except OSError as exc:
             raise self._fail(exc, "append") from exc
-        self._pos = pos
         self.stats.log_bytes += total
-
-    def _open_direct(self) -> None:
-        if not hasattr(os, "O_DIRECT") or self.sector_size > _STAGE_BYTES:
-            return
-        try:
-            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
-                return
-            self._dfd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError:
-            return  # tmpfs and friends: buffered appends
-        self._stage = mmap.mmap(-1, _STAGE_BYTES)
-        # its address, for GIL-free copies (valid while the mapping is open)
-        self._stage_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._stage))
-
-    def _close_direct(self) -> None:
-        if self._dfd is not None:
-            os.close(self._dfd)
-            self._dfd = None
-        if self._stage is not None:
-            self._stage_addr = 0
-            self._stage.close()
-            self._stage = None
-
-    def _write_direct(self, bufs: list[Buffer], pos: int) -> int:
-        """Copy the batch through the aligned staging buffer into O_DIRECT writes.
-
-        Every buffer is a whole number of sectors and the stage is too, so every write
-        starts and ends on a sector boundary.  Returns the new end position."""
-        stage = self._stage
-        assert stage is not None and self._dfd is not None
-        cap = len(stage)
-        fill = 0
-        pack = self._pack
-        for b in bufs:
-            if pack is not None and isinstance(b, memoryview) and b.obj is pack:
-                # packed entries already sit in page-aligned memory: no staging copy
-                if fill:
-                    pos = self._direct_out(fill, pos)
-                    fill = 0
-                pos = self._direct_write(b, pos)
-                continue
-            if type(b) is bytes and len(b) >= _MEMMOVE_MIN:
-                # a large payload: copy it without holding the GIL (ctypes releases it), so
-                # the event loop runs on while this thread copies
-                src = _bytes_address(b)
-                off, n = 0, len(b)
-                while off < n:
-                    take = min(cap - fill, n - off)
-                    _memmove(self._stage_addr + fill, src + off, take)
-                    fill += take
-                    off += take
-                    if fill == cap:
-                        pos = self._direct_out(fill, pos)
-                        fill = 0
-                continue
-            mv = memoryview(b).cast("B") if isinstance(b, memoryview) else memoryview(b)
-            off, n = 0, len(mv)
-            while off < n:
-                take = min(cap - fill, n - off)
-                stage[fill : fill + take] = mv[off : off + take]
-                fill += take
-                off += take
-                if fill == cap:
-                    pos = self._direct_out(fill, pos)
-                    fill = 0
-        if fill:
-            pos = self._direct_out(fill, pos)
-        return pos
-
-    def _direct_out(self, fill: int, pos: int) -> int:
-        assert self._stage is not None
-        with memoryview(self._stage) as whole, whole[:fill] as view:
-            return self._direct_write(view, pos)
-
-    def _direct_write(self, view: memoryview, pos: int) -> int:
-        """One O_DIRECT write of aligned memory at ``pos``; returns the new end position."""
-        assert self._dfd is not None
-        size = view.nbytes
-        n = os.pwrite(self._dfd, view, pos)
-        self.stats.writes += 1
-        while n < size:  # a short direct write: finish through the page cache
-            m = os.pwrite(self._fd, view[n:], pos + n)
-            if m <= 0:
-                raise OSError(errno.EIO, "pwrite wrote nothing")
-            n += m
-        return pos + size
 
     def _fail(self, exc: OSError, what: str) -> TargetError:
         """Enter the failed state (sticky); return the error every later call raises."""
@@ -759,79 +607,9 @@ class LogWriter:
         ).pack()
 
 
-def _header_struct(sector_size: int) -> struct.Struct:
-    """One whole header sector: entry fields, zero padding, our trailer.  ``pack_into`` zeroes
-    the padding itself, so a header is packed with one call into any buffer."""
-    st = _HEADER_STRUCTS.get(sector_size)
-    if st is None:
-        pad = sector_size - ENTRY_SIZE - TRAILER_SIZE
-        st = _HEADER_STRUCTS[sector_size] = struct.Struct(f"<QQQQ{pad}x4sIIIQ")
-    return st
-
-
-_HEADER_STRUCTS: dict[int, struct.Struct] = {}
 _CRC = struct.Struct("<I")
 _NO_TAG = bytes(4)
 _PLAIN_FLAGS = _FUA | _METADATA
-#: append_writes' packing buffer (small entries, header + data contiguous)
-_PACK_BYTES = 8 * 1024 * 1024
-
-
-def _load_fast_crc32() -> Callable[[int, int | bytes, int], int] | None:
-    """libdeflate's CRC-32 (the same CRC as zlib's, computed with carry-less multiply
-    instructions: ~3x faster per 4 KiB entry, ~5-10x per MiB, and called through ctypes
-    it runs without the GIL).  None where the library is missing or disagrees with zlib."""
-    try:
-        fn = ctypes.CDLL("libdeflate.so.0").libdeflate_crc32
-    except (OSError, AttributeError):
-        return None
-    fn.restype = ctypes.c_uint32
-    fn.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
-    probe = bytes(range(256)) * 33
-    if fn(crc32(probe[:7]), probe[7:], len(probe) - 7) != crc32(probe):
-        return None
-    return cast("Callable[[int, int | bytes, int], int]", fn)
-
-
-#: ``fast_crc32(crc, address_or_bytes, length)``; None: use zlib.crc32
-_fast_crc32 = None if os.environ.get("BLOCKTRACE_NO_LIBDEFLATE") else _load_fast_crc32()
-
-#: payloads at least this large are copied into the O_DIRECT stage with the GIL released
-_MEMMOVE_MIN = 64 * 1024
-_memmove = ctypes.memmove
-
-
-def _bytes_address(b: bytes) -> int:
-    """Address of a bytes object's data (valid while ``b`` is alive; it is never written)."""
-    addr = ctypes.cast(ctypes.c_char_p(b), ctypes.c_void_p).value
-    assert addr is not None
-    return addr
-
-
-def _advance(bufs: list[Buffer], n: int) -> list[Buffer]:
-    """Drop the first ``n`` bytes from a list of buffers (after a short ``pwritev``)."""
-    out: list[Buffer] = []
-    for b in bufs:
-        if n >= len(b):
-            n -= len(b)
-            continue
-        out.append(memoryview(b)[n:] if n else b)
-        n = 0
-    return out
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a new file's directory entry durable (best effort: some filesystems refuse)."""
-    try:
-        dfd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 __all__ = ["END_MARK", "LogWriteError", "LogWriter", "WriterStats", "ZeroesMode"]
