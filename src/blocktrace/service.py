@@ -246,16 +246,8 @@ class Service:
         loop = asyncio.get_running_loop()
         if not cfg.socket and not cfg.listen:
             raise UsageError("nothing to listen on: give --socket or --listen")
-        if cfg.socket:
-            sock = _bind_unix(cfg.socket, cfg.socket_mode)
-            self._socket_paths.append(cfg.socket)
-            try:
-                server = await loop.create_unix_server(self.nbd.protocol_factory, sock=sock)
-            except BaseException:
-                sock.close()
-                raise
-            self._servers.append(server)
-            self.addresses.append(f"unix:{cfg.socket}")
+        # TCP first, the Unix socket last: a script (or test) that waits for the socket file
+        # to accept connections then knows every listener is up.
         for host, port in cfg.listen:
             try:
                 server = await loop.create_server(
@@ -270,6 +262,16 @@ class Service:
             for s in server.sockets:
                 addr = s.getsockname()
                 self.addresses.append(f"tcp:{addr[0]}:{addr[1]}")
+        if cfg.socket:
+            sock = _bind_unix(cfg.socket, cfg.socket_mode)
+            self._socket_paths.append(cfg.socket)
+            try:
+                server = await loop.create_unix_server(self.nbd.protocol_factory, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+            self._servers.append(server)
+            self.addresses.insert(0, f"unix:{cfg.socket}")
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to stop (signal handlers and QMP ``quit`` call this)."""
