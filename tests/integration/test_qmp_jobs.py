@@ -14,7 +14,8 @@ import random
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,15 @@ def same_content(a: Path, b: Path) -> bool:
                 return True
 
 
+def wait_progress(done: Callable[[], bool], errors: list[BaseException], timeout: float) -> None:
+    """Poll a workload's progress until ``done()``, an error in its threads, or ``timeout``;
+    then fail on any error (the caller asserts the progress itself, with its own message)."""
+    deadline = time.monotonic() + timeout
+    while not done() and not errors and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not errors, errors
+
+
 class Workload:
     """libnbd writers on ``conns`` connections in threads: writes, zeroes, trims, flushes.
 
@@ -158,15 +168,7 @@ class Workload:
             h.shutdown()
 
     def wait_ops(self, n: int, timeout: float = 30) -> None:
-        deadline = threading.Event()
-        timer = threading.Timer(timeout, deadline.set)
-        timer.start()
-        try:
-            while sum(self.ops) < n and not deadline.is_set() and not self.errors:
-                self.stop_flag.wait(0.01)
-        finally:
-            timer.cancel()
-        assert not self.errors, self.errors
+        wait_progress(lambda: sum(self.ops) >= n, self.errors, timeout)
         assert sum(self.ops) >= n, f"workload too slow: {self.ops}"
 
     def pause(self) -> None:
@@ -737,15 +739,7 @@ class RegionWorkload:
             h.shutdown()
 
     def wait_acked(self, n: int, timeout: float = 30) -> None:
-        deadline = threading.Event()
-        timer = threading.Timer(timeout, deadline.set)
-        timer.start()
-        try:
-            while min(self.acked) < n and not deadline.is_set() and not self.errors:
-                self.stop_flag.wait(0.01)
-        finally:
-            timer.cancel()
-        assert not self.errors, self.errors
+        wait_progress(lambda: min(self.acked) >= n, self.errors, timeout)
         assert min(self.acked) >= n, f"workload too slow: {self.acked}"
 
     def stop(self) -> None:

@@ -127,6 +127,20 @@ def _visit_members(
             raise errors.parameter_missing(full)
 
 
+def _object_prefix(value: Any, name: str, expected: str) -> str:
+    """Check that ``value`` is a JSON object; return the prefix its members' names take."""
+    if not isinstance(value, dict):
+        raise errors.invalid_parameter_type(name, expected)
+    return f"{name}." if name else ""
+
+
+def _reject_unexpected(value: dict[str, Any], out: dict[str, Any], prefix: str) -> None:
+    """QEMU refuses members the schema does not name, after checking the named ones."""
+    for key in value:
+        if key not in out:
+            raise errors.parameter_unexpected(prefix + key)
+
+
 @dataclass(frozen=True)
 class Struct(Type):
     """A QAPI struct (also the type of a command's ``arguments``)."""
@@ -140,14 +154,10 @@ class Struct(Type):
         return self.name
 
     def check(self, value: Any, name: str) -> Any:
-        if not isinstance(value, dict):
-            raise errors.invalid_parameter_type(name, self.expected)
-        prefix = f"{name}." if name else ""
+        prefix = _object_prefix(value, name, self.expected)
         out: dict[str, Any] = {}
         _visit_members(self.members, value, prefix, out)
-        for key in value:
-            if key not in out:
-                raise errors.parameter_unexpected(prefix + key)
+        _reject_unexpected(value, out, prefix)
         return out
 
 
@@ -165,15 +175,11 @@ class Union(Type):
         return self.name
 
     def check(self, value: Any, name: str) -> Any:
-        if not isinstance(value, dict):
-            raise errors.invalid_parameter_type(name, self.expected)
-        prefix = f"{name}." if name else ""
+        prefix = _object_prefix(value, name, self.expected)
         out: dict[str, Any] = {}
         _visit_members((self.discriminator,), value, prefix, out)
         _visit_members(self.variants[out[self.discriminator.name]], value, prefix, out)
-        for key in value:
-            if key not in out:
-                raise errors.parameter_unexpected(prefix + key)
+        _reject_unexpected(value, out, prefix)
         return out
 
 
