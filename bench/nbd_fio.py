@@ -82,6 +82,10 @@ def qemu_nbd(image: Path, sock: Path, workdir: Path) -> list[str]:
     ]
 
 
+def qemu_nbd_uring(image: Path, sock: Path, workdir: Path) -> list[str]:
+    return [*qemu_nbd(image, sock, workdir)[:-1], "--aio=io_uring", str(image)]
+
+
 def qemu_nbd_blklogwrites(image: Path, sock: Path, workdir: Path) -> list[str]:
     log = workdir / "qemu.log"
     log.write_bytes(b"")
@@ -132,9 +136,36 @@ def replica_qemu_nbd(workdir: Path, image: Path) -> list[str]:
             "--cache=writeback", str(replica)]  # fmt: skip
 
 
+def replica_qemu_nbd_uring(workdir: Path, image: Path) -> list[str]:
+    """The same, with qemu-nbd's io_uring AIO (no thread-pool hop per write)."""
+    return [*replica_qemu_nbd(workdir, image)[:-1], "--aio=io_uring", str(workdir / "replica.img")]
+
+
+def replica_blocktrace(workdir: Path, image: Path) -> list[str]:
+    """Another ``blocktrace serve`` as the replica's server (docs/replica.md: any NBD export)."""
+    replica = workdir / "replica.img"
+    shutil.copyfile(image, replica)
+    return [PYTHON, "-m", "blocktrace", "serve", f"r={replica}", "--socket",
+            str(workdir / "replica.sock")]  # fmt: skip
+
+
 def replica_trace(mode: str) -> list[str]:
     uri = "nbd+unix:///r?socket={workdir}/replica.sock"
     return ["--trace", f"{EXPORT}=nbd:{uri},sync=none,copy-mode={mode}"]
+
+
+def replica_file(mode: str) -> Callable[[Path, Path, Path], list[str]]:
+    """A local ``replica:`` image, a copy of the source made first (``sync=none`` is then
+    truthful, as for the qemu-nbd replica: the figures measure streaming)."""
+    traced = blocktrace(
+        "--trace", f"{EXPORT}=replica:{{workdir}}/replica.img,sync=none,copy-mode={mode}"
+    )
+
+    def command(image: Path, sock: Path, workdir: Path) -> list[str]:
+        shutil.copyfile(image, workdir / "replica.img")
+        return traced(image, sock, workdir)
+
+    return command
 
 
 CONTENDERS = [
@@ -159,6 +190,29 @@ CONTENDERS = [
         blocktrace(*replica_trace("write-blocking")),
         sidecar=replica_qemu_nbd,
     ),
+    Contender("qemu-nbd io_uring", qemu_nbd_uring),
+    Contender(
+        "blocktrace+replica(io_uring) background",
+        blocktrace(*replica_trace("background")),
+        sidecar=replica_qemu_nbd_uring,
+    ),
+    Contender(
+        "blocktrace+replica(io_uring) write-blocking",
+        blocktrace(*replica_trace("write-blocking")),
+        sidecar=replica_qemu_nbd_uring,
+    ),
+    Contender(
+        "blocktrace+replica(blocktrace) background",
+        blocktrace(*replica_trace("background")),
+        sidecar=replica_blocktrace,
+    ),
+    Contender(
+        "blocktrace+replica(blocktrace) write-blocking",
+        blocktrace(*replica_trace("write-blocking")),
+        sidecar=replica_blocktrace,
+    ),
+    Contender("blocktrace+replica(file) background", replica_file("background")),
+    Contender("blocktrace+replica(file) write-blocking", replica_file("write-blocking")),
 ]
 
 #: (row name, contender, baseline, goal) printed as ratios
@@ -187,6 +241,23 @@ RATIOS = [
         "replica write-blocking / untraced blocktrace",
         "blocktrace+replica write-blocking",
         "blocktrace",
+        None,
+    ),
+    *(
+        (
+            f"replica{kind} {mode} / untraced blocktrace",
+            f"blocktrace+replica{kind} {mode}",
+            "blocktrace",
+            0.8 if mode == "background" else None,
+        )
+        for kind in ("(io_uring)", "(blocktrace)", "(file)")
+        for mode in ("background", "write-blocking")
+    ),
+    ("replica background / qemu-nbd alone", "blocktrace+replica background", "qemu-nbd", None),
+    (
+        "replica(io_uring) background / qemu-nbd io_uring alone",
+        "blocktrace+replica(io_uring) background",
+        "qemu-nbd io_uring",
         None,
     ),
 ]

@@ -80,12 +80,14 @@ def nbd_file(workdir: Path, sock: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def kernel_mount(workdir: Path, image: Path, log: Path) -> Iterator[Path]:
-    """Mount ``image`` with the real ext4 driver while QEMU logs every write to ``log``."""
+def kernel_mount(workdir: Path, image: Path, log: Path, options: str = "") -> Iterator[Path]:
+    """Mount ``image`` with the real ext4 driver while QEMU logs every write to ``log``
+    (``options``: extra mount options, e.g. ``journal_checksum``)."""
     mnt = workdir / "mnt"
     mnt.mkdir(exist_ok=True)
+    opts = "loop" + (f",{options}" if options else "")
     with logged_nbd(workdir, image, log) as sock, nbd_file(workdir, sock) as dev:
-        run(["mount", "-t", "ext4", "-o", "loop", str(dev), str(mnt)], timeout=30)
+        run(["mount", "-t", "ext4", "-o", opts, str(dev), str(mnt)], timeout=30)
         try:
             yield mnt
         finally:
@@ -184,6 +186,35 @@ def record_busy_workload(
             for d in range(1, dirs, 2):
                 os.rename(m / f"r{r}" / f"dir{d}", m / f"r{r}" / f"moved{d}")
             os.sync()
+    return base, log
+
+
+def record_bulk_workload(
+    workdir: Path, *, files: int = 3, file_mib: int = 256, size_mib: int = 1280
+) -> tuple[Path, Path]:
+    """Bulk sequential data, the stream that stresses introspection's data path: ``files``
+    new files of ``file_mib`` MiB written in 1 MiB writes (delayed allocation: data before its
+    extent), sync, a quarter of the first file overwritten in place (data blocks the model
+    already owns), one file deleted, sync.  Returns (base image, QEMU blklogwrites log)."""
+    import shutil
+
+    img = mkfs(workdir / "disk.img", size_mib, options=("-b", "4096"))
+    base = workdir / "base.img"
+    shutil.copy(img, base)
+    log = workdir / "disk.log"
+    chunk = os.urandom(MiB)
+    with kernel_mount(workdir, img, log) as m:
+        for n in range(files):
+            with open(m / f"bulk{n}", "wb") as f:
+                for i in range(file_mib):
+                    f.write(chunk[i % 7 :] + chunk[: i % 7])  # not a repeated block
+        os.sync()
+        with open(m / "bulk0", "r+b") as f:
+            f.seek(file_mib * MiB // 4)
+            for _ in range(file_mib // 4):
+                f.write(chunk)
+        os.unlink(m / f"bulk{files - 1}")
+        os.sync()
     return base, log
 
 

@@ -12,7 +12,7 @@ import asyncio
 import errno
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -92,6 +92,49 @@ def test_client_against_server(server: tuple[str, object]) -> None:
         assert err.value.errno in (errno.EINVAL, errno.ENOSPC, errno.EIO)
         assert bytes(await dev.read(0, 4096)) == bytes(model[:4096])  # still usable
         await dev.close()
+
+    asyncio.run(main())
+
+
+def test_grouped_writes_complete_once_with_the_first_error(server: tuple[str, object]) -> None:
+    """``write_many`` (one completion for the group) and ``start_write`` (a callback from the
+    reply handler): a group with a write past the end raises the server's error only after
+    every reply is in, and the group's other writes landed; callbacks run once each."""
+    uri, _ = server
+
+    async def main() -> None:
+        dev = await NBDDevice.open(uri)
+        items = [(i * 8192, bytes([i + 1]) * 4096, False) for i in range(8)]
+        items.insert(4, (SIZE - 2048, b"x" * 4096, False))  # crosses the end: refused
+        with pytest.raises(BlockDeviceError) as err:
+            await dev.write_many(items)
+        assert err.value.errno in (errno.EINVAL, errno.ENOSPC, errno.EIO)
+        assert dev.client is not None and not dev.client._pending  # every reply was in
+        for i in range(8):
+            assert bytes(await dev.read(i * 8192, 4096)) == bytes([i + 1]) * 4096
+        results: dict[str, list[BaseException | None]] = {"a": [], "b": [], "c": []}
+        done = asyncio.Event()
+
+        def callback(key: str) -> Callable[[BaseException | None], None]:
+            def cb(exc: BaseException | None) -> None:
+                results[key].append(exc)
+                if all(results.values()):
+                    done.set()
+
+            return cb
+
+        # replies come in any order (overlapping writes must never be in flight together)
+        assert dev.start_write(MiB, b"a" * 4096, callback("a"))
+        assert dev.start_write(MiB + 4096, b"b" * 4096, callback("b"))
+        assert dev.start_write(SIZE - 2048, b"c" * 4096, callback("c"))
+        async with asyncio.timeout(10):
+            await done.wait()
+        assert results["a"] == [None] and results["b"] == [None]
+        assert len(results["c"]) == 1 and isinstance(results["c"][0], BlockDeviceError)
+        assert bytes(await dev.read(MiB, 8192)) == b"a" * 4096 + b"b" * 4096
+        await dev.close()
+        assert not dev.start_write(0, b"z" * 4096, callback("a"))  # closed: nothing sent
+        assert results["a"] == [None]
 
     asyncio.run(main())
 

@@ -5,6 +5,7 @@ CRC and with zlib's, whatever the batch boundaries and write-out points."""
 
 from __future__ import annotations
 
+import errno
 import random
 from pathlib import Path
 
@@ -128,3 +129,43 @@ def test_log_target_large_batches_keep_order_and_bytes(tmp_path: Path, direct: b
                 assert e.flags == 1
             else:
                 assert e.flags == 8
+
+
+@pytest.mark.parametrize("refuse_direct", [False, True])
+def test_large_entries_crc_while_staging_equal_one_write_per_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse_direct: bool
+) -> None:
+    """Large payloads under O_DIRECT get their CRC computed while they are staged (fileio's
+    ``OpenHeader``): entries that fit the stage, one larger than the stage (sealed first) and
+    a batch rewritten through the page cache after O_DIRECT is refused (sealed there) all give
+    the bytes of one ``write`` per entry."""
+    from blocktrace.logwrites import fileio
+
+    rng = random.Random(11)
+    entries = [
+        (rng.choice([0, 2]), rng.randrange(64) * 1024 * 1024, rng.randbytes(size))
+        for size in [1 << 20, DIRECT_THRESHOLD, 3 << 20, fileio.STAGE_BYTES + 4096, 1 << 20]
+    ]
+    ref = LogWriter.create(tmp_path / "ref", sector_size=512)
+    fast = LogWriter.create(tmp_path / "fast", sector_size=512, direct=True)
+    fast.log_id = ref.log_id
+    if not fast.direct:
+        pytest.skip("no O_DIRECT on this file system")
+    if refuse_direct:
+        calls: list[int] = []
+
+        def refuse(self: fileio.LogFile, view: memoryview, pos: int) -> int:
+            calls.append(pos)
+            raise OSError(errno.EINVAL, "refused")
+
+        monkeypatch.setattr(fileio.LogFile, "_pwrite_direct", refuse)
+    for flags, offset, data in entries:
+        ref.write(offset, data, fua=bool(flags & 2))
+    fast.append_writes(entries[:2])
+    fast.write_out()
+    fast.append_writes(entries[2:])
+    fast.write_out()
+    assert fast.direct is not refuse_direct
+    ref.close(end_mark=True)
+    fast.close(end_mark=True)
+    assert (tmp_path / "fast").read_bytes() == (tmp_path / "ref").read_bytes()

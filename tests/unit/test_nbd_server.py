@@ -182,6 +182,84 @@ def test_out_of_order_replies_and_large_write(tmp_path: Path) -> None:
     serve(tmp_path, body)
 
 
+class KeepingDevice(GatedDevice):
+    """Keeps every WRITE payload object it is given, by reference (a trace filter does that
+    with ``bytes``; were a reused buffer handed over, later requests would overwrite it)."""
+
+    keeps_payloads = True
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.kept: list[tuple[int, ReadableBuffer]] = []
+        self.views: list[ReadableBuffer] = []  # the objects themselves
+
+    async def write(self, offset: int, data: ReadableBuffer, *, fua: bool = False) -> None:
+        self.kept.append((offset, data if type(data) is bytes else memoryview(data).tobytes()))
+        self.views.append(data)
+        await super().write(offset, data, fua=fua)
+
+
+def test_large_payloads_a_device_keeps_are_owned_never_reused(tmp_path: Path) -> None:
+    """For a device that keeps payloads, a large WRITE arrives as a fresh ``bytes`` object
+    (no copy needed to keep it), and no later request ever writes into one kept earlier, with
+    writes completing at once, suspending, and interleaved with small ones."""
+    from blocktrace.nbd import dispatch
+
+    if not dispatch.OWNED_PAYLOADS:
+        pytest.skip("interpreter without CPython's bytes layout")
+
+    async def main() -> None:
+        dev = KeepingDevice(32 * MiB)
+        reg = ExportRegistry()
+        reg.add(Export("disk", dev))
+        srv = NBDServer(reg)
+        path = os.fspath(tmp_path / "s.sock")
+        listener = await asyncio.get_running_loop().create_unix_server(srv.protocol_factory, path)
+        try:
+            c = await Client.connect(path)
+            sent = []
+            for i in range(8):
+                size = [MiB, 3 * MiB, 600 * 1024, 4096][i % 4]
+                data = os.urandom(size)
+                if i == 5:
+                    dev.gate.clear()  # this one suspends in the device
+                c.request(Cmd.WRITE, i, i * 4 * MiB, size, data=data)
+                sent.append((i * 4 * MiB, data))
+                if i == 5:
+                    for _ in range(500):
+                        if len(dev.kept) == 6:
+                            break
+                        await asyncio.sleep(0.01)
+                    dev.gate.set()
+            for _ in range(8):
+                assert (await c.reply())[1] == 0
+            await c.close()
+        finally:
+            listener.close()
+            await srv.shutdown(5)
+        assert dev.kept == sent  # every kept object still holds what was sent
+        large = [v for v in dev.views if len(v) > nbd_server.BUFFER_SIZE]  # type: ignore[arg-type]
+        assert len(large) == 6 and all(type(v) is bytes for v in large)
+        assert [bytes(v) for v in large] == [d for _, d in sent if len(d) > nbd_server.BUFFER_SIZE]
+        for offset, data in sent:
+            assert bytes(dev.buf[offset : offset + len(data)]) == data
+
+    asyncio.run(main())
+
+
+def test_owned_payload_is_a_fresh_bytes_object_filled_through_its_view() -> None:
+    from blocktrace.nbd.dispatch import OWNED_PAYLOADS, owned_payload
+
+    if not OWNED_PAYLOADS:
+        pytest.skip("interpreter without CPython's bytes layout")
+    a, va = owned_payload(8192)
+    b, vb = owned_payload(8192)
+    assert a is not b and type(a) is bytes and len(a) == len(b) == 8192
+    va[:] = b"a" * 8192
+    vb[:] = b"b" * 8192
+    assert a == b"a" * 8192 and b == b"b" * 8192
+
+
 def test_shutdown_finishes_in_flight_requests(tmp_path: Path) -> None:
     async def body(path: str, dev: GatedDevice, srv: NBDServer) -> None:
         c = await Client.connect(path)

@@ -24,6 +24,7 @@ from blocktrace.trace import (
     TraceManager,
     TraceOptions,
 )
+from blocktrace.trace.records import RECORD_OVERHEAD
 from blocktrace.trace.targets.memory import MemoryTarget, replay
 
 SIZE = 1024 * 1024
@@ -187,6 +188,42 @@ def test_full_queue_applies_backpressure_and_drops_nothing() -> None:
         assert tr.stats().queued_bytes <= 1 * MiB
         assert child.buf[blocked_at * 16384 + 65535] == 0  # the waiting write is not applied
         tr.resume()
+        await w
+        await tr.stop()
+        assert len(target.records) == 40
+        assert child.buf == await replayed(bytes(SIZE), target.records)
+
+    run(main)
+
+
+def test_a_batch_in_delivery_still_counts_against_the_cap() -> None:
+    """Records the target is busy with (taken off the queue, not yet held) keep their queue
+    space until the target returns: the cap bounds queued + in-flight payload, so the
+    server's memory for the trace stays the cap plus fixed buffers."""
+
+    async def main() -> None:
+        child, filt, mgr = stack()
+        target = MemoryTarget()
+        tr = await mgr.start("j", "disk", target, TraceOptions.from_dict({"queue-size": "1M"}))
+        target.gate.clear()  # the worker takes a batch and then waits inside deliver
+        await filt.write(0, b"\1" * 65536)
+        await until(lambda: tr.delivery.queued_records == 0)  # the batch is in flight
+        assert tr.stats().delivered_records == 0
+        written: list[int] = []
+
+        async def writer() -> None:
+            for i in range(1, 40):
+                await filt.write(i * 16384, bytes([i + 1]) * 65536)
+                written.append(i)
+
+        w = asyncio.ensure_future(writer())
+        await until(lambda: bool(tr.delivery._space_waiters))
+        # the in-flight 64 KiB (+ overhead) is still counted: fewer writes fit than in an
+        # empty 1 MiB queue
+        assert 1 + len(written) < 16
+        assert tr.stats().queued_bytes == (1 + len(written)) * (65536 + RECORD_OVERHEAD)
+        assert tr.stats().queued_bytes <= 1 * MiB
+        target.gate.set()
         await w
         await tr.stop()
         assert len(target.records) == 40

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -163,6 +164,19 @@ class NBDDevice(BlockDevice):
             await asyncio.gather(*(self.write(o, d, fua=f) for o, d, f in items))
             return
         await self._client().write_many(items)
+
+    def start_write(
+        self, offset: int, data: ReadableBuffer, callback: Callable[[BaseException | None], None]
+    ) -> bool:
+        """Send one plain WRITE now, without a task or a future; ``callback(exc_or_None)`` runs
+        from the reply handler (the replica's write-blocking fast path).  False, with nothing
+        sent, when it cannot go this way (not connected, over the server's size limit, the send
+        buffer full): use :meth:`write` then."""
+        c = self.client
+        if c is None or len(data) > self.max_block_size or c.write_paused:
+            return False
+        c.start_writes([(offset, data, False)], callback=callback)
+        return True
 
     async def flush(self) -> None:
         if self.can_flush:

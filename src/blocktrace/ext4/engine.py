@@ -76,6 +76,7 @@ class EngineStats:
     pending_data_dropped: int = 0  #: pending contents dropped (attribution kept)
     attributed: int = 0  #: pending blocks later claimed by a file
     recovered_transactions: int = 0  #: journal transactions replayed into the base at start
+    bad_transactions: int = 0  #: committed journal transactions not applied (checksum failed)
 
 
 class Ext4Engine:
@@ -258,7 +259,11 @@ class Ext4Engine:
         """A base image taken while mounted: replay its committed transactions into the view
         (not as events: they happened before the stream began)."""
         assert self.journal is not None
-        replay, found = recover(self.journal.jsb, self._read_jblock)
+        problems: list[str] = []
+        replay, found = recover(self.journal.jsb, self._read_jblock, problems)
+        for problem in problems:
+            self.journal.stats.checksum_errors += 1
+            self._error(-1, problem)
         for home, data in replay:
             owner = self.owners.lookup(home)
             if home < self.fs.blocks_count and not (owner and owner.kind is OwnerKind.JOURNAL):
@@ -354,6 +359,12 @@ class Ext4Engine:
 
     def _apply_transaction(self, record: int, tx: Transaction) -> list[FileEvent]:
         self.stats.transactions += 1
+        if tx.error is not None:  # torn or corrupt: nothing of it becomes an event
+            self.stats.bad_transactions += 1
+            self._error(record, f"journal transaction {tx.sequence} not applied: {tx.error}")
+            for jblk in tx.descriptors:
+                self.overlay.pop(self._journal_blocks.get(jblk, -1), None)
+            return self._settle(record)
         used: list[int] = []
         magic = struct.pack(">I", C.JBD2_MAGIC_NUMBER)
         for home, jblk, escaped in tx.blocks:
@@ -390,33 +401,48 @@ class Ext4Engine:
                 return
         ranges.append([lstart, lend, record])
 
-    def _pend(self, b: int, record: int, block: bytes) -> None:
-        if b in self.pending:
-            self.pending.move_to_end(b)
-        self.pending[b] = record
-        old = self.pending_data.pop(b, None)
-        if old is not None:
-            self._pending_bytes -= len(old)
-        if self.max_pending_bytes >= len(block):
-            self.pending_data[b] = block
-            self._pending_bytes += len(block)
-            while self._pending_bytes > self.max_pending_bytes:
-                _, dropped = self.pending_data.popitem(last=False)
-                self._pending_bytes -= len(dropped)
-                self.stats.pending_data_dropped += 1
-        while len(self.pending) > self.max_pending:
-            gone, _ = self.pending.popitem(last=False)
-            dropped_data = self.pending_data.pop(gone, None)
-            if dropped_data is not None:
-                self._pending_bytes -= len(dropped_data)
-            self.stats.pending_overflow += 1
-        self.stats.pending_blocks = len(self.pending)
-        self.stats.pending_bytes = self._pending_bytes
-
     def _pend_run(self, start: int, end: int, record: int, offset: int, mv: memoryview) -> None:
-        """:meth:`_pend` for every block of ``[start, end)`` (the bulk-data path: data written
-        before its extent is committed), with the same per-block policy, without a call and a
-        memoryview copy per block; only the partial first and last blocks need a read."""
+        """Remember blocks ``[start, end)`` as pending (the bulk-data path: data written before
+        its extent is committed).  Policy per block, in order: a rewrite moves to the newest
+        end; contents kept within ``max_pending_bytes`` (oldest dropped); at most
+        ``max_pending`` blocks (oldest forgotten with their contents).
+
+        Fast path, for whole blocks none of which is pending yet and when the block count cap
+        does not bind: insert the run at once, then drop the oldest contents over the byte cap;
+        the result and the counters are those of the per-block loop (tested against it)."""
+        bs = self.block_size
+        lo = start * bs - offset
+        count = end - start
+        pending, pending_data = self.pending, self.pending_data
+        if (
+            lo >= 0
+            and lo + count * bs <= len(mv)
+            and len(pending) + count <= self.max_pending
+            and (not pending or pending.keys().isdisjoint(range(start, end)))
+            and (not pending_data or pending_data.keys().isdisjoint(range(start, end)))
+        ):
+            blocks = range(start, end)
+            pending.update(dict.fromkeys(blocks, record))
+            if self.max_pending_bytes >= bs:
+                pending_data.update(
+                    zip(
+                        blocks,
+                        [mv[i : i + bs].tobytes() for i in range(lo, lo + count * bs, bs)],
+                        strict=True,
+                    )
+                )
+                self._pending_bytes += count * bs
+                while self._pending_bytes > self.max_pending_bytes:
+                    _, dropped = pending_data.popitem(last=False)
+                    self._pending_bytes -= len(dropped)
+                    self.stats.pending_data_dropped += 1
+            self.stats.pending_blocks = len(pending)
+            self.stats.pending_bytes = self._pending_bytes
+            return
+        self._pend_blocks(start, end, record, offset, mv)
+
+    def _pend_blocks(self, start: int, end: int, record: int, offset: int, mv: memoryview) -> None:
+        """:meth:`_pend_run`, block by block (the reference the fast path must match)."""
         bs = self.block_size
         pending, pending_data, stats = self.pending, self.pending_data, self.stats
         max_pending, max_bytes = self.max_pending, self.max_pending_bytes

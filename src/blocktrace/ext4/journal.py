@@ -16,29 +16,87 @@ by JBD2 (first four bytes zeroed, ESCAPE tag flag), so a written block carrying 
 real descriptor, commit or revoke block.  Sequence numbers, not positions, tie blocks to
 transactions, so stale blocks from an earlier pass round the ring are never replayed.
 
-Checksums (v2/v3) change the tag size and add a 4-byte block tail; both layouts are parsed, but
-the CRC32C values are not verified (no CRC32C in the standard library; the sequence check and
-the commit-after-descriptor order are what protect against torn transactions here).  Fast
-commit blocks (``fast_commit`` feature) are recognised and counted but not decoded.
+Checksums are verified as the kernel's recovery does (:class:`Checksums`): csum v2/v3 (CRC32C
+seeded with the journal UUID) of the commit block, of descriptor and revoke block tails, and of
+every logged block (its tag's checksum, seeded with the sequence); v1 (``COMPAT_CHECKSUM``, also
+used with ``ASYNC_COMMIT``) as the big-endian CRC32 of the descriptors and logged blocks that the
+commit block carries.  A committed transaction that fails any of them is torn or corrupt: it is
+returned with ``error`` set and no blocks, so the engine reports it and applies nothing (the
+home-location writes of the checkpoint bring those changes later).  Fast commit blocks
+(``fast_commit`` feature) are recognised and counted but not decoded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blocktrace.ext4 import constants as C
+from blocktrace.ext4.jbd2csum import crc32_be, crc32c
 from blocktrace.ext4.structs import (
     JBD2_COMMIT,
     JBD2_HEADER,
     Ext4FormatError,
     JournalSuperblock,
+    JournalTag,
     parse_descriptor_tags,
     parse_revoke_blocks,
 )
 
 MAX_OPEN_TRANSACTIONS = 64  #: uncommitted sequences remembered (hostile streams cannot grow it)
+JBD2_CRC32_CHKSUM, JBD2_CRC32_CHKSUM_SIZE = 1, 4  #: v1 commit block h_chksum_type / size
+_V23 = int(C.JBD2FeatureIncompat.CSUM_V2 | C.JBD2FeatureIncompat.CSUM_V3)
+_V3 = int(C.JBD2FeatureIncompat.CSUM_V3)
+_V1 = int(C.JBD2FeatureCompat.CHECKSUM)
+_TAIL = slice(-4, None)
+_ZERO4 = bytes(4)
+
+
+class Checksums:
+    """The checksum rules of one journal superblock (``fs/jbd2/recovery.c``)."""
+
+    def __init__(self, jsb: JournalSuperblock) -> None:
+        incompat = jsb.s_feature_incompat
+        self.v23 = bool(incompat & _V23)
+        self.v3 = bool(incompat & _V3)
+        self.v1 = bool(jsb.s_feature_compat & _V1) and not self.v23
+        self.seed = crc32c(0xFFFFFFFF, jsb.s_uuid) if self.v23 else 0
+
+    def tail_ok(self, block: bytes) -> bool:
+        """Descriptor and revoke blocks: ``jbd2_descriptor_block_csum_verify``."""
+        if not self.v23 or len(block) < 8:
+            return True
+        calc = crc32c(self.seed, block[:-4] + _ZERO4)
+        return int.from_bytes(block[_TAIL], "big") == calc
+
+    def commit_ok(self, block: bytes) -> bool:
+        """``jbd2_commit_block_csum_verify`` (v2/v3; v1 is :meth:`commit_v1_ok`)."""
+        if not self.v23 or len(block) < 0x14:
+            return True
+        calc = crc32c(self.seed, block[:0x10] + _ZERO4 + block[0x14:])
+        return int.from_bytes(block[0x10:0x14], "big") == calc
+
+    def tag_ok(self, tag: JournalTag, data: bytes, sequence: int) -> bool:
+        """``jbd2_block_tag_csum_verify``: the logged block as it sits in the journal."""
+        if not self.v23:
+            return True
+        calc = crc32c(crc32c(self.seed, sequence.to_bytes(4, "big")), data)
+        return tag.checksum == (calc if self.v3 else calc & 0xFFFF)
+
+    @staticmethod
+    def commit_v1_ok(commit_block: bytes, crc32_sum: int) -> bool:
+        """v1: ``crc32_be`` over the transaction's descriptor and logged blocks, or unused."""
+        try:
+            ctype, csize, found, *_ = JBD2_COMMIT.unpack(commit_block)
+        except Ext4FormatError:
+            return False
+        if ctype == 0 and csize == 0 and found == 0:
+            return True
+        return bool(
+            ctype == JBD2_CRC32_CHKSUM and csize == JBD2_CRC32_CHKSUM_SIZE and found == crc32_sum
+        )
 
 
 @dataclass(slots=True)
@@ -50,6 +108,9 @@ class Transaction:
     blocks: list[tuple[int, int, bool]] = field(default_factory=list)
     revoked: list[int] = field(default_factory=list)
     descriptors: list[int] = field(default_factory=list)  #: journal blocks of the descriptors
+    #: why the transaction must not be applied (a checksum failed: torn or corrupt); then
+    #: ``blocks`` is empty
+    error: str | None = None
 
 
 @dataclass(slots=True)
@@ -61,6 +122,8 @@ class JournalStats:
     fast_commit_blocks: int = 0
     errors: int = 0
     dropped_transactions: int = 0
+    checksum_errors: int = 0  #: blocks whose JBD2 checksum did not match
+    bad_transactions: int = 0  #: committed transactions not applied (a checksum failed)
 
 
 class Journal:
@@ -73,8 +136,10 @@ class Journal:
         self.stats = JournalStats()
         self.nblocks = maxlen_blocks
         self.jsb = self._parse_sb(superblock)
+        self.csum = Checksums(self.jsb)
         self._descriptors: dict[int, list[int]] = {}
         self._revoked: dict[int, list[int]] = {}
+        self._bad: dict[int, str] = {}  #: open sequences already known corrupt (revoke tail)
 
     def _parse_sb(self, block: bytes) -> JournalSuperblock:
         magic, btype, _ = JBD2_HEADER.unpack(block)
@@ -123,6 +188,7 @@ class Journal:
         if jblk == 0:
             try:
                 self.jsb = self._parse_sb(data)
+                self.csum = Checksums(self.jsb)  # the kernel sets csum features at mount
             except Ext4FormatError:
                 self.stats.errors += 1
             return None
@@ -138,6 +204,11 @@ class Journal:
                 descs.append(jblk)
         elif btype == C.JBD2BlockType.REVOKE_BLOCK:
             self.stats.revokes += 1
+            if not self.csum.tail_ok(data):
+                self.stats.checksum_errors += 1
+                if len(self._bad) < MAX_OPEN_TRANSACTIONS:
+                    self._bad[seq] = f"revoke block {jblk}: checksum mismatch"
+                return None
             try:
                 self._open(seq, self._revoked).extend(parse_revoke_blocks(data, self.incompat))
             except Ext4FormatError:
@@ -163,32 +234,72 @@ class Journal:
         except Ext4FormatError:
             pass
         tx.revoked = self._revoked.pop(seq, [])
-        for table in (self._descriptors, self._revoked):  # older, never committed: stale
+        tx.error = self._bad.pop(seq, None)
+        for table in (self._descriptors, self._revoked, self._bad):  # older, never committed
             for old in [s for s in table if 0 < (seq - s) % (1 << 32) < 1 << 31]:
                 del table[old]
+        if tx.error is None and not self.csum.commit_ok(commit_block):
+            tx.error = f"commit block of transaction {seq}: checksum mismatch"
+            self.stats.checksum_errors += 1
+        crc32_sum = 0xFFFFFFFF
         for desc_jblk in self._descriptors.pop(seq, []):
             tx.descriptors.append(desc_jblk)
-            self._tags_of(desc_jblk, tx)
+            crc32_sum = self._tags_of(desc_jblk, tx, crc32_sum)
+        if (
+            self.csum.v1
+            and tx.error is None
+            and not Checksums.commit_v1_ok(commit_block, crc32_sum)
+        ):
+            tx.error = f"commit block of transaction {seq}: CRC32 of its blocks, checksum mismatch"
+            self.stats.checksum_errors += 1
+        if tx.error is not None:
+            self.stats.bad_transactions += 1
+            self.stats.logged_blocks -= len(tx.blocks)
+            tx.blocks = []
         return tx
 
-    def _tags_of(self, desc_jblk: int, tx: Transaction) -> None:
+    def _tags_of(self, desc_jblk: int, tx: Transaction, crc32_sum: int) -> int:
+        """Add the tags of one descriptor to ``tx``, checking its tail and each logged block's
+        checksum (``tx.error`` on a mismatch); returns the v1 running CRC32."""
         try:
             block = self.read_jblock(desc_jblk)
             tags = parse_descriptor_tags(block, self.incompat)
         except (Ext4FormatError, struct.error):
             self.stats.errors += 1
-            return
+            return crc32_sum
+        csum = self.csum
+        if not csum.tail_ok(block):
+            self.stats.checksum_errors += 1
+            tx.error = tx.error or f"descriptor block {desc_jblk}: checksum mismatch"
+        if csum.v1:
+            crc32_sum = crc32_be(crc32_sum, block)
         pos = desc_jblk
         for tag in tags:
             pos = self._next(pos)
+            if csum.v23 or csum.v1:
+                try:
+                    data = self.read_jblock(pos)
+                except Ext4FormatError:
+                    data = b""
+                if csum.v1:
+                    crc32_sum = crc32_be(crc32_sum, data)
+                elif tx.error is None and not csum.tag_ok(tag, data, tx.sequence):
+                    self.stats.checksum_errors += 1
+                    tx.error = (
+                        f"logged copy of block {tag.blocknr} (journal block {pos}):"
+                        " checksum mismatch"
+                    )
             if tag.flags & C.JBD2TagFlags.DELETED:
                 continue
             tx.blocks.append((tag.blocknr, pos, bool(tag.flags & C.JBD2TagFlags.ESCAPE)))
             self.stats.logged_blocks += 1
+        return crc32_sum
 
 
 def recover(
-    jsb: JournalSuperblock, read_jblock: Callable[[int], bytes]
+    jsb: JournalSuperblock,
+    read_jblock: Callable[[int], bytes],
+    problems: list[str] | None = None,
 ) -> tuple[list[tuple[int, bytes]], int]:
     """The committed-but-not-checkpointed state of a journal, as ``jbd2_journal_recover`` would
     replay it: ``([(home block, contents)...] in replay order, transactions found)``.
@@ -197,13 +308,20 @@ def recover(
     running guest) has recent metadata only in the journal.  Scan from ``s_start`` while the
     blocks carry the expected sequence; keep transactions that have their commit block; a
     block revoked by a transaction at or after the one that logged it is not replayed.
+
+    Checksums as the kernel: a descriptor, revoke or commit block that fails its checksum ends
+    the scan there (that transaction and later ones are not replayed); a logged block that fails
+    its tag's checksum is skipped.  Each failure is described in ``problems``.
     """
+    csum = Checksums(jsb)
+    problems = problems if problems is not None else []
     if jsb.s_start == 0:
         return [], 0
     incompat = jsb.s_feature_incompat
     pos, seq = jsb.s_start, jsb.s_sequence
-    logged: list[tuple[int, int, bool, int]] = []  # (home, jblk, escaped, seq)
-    pending: list[tuple[int, int, bool, int]] = []
+    logged: list[tuple[int, int, bool, int, JournalTag]] = []  # (home, jblk, escaped, seq, tag)
+    pending: list[tuple[int, int, bool, int, JournalTag]] = []
+    crc32_sum = 0xFFFFFFFF
     revoked: dict[int, int] = {}
     found = 0
     steps = 0
@@ -226,19 +344,36 @@ def recover(
                 tags = parse_descriptor_tags(block, incompat)
             except Ext4FormatError:
                 break
+            if not csum.tail_ok(block):
+                problems.append(f"journal recovery: descriptor block {pos}: checksum mismatch")
+                break
+            if csum.v1:
+                crc32_sum = crc32_be(crc32_sum, block)
             for tag in tags:
                 pos = advance(pos)
                 steps += 1
+                if csum.v1:
+                    with contextlib.suppress(Ext4FormatError):
+                        crc32_sum = crc32_be(crc32_sum, read_jblock(pos))
                 if not tag.flags & C.JBD2TagFlags.DELETED:
                     escaped = bool(tag.flags & C.JBD2TagFlags.ESCAPE)
-                    pending.append((tag.blocknr, pos, escaped, seq))
+                    pending.append((tag.blocknr, pos, escaped, seq, tag))
         elif btype == C.JBD2BlockType.REVOKE_BLOCK:
+            if not csum.tail_ok(block):
+                problems.append(f"journal recovery: revoke block {pos}: checksum mismatch")
+                break
             try:
                 for blk in parse_revoke_blocks(block, incompat):
                     revoked[blk] = seq
             except Ext4FormatError:
                 break
         elif btype == C.JBD2BlockType.COMMIT_BLOCK:
+            if not csum.commit_ok(block) or (
+                csum.v1 and not Checksums.commit_v1_ok(block, crc32_sum)
+            ):
+                problems.append(f"journal recovery: commit block of {seq}: checksum mismatch")
+                break
+            crc32_sum = 0xFFFFFFFF
             logged += pending
             pending = []
             found += 1
@@ -248,13 +383,19 @@ def recover(
         pos = advance(pos)
     magic_bytes = struct.pack(">I", C.JBD2_MAGIC_NUMBER)
     out: list[tuple[int, bytes]] = []
-    for home, jblk, escaped, tseq in logged:
+    for home, jblk, escaped, tseq, tag in logged:
         rseq = revoked.get(home)
         if rseq is not None and (rseq - tseq) % (1 << 32) < 1 << 31:
             continue  # revoked at or after the transaction that logged it
         try:
             data = read_jblock(jblk)
         except Ext4FormatError:
+            continue
+        if not csum.tag_ok(tag, data, tseq):
+            problems.append(
+                f"journal recovery: logged copy of block {home} (journal block {jblk}):"
+                " checksum mismatch, not replayed"
+            )
             continue
         out.append((home, magic_bytes + data[4:] if escaped else data))
     return out, found

@@ -214,8 +214,8 @@ INODE = Layout(
 
 
 @_struct(INODE)
-@dataclass(frozen=True, slots=True)
-class Inode(_Parsed):
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs a object.__setattr__ per field,
+class Inode(_Parsed):  # and inodes are decoded by the thousand per settle (never mutated)
     i_mode: int
     i_uid: int
     i_size_lo: int
@@ -312,7 +312,7 @@ EXTENT_IDX = Layout(
 
 
 @_struct(EXTENT_HEADER)
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: decoded per inode/entry (hot), never mutated
 class ExtentHeader(_Parsed):
     eh_magic: int
     eh_entries: int
@@ -321,7 +321,7 @@ class ExtentHeader(_Parsed):
     eh_generation: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: decoded per inode/entry (hot), never mutated
 class Extent:
     """A leaf entry: ``length`` blocks from logical ``lblk`` at physical ``pblk``."""
 
@@ -338,7 +338,7 @@ class Extent:
         return cls(ee_block, lo | hi << 32, length, unwritten)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: decoded per inode/entry (hot), never mutated
 class ExtentIdx:
     lblk: int
     leaf: int
@@ -515,10 +515,12 @@ class JournalSuperblock(_Parsed):
 
 @dataclass(frozen=True, slots=True)
 class JournalTag:
-    """One descriptor tag: the home block of the next logged block, and its flags."""
+    """One descriptor tag: the home block of the next logged block, its flags, and (csum
+    v2: low 16 bits, v3: 32 bits) the CRC32C of the logged block."""
 
     blocknr: int
     flags: int
+    checksum: int = 0
 
 
 def jbd2_tag_size(incompat: int) -> int:
@@ -539,11 +541,11 @@ def parse_descriptor_tags(block: bytes | bytearray | memoryview, incompat: int) 
     pos = JBD2_HEADER.size
     while pos + tag_size <= end:
         if incompat & C.JBD2FeatureIncompat.CSUM_V3:
-            lo, flags, hi, _ = JBD2_TAG3.unpack(block, pos)
+            lo, flags, hi, csum = JBD2_TAG3.unpack(block, pos)
         else:
-            lo, flags = struct.unpack_from(">IxxH", block, pos)
+            lo, csum, flags = struct.unpack_from(">IHH", block, pos)
             hi = struct.unpack_from(">I", block, pos + 8)[0] if bit64 else 0
-        tags.append(JournalTag(lo | (hi << 32 if bit64 else 0), flags))
+        tags.append(JournalTag(lo | (hi << 32 if bit64 else 0), flags, csum))
         pos += tag_size
         if not flags & C.JBD2TagFlags.SAME_UUID:
             pos += 16

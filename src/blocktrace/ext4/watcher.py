@@ -29,8 +29,13 @@ from blocktrace.ext4.events import FileEvent
 from blocktrace.ext4.fs import FileSource
 from blocktrace.ext4.partitions import Partition, discover, slice_source
 from blocktrace.ext4.structs import Ext4FormatError
+from blocktrace.logwrites.format import LogFlag
 
 WRITE, ZERO, DISCARD, FLUSH, MARK = "write", "zero", "discard", "flush", "mark"
+#: plain ints: ``int & IntFlag`` goes through enum's Python ``__and__`` (per record)
+_FUA, _FLUSH, _DISCARD, _MARK = (
+    int(f) for f in (LogFlag.FUA, LogFlag.FLUSH, LogFlag.DISCARD, LogFlag.MARK)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,26 +98,20 @@ def follow_log_records(
 
 
 def _entry_records(e: Any) -> Iterator[StreamRecord]:
-    from blocktrace.logwrites.format import LogFlag
-
-    if e.mark is not None:
+    header = e.header
+    flags = header.flags
+    if flags & _MARK:
         yield StreamRecord(e.index, MARK)
         return
-    if e.is_data:
-        if e.is_zeroes:
-            yield StreamRecord(e.index, ZERO, e.target_offset, e.length)
-        elif e.is_discard:
-            yield StreamRecord(e.index, DISCARD, e.target_offset, e.length)
+    if header.nr_sectors:
+        if flags & _DISCARD:
+            kind = ZERO if e.is_zeroes else DISCARD
+            yield StreamRecord(e.index, kind, e.target_offset, e.length)
         else:
             yield StreamRecord(
-                e.index,
-                WRITE,
-                e.target_offset,
-                e.length,
-                e.read_data(),
-                bool(e.flags & LogFlag.FUA),
+                e.index, WRITE, e.target_offset, e.length, e.read_data(), bool(flags & _FUA)
             )
-    if e.flags & LogFlag.FLUSH:
+    if flags & _FLUSH:
         yield StreamRecord(e.index, FLUSH)
 
 

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import os
 import stat
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 from blocktrace.errors import StateError
+from blocktrace.logwrites.fileio import fast_crc32
 from blocktrace.logwrites.format import (
     KNOWN_FLAGS,
     SUPER_EXT,
@@ -39,6 +41,15 @@ from blocktrace.logwrites.format import (
     entry_crc,
     unpack_entry_header,
 )
+
+
+def _continue_crc(crc: int, data: bytes) -> int:
+    """Continue ``crc`` over a loaded payload: libdeflate's CRC-32 where installed (the same
+    CRC as zlib's, 5-10x faster per MiB: zlib's bounded reading a checksummed bulk log)."""
+    if fast_crc32 is not None and data:
+        return int(fast_crc32(crc, data, len(data)))
+    return zlib.crc32(data, crc)
+
 
 #: Entry data larger than this is verified in a separate pass instead of being held in memory.
 _MAX_INLINE = 64 * 1024 * 1024
@@ -310,7 +321,7 @@ class LogReader:
             data = self._pread_exact(nbytes, pos + S, index) if nbytes else b""
         if trailer is not None and (check or not counted):
             if data is not None:
-                crc = entry_crc(buf, [memoryview(data)])
+                crc = _continue_crc(entry_crc(buf), data)
             else:
                 crc = entry_crc(buf, list(self._chunks(pos + S, nbytes, index)))
             if crc != trailer.crc:

@@ -62,7 +62,7 @@ from zlib import crc32
 
 from blocktrace.errors import StateError, TargetError
 from blocktrace.logwrites.fileio import MAX_IOV as _MAX_IOV
-from blocktrace.logwrites.fileio import Buffer, LogFile, PackBuffer
+from blocktrace.logwrites.fileio import Buffer, LogFile, OpenHeader, PackBuffer
 from blocktrace.logwrites.fileio import fast_crc32 as _fast_crc32
 from blocktrace.logwrites.fileio import fsync_dir as _fsync_dir
 from blocktrace.logwrites.format import (
@@ -425,6 +425,7 @@ class LogWriter:
             add_packed = self._pack.add_to
             data_bytes = 0
             fast = _fast_crc32 if checksums else None
+            direct = self._file.direct
             # the chunk's address for fast_crc32 (the anchor keeps it exported meanwhile)
             anchor = ctypes.c_char.from_buffer(chunk) if fast is not None and total else None
             base = ctypes.addressof(anchor) if anchor is not None else 0
@@ -445,12 +446,22 @@ class LogWriter:
                     if pos > seg:  # stream order: the entries packed so far go first
                         add_packed(pending, view, seg, pos, chunk)
                         seg = pos
-                    header = bytearray(S)
-                    pack(header, 0, offset >> shift, n >> shift, flags, 0, tag, 0, log_id, 0, idx)
-                    if fast is not None and type(data) is bytes:
-                        pack_crc(header, crc_at, fast(crc32(header), data, n))
-                    elif checksums:
-                        pack_crc(header, crc_at, crc32(data, crc32(header)))
+                    header: bytearray
+                    if checksums and direct and type(data) is bytes:
+                        # O_DIRECT stages it: its CRC is computed in the same pass (fileio)
+                        header = OpenHeader(S, crc_at)
+                        pack(
+                            header, 0, offset >> shift, n >> shift, flags, 0, tag, 0, log_id, 0, idx
+                        )
+                    else:
+                        header = bytearray(S)
+                        pack(
+                            header, 0, offset >> shift, n >> shift, flags, 0, tag, 0, log_id, 0, idx
+                        )
+                        if fast is not None and type(data) is bytes:
+                            pack_crc(header, crc_at, fast(crc32(header), data, n))
+                        elif checksums:
+                            pack_crc(header, crc_at, crc32(data, crc32(header)))
                     pending.append(header)
                     pending.append(data)
                     self._pending_bytes += S + n

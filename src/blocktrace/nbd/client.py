@@ -28,14 +28,14 @@ import asyncio
 import contextlib
 import errno
 import socket
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
 
 from blocktrace.block.device import Extent, ExtentFlags, ReadableBuffer
 from blocktrace.errors import BlockDeviceError
 from blocktrace.nbd import wire
 from blocktrace.nbd.constants import (
     BASE_ALLOCATION,
+    NBD_REQUEST_MAGIC,
     NBD_SIMPLE_REPLY_MAGIC,
     NBD_STRUCTURED_REPLY_MAGIC,
     Cmd,
@@ -57,6 +57,10 @@ from blocktrace.nbd.transmission import encode_request
 _U32 = wire.U32
 _SIMPLE = wire.SIMPLE_REPLY
 _CHUNK = wire.CHUNK
+_REQUEST = wire.REQUEST
+_MAGIC = NBD_REQUEST_MAGIC
+_WRITE = int(Cmd.WRITE)
+_FUA = int(CmdFlag.FUA)
 #: largest structured reply chunk accepted (a READ chunk is at most the 32 MiB request)
 MAX_CHUNK = 64 * 1024 * 1024
 #: WRITE payloads up to this size are joined with their header into one send
@@ -70,16 +74,70 @@ class NBDDisconnected(BlockDeviceError):
         super().__init__(errno.EIO, message)
 
 
-@dataclass(eq=False)
 class _Pending:
-    cmd: int
-    offset: int
-    length: int
-    future: asyncio.Future[object]
-    data: bytearray | None = None
-    extents: list[Extent] = field(default_factory=list)
-    error: int = 0
-    message: str = ""
+    """One request in flight, or one group of WRITEs sharing a completion (``left`` replies
+    still due).  Completion is a future, or a plain ``callback(exc)`` run from the reply
+    handler itself (no loop iteration in between: the replica's write-blocking path)."""
+
+    __slots__ = (
+        "callback",
+        "cmd",
+        "data",
+        "error",
+        "extents",
+        "future",
+        "left",
+        "length",
+        "message",
+        "offset",
+    )
+
+    def __init__(
+        self,
+        cmd: int,
+        offset: int,
+        length: int,
+        future: asyncio.Future[object] | None,
+        left: int = 1,
+        callback: Callable[[BaseException | None], None] | None = None,
+    ) -> None:
+        self.cmd = cmd
+        self.offset = offset
+        self.length = length
+        self.future = future
+        self.left = left
+        self.callback = callback
+        self.data: bytearray | None = None
+        self.extents: list[Extent] = []
+        self.error = 0
+        self.message = ""
+
+    def settle(self, result: object = None) -> None:
+        """One reply is in: complete once every reply of the group is (first error wins)."""
+        self.left -= 1
+        if self.left:
+            return
+        exc = BlockDeviceError(self.error, self.message or None) if self.error else None
+        if self.callback is not None:
+            cb, self.callback = self.callback, None
+            cb(exc)
+            return
+        fut = self.future
+        if fut is None or fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+    def fail(self, exc: BaseException) -> None:
+        """The connection is gone: complete now, whatever replies were still due."""
+        self.left = 0
+        if self.callback is not None:
+            cb, self.callback = self.callback, None
+            cb(exc)
+        elif self.future is not None and not self.future.done():
+            self.future.set_exception(exc)
 
 
 class _Proto(asyncio.Protocol):
@@ -121,7 +179,8 @@ class NBDClient:
         )
         self._rbuf = bytearray()
         self._transport: asyncio.Transport | None = None
-        self._done: asyncio.Future[HandshakeDone] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[HandshakeDone] = self._loop.create_future()
         self._pending: dict[int, _Pending] = {}
         self._cookie = 0
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -209,30 +268,52 @@ class NBDClient:
         request: what a replica applying a batch of non-overlapping records needs.  Raises the
         first failure once every reply is in.
         """
+        if not items:
+            return
+        fut: asyncio.Future[object] = self._loop.create_future()
+        self.start_writes(items, future=fut)
+        if not self._can_write.is_set():
+            await self._can_write.wait()
+        await fut
+
+    def start_writes(
+        self,
+        items: Sequence[tuple[int, ReadableBuffer, bool]],
+        *,
+        future: asyncio.Future[object] | None = None,
+        callback: Callable[[BaseException | None], None] | None = None,
+    ) -> None:
+        """Send WRITEs ``(offset, data, fua)`` now, in one ``send``, without waiting.
+
+        Completion (every reply in, first error wins) sets ``future`` or calls
+        ``callback(exc_or_None)`` from the reply handler.  One completion for the whole group:
+        no future, task or callback per request.  Raises :class:`NBDDisconnected` at once if
+        the connection is gone (nothing is sent then).  Callers watch :attr:`write_paused`.
+        """
         if self._lost is not None:
             raise NBDDisconnected(f"NBD connection lost: {self._lost}")
         transport = self._transport
         assert transport is not None
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[object]] = []
+        pend = _Pending(_WRITE, 0, 0, future, len(items), callback)
+        pending = self._pending
+        pack = _REQUEST.pack
+        cookie = self._cookie
         out: list[bytes | bytearray | memoryview] = []
         for offset, data, fua in items:
-            cookie = self._next_cookie()
-            fut: asyncio.Future[object] = loop.create_future()
-            self._pending[cookie] = _Pending(Cmd.WRITE, offset, len(data), fut)
-            out.append(
-                encode_request(Cmd.WRITE, cookie, offset, len(data), CmdFlag.FUA if fua else 0)
-            )
+            cookie = (cookie + 1) & 0xFFFFFFFFFFFFFFFF
+            pending[cookie] = pend
+            out.append(pack(_MAGIC, _FUA if fua else 0, _WRITE, cookie, offset, len(data)))
             out.append(data)
-            futures.append(fut)
+        self._cookie = cookie
         transport.write(b"".join(out))
-        if not self._can_write.is_set():
-            await self._can_write.wait()
-        await asyncio.wait(futures)
-        for fut in futures:
-            exc = fut.exception()
-            if exc is not None:
-                raise exc
+
+    @property
+    def write_paused(self) -> bool:
+        """The transport's buffer is over its high-water mark: wait for :meth:`drained`."""
+        return not self._can_write.is_set()
+
+    async def drained(self) -> None:
+        await self._can_write.wait()
 
     async def flush(self) -> None:
         await self._request(Cmd.FLUSH, 0, 0)
@@ -265,7 +346,7 @@ class NBDClient:
     async def disconnect(self) -> None:
         """Clean end: wait for pending replies, send NBD_CMD_DISC, close."""
         if self._lost is None and self._transport is not None:
-            pending = [p.future for p in self._pending.values()]
+            pending = [p.future for p in self._pending.values() if p.future is not None]
             if pending:
                 await asyncio.wait(pending, timeout=10)
             if self._lost is None:
@@ -295,7 +376,7 @@ class NBDClient:
             if self._lost is not None:
                 raise NBDDisconnected(f"NBD connection lost: {self._lost}")
             cookie = self._next_cookie()
-            fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[object] = self._loop.create_future()
             pend = _Pending(cmd, offset, length, fut)
             if cmd == Cmd.READ:
                 pend.data = bytearray(length)
@@ -366,8 +447,7 @@ class NBDClient:
                     pos = start + n
                     if not error and not n:  # the common case: a write acknowledged
                         del pending[cookie]
-                        if not pend.future.done():
-                            pend.future.set_result(None)
+                        pend.settle()
                         continue
                     self._on_simple(SimpleReply(cookie, error, bytes(buf[start:pos])))
                 elif magic == NBD_STRUCTURED_REPLY_MAGIC:
@@ -391,11 +471,12 @@ class NBDClient:
         if pend is None:
             raise NBDRemoteProtocolError(f"reply to unknown cookie {ev.cookie}")
         if ev.error:
-            self._complete_error(pend, ev.error, "")
+            pend.error = pend.error or ev.error
+            pend.settle()
         elif pend.cmd == Cmd.READ:
-            pend.future.set_result(bytes(ev.data or b""))
+            pend.settle(bytes(ev.data or b""))
         else:
-            pend.future.set_result(None)
+            pend.settle()
 
     def _on_chunk(self, ev: ReplyChunk) -> None:
         pend = self._pending.get(ev.cookie)
@@ -437,19 +518,14 @@ class NBDClient:
         if ev.flags & ReplyFlag.DONE:
             del self._pending[ev.cookie]
             if pend.error:
-                self._complete_error(pend, pend.error, pend.message)
+                pend.settle()
             elif pend.cmd == Cmd.READ:
                 assert pend.data is not None
-                pend.future.set_result(bytes(pend.data))
+                pend.settle(bytes(pend.data))
             elif pend.cmd == Cmd.BLOCK_STATUS:
-                pend.future.set_result(pend.extents)
+                pend.settle(pend.extents)
             else:
-                pend.future.set_result(None)
-
-    @staticmethod
-    def _complete_error(pend: _Pending, err: int, message: str) -> None:
-        if not pend.future.done():
-            pend.future.set_exception(BlockDeviceError(err, message or None))
+                pend.settle()
 
     def _on_lost(self, exc: Exception | None) -> None:
         reason: BaseException = exc or ConnectionResetError("server closed the connection")
@@ -464,8 +540,7 @@ class NBDClient:
     def _fail_all(self, exc: BaseException) -> None:
         pending, self._pending = self._pending, {}
         for pend in pending.values():
-            if not pend.future.done():
-                pend.future.set_exception(exc)
+            pend.fail(exc)
 
     def _abort(self) -> None:
         if self._lost is None:

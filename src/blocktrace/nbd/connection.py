@@ -8,13 +8,15 @@ Hot-path choices, each for a measured reason (``docs/nbd-server.md``):
 * ``BufferedProtocol`` with one preallocated receive buffer per connection: the loop
   ``recv_into``s it, headers are parsed with ``unpack_from`` in place, and WRITE payloads go to
   the device as memoryview slices of it (no copy).  A payload larger than the buffer gets a
-  buffer of its own that the loop fills directly.  While a device write that holds a view
+  buffer of its own that the loop fills directly: for a device that keeps payloads (a traced
+  export) a fresh ``bytes`` object it keeps without a copy (:func:`~.dispatch.owned_payload`),
+  else a reused ``bytearray``.  While a device write that holds a view
   is still running, the buffer is *pinned*: instead of being rewound or compacted (which would
   overwrite the bytes under the view) it is replaced by a fresh one.
 * No Task per request: the device coroutine is driven with ``coro.send(None)``; local devices
   usually finish without suspending, and the reply is written at once.  Only a coroutine that
   suspends (fdatasync in a thread, a blocking trace target) is wrapped in a Task, which resumes
-  it where it stopped (:class:`_Resume`).  Consequence for devices: code before the first
+  it where it stopped (:class:`~.dispatch.Resume`).  Consequence for devices: code before the first
   suspension runs outside any Task (``asyncio.current_task()`` is None there).
 * Replies produced while parsing one receive are gathered and written together: header +
   payload pieces through ``writelines`` on uvloop (one ``writev``, no join); on the stock loop
@@ -35,7 +37,7 @@ import contextlib
 import errno as E
 import logging
 import socket
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from blocktrace.block.device import BlockDevice, Extent
@@ -44,6 +46,7 @@ from blocktrace.exports import Export
 from blocktrace.nbd import transmission as tx
 from blocktrace.nbd import wire
 from blocktrace.nbd.constants import NBD_SIMPLE_REPLY_MAGIC, Cmd, CmdFlag
+from blocktrace.nbd.dispatch import OWNED_PAYLOADS, Resume, block_status, owned_payload
 from blocktrace.nbd.errors import NBDRequestError
 from blocktrace.nbd.events import NEED_DATA, HandshakeAborted, HandshakeDone
 from blocktrace.nbd.handshake import ServerHandshake
@@ -63,9 +66,6 @@ WRITE_LOW = 1024 * 1024
 #: Replies smaller than this are joined with their header into one write on the stock loop.
 _JOIN_LIMIT = 64 * 1024
 _DISCARD_CHUNK = 256 * 1024
-#: BLOCK_STATUS: first window asked of the device with REQ_ONE, and the cap without it.
-_STATUS_WINDOW = 64 * 1024 * 1024
-_STATUS_MAX = 1024 * 1024 * 1024
 #: Largest large-WRITE buffer kept for reuse per connection.
 _SPARE_MAX = 4 * 1024 * 1024
 #: Gathered reply bytes after which the batch is written out mid-parse (back-pressure).
@@ -89,37 +89,6 @@ _READ, _WRITE, _DISC, _FLUSH, _TRIM, _CACHE, _ZERO, _STATUS = (
 )
 
 
-class _Resume:
-    """Awaitable continuing a coroutine that already ran up to its first suspension.
-
-    The coroutine yielded ``fut`` to nobody (we drove it by hand); yielding that same future up
-    to the Task now awaiting us makes the Task wait on it and resume us, and we resume the
-    coroutine: exactly the steps the Task would have taken had it run the coroutine itself.
-    """
-
-    __slots__ = ("coro", "fut")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], fut: Any) -> None:
-        self.coro = coro
-        self.fut = fut
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        coro, fut = self.coro, self.fut
-        while True:
-            try:
-                yield fut
-            except BaseException as exc:  # cancellation and friends go to the coroutine
-                try:
-                    fut = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    fut = coro.send(None)
-                except StopIteration as stop:
-                    return stop.value
-
-
 class NBDConnection(asyncio.BufferedProtocol):
     """One client connection: handshake, then pipelined transmission."""
 
@@ -141,7 +110,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._end = 0
         self._pins = 0
         # a WRITE payload too big for the receive buffer gets its own buffer
-        self._payload: bytearray | None = None
+        self._payload: bytearray | bytes | None = None
         self._spare: bytearray | None = None
         self._payload_view: memoryview | None = None
         self._payload_filled = 0
@@ -247,10 +216,14 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._payload_filled += nbytes
             if self._payload_filled == len(self._payload_view):
                 flags, cookie, offset, length = self._payload_req
-                data, payload = self._payload_view, self._payload
+                data: memoryview | bytes | None = self._payload_view
+                payload = self._payload
                 self._payload = self._payload_view = None
+                if type(payload) is bytes:
+                    data = payload  # owned: the device may keep it (the writable view goes)
                 done = self._request(_WRITE, flags, cookie, offset, length, data, pin=False)
-                if done and payload is not None and len(payload) <= _SPARE_MAX:
+                del data
+                if done and type(payload) is bytearray and len(payload) <= _SPARE_MAX:
                     # The device is done with it: keep it for the next large write, sparing
                     # an allocation and its page faults per request.
                     self._spare = payload
@@ -371,11 +344,14 @@ class NBDConnection(asyncio.BufferedProtocol):
                 if end - pos < total:
                     if total > len(self._buf):
                         # Large WRITE: give it its own buffer the loop fills directly.
-                        spare, self._spare = self._spare, None
-                        if spare is None or len(spare) < length:
-                            spare = bytearray(length)
-                        self._payload = spare
-                        self._payload_view = memoryview(spare)[:length]
+                        if OWNED_PAYLOADS and getattr(self._device, "keeps_payloads", False):
+                            self._payload, self._payload_view = owned_payload(length)
+                        else:
+                            spare, self._spare = self._spare, None
+                            if spare is None or len(spare) < length:
+                                spare = bytearray(length)
+                            self._payload = spare
+                            self._payload_view = memoryview(spare)[:length]
                         have = end - pos - size
                         self._payload_view[:have] = view[pos + size : end]
                         self._payload_filled = have
@@ -406,7 +382,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         cookie: int,
         offset: int,
         length: int,
-        data: memoryview | None,
+        data: memoryview | bytes | None,
         *,
         pin: bool,
     ) -> bool:
@@ -441,7 +417,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 fast=bool(flags & _FAST_ZERO),
             )
         elif cmd == _STATUS:
-            coro = self._block_status(device, offset, length, bool(flags & _REQ_ONE))
+            coro = block_status(device, offset, length, bool(flags & _REQ_ONE))
         elif cmd == _CACHE:
             coro = device.cache(offset, length)
         elif cmd == _DISC:
@@ -475,21 +451,6 @@ class NBDConnection(asyncio.BufferedProtocol):
         task.add_done_callback(self._tasks.discard)
         return False
 
-    @staticmethod
-    async def _block_status(
-        device: BlockDevice, offset: int, length: int, req_one: bool
-    ) -> list[Extent]:
-        """Ask the device about a window, not the whole (up to 4 GiB) request: mapping a
-        fragmented file costs per extent, and QEMU asks with REQ_ONE for one extent at a time
-        over the rest of the disk, which would make a full map quadratic.  The window grows
-        while one extent fills it; the spec lets a reply describe a prefix of the range."""
-        window = min(length, _STATUS_WINDOW if req_one else _STATUS_MAX)
-        while True:
-            extents = await device.block_status(offset, window)
-            if window >= length or len(extents) != 1 or extents[0].length < window:
-                return extents
-            window = min(length, window * 4)
-
     async def _finish(
         self,
         coro: Coroutine[Any, Any, Any],
@@ -502,7 +463,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         pinned: bytearray | None,
     ) -> None:
         try:
-            result = await _Resume(coro, fut)
+            result = await Resume(coro, fut)
         except BlockDeviceError as exc:
             self._fail(cmd, cookie, exc.errno, str(exc))
         except Exception as exc:

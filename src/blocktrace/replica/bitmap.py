@@ -13,7 +13,7 @@ Pure data, no I/O: :mod:`blocktrace.replica.meta` persists it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 DEFAULT_GRANULARITY = 64 * 1024
 _NONZERO = re.compile(b"[^\x00]")
@@ -42,6 +42,17 @@ class DirtyBitmap:
         first = offset >> self._shift
         last = min((offset + length - 1) >> self._shift, self.nbits - 1)
         self._set_range(first, last, True)
+
+    def mark_many(self, extents: Iterable[tuple[int, int]]) -> None:
+        """:meth:`mark` for many ``(offset, length)``; a region-sized or smaller extent inside
+        one region (the replica's per-record case) sets its bit without a call."""
+        bits, shift, nbits = self._bits, self._shift, self.nbits
+        for offset, length in extents:
+            first = offset >> shift
+            if length > 0 and first == (offset + length - 1) >> shift and first < nbits:
+                bits[first >> 3] |= 1 << (first & 7)
+            else:
+                self.mark(offset, length)
 
     def clear(self, offset: int, length: int) -> None:
         """Clear the bits of regions *entirely* inside ``[offset, offset+length)``."""

@@ -60,15 +60,12 @@ from blocktrace.replica.meta import (
     plan_attach,
     rotate_generation,
 )
-from blocktrace.trace.records import RecordKind, TraceRecord
+from blocktrace.replica.stream import StreamApplier
+from blocktrace.trace.records import TraceRecord
 from blocktrace.trace.targets.base import Target, TargetInfo
 
 log = logging.getLogger(__name__)
 
-#: most records applied concurrently: pipelined in one send to a device with ``write_many``
-#: (NBD), tasks otherwise
-MAX_GROUP = 256
-MAX_GROUP_TASKS = 32
 #: unit of background copying (one read + one write under the delivery lock)
 SYNC_CHUNK = 1024 * 1024
 BACKOFF_MIN = 0.05
@@ -78,7 +75,7 @@ SAVE_INTERVAL = 1.0
 Listener = Callable[["ReplicaTarget", str, dict[str, Any]], None]
 
 
-class ReplicaTarget(Target):
+class ReplicaTarget(StreamApplier, Target):
     """A trace target that applies the stream to a replica device (see module docstring)."""
 
     #: ``replica`` or ``nbd``: the QMP target type
@@ -311,6 +308,7 @@ class ReplicaTarget(Target):
 
     async def deliver(self, records: Sequence[TraceRecord]) -> None:
         async with self._lock:
+            await self._quiesce()
             self._check_fatal()
             await self._apply(records)
             self._check_fatal()
@@ -318,6 +316,7 @@ class ReplicaTarget(Target):
 
     async def make_durable(self) -> None:
         async with self._lock:
+            await self._quiesce()
             self._check_fatal()
             if self.device is not None and self._unflushed_ops:
                 try:
@@ -339,6 +338,7 @@ class ReplicaTarget(Target):
             with contextlib.suppress(Exception):
                 await self._save_task
         async with self._lock:
+            await self._quiesce()
             if self.device is not None:
                 try:
                     await self.device.flush()
@@ -374,110 +374,6 @@ class ReplicaTarget(Target):
     def _check_fatal(self) -> None:
         if self._fatal is not None:
             raise TargetError(self.name, str(self._fatal)) from self._fatal
-
-    async def _apply(self, records: Sequence[TraceRecord]) -> None:
-        group: list[TraceRecord] = []
-        blocks: set[int] = set()  # 4 KiB blocks the group touches: a cheap overlap test
-        max_group = MAX_GROUP if hasattr(self.device, "write_many") else MAX_GROUP_TASKS
-        for i, rec in enumerate(records):
-            if self.device is None:  # degraded: only remember what the replica lacks
-                self._skip(records[i:])
-                return
-            kind = rec.kind
-            if kind is RecordKind.MARK:
-                continue
-            if kind is RecordKind.FLUSH:
-                if group and not await self._run_group(group):
-                    self._skip(records[i:])
-                    return
-                group = []
-                blocks.clear()
-                try:
-                    await self.device.flush()
-                    self._flushed()
-                    self._applied(rec)
-                except Exception as exc:
-                    self._fail(exc, [rec])
-                    self._skip(records[i + 1 :])
-                    return
-                continue
-            first, last = rec.offset >> 12, (rec.offset + rec.length - 1) >> 12
-            large = last - first > 256  # applied on its own rather than indexed
-            if group and (
-                large or len(group) >= max_group or any(b in blocks for b in range(first, last + 1))
-            ):
-                if not await self._run_group(group):
-                    self._skip(records[i:])
-                    return
-                group = []
-                blocks.clear()
-            if large:
-                if not await self._run_group([rec]):
-                    self._skip(records[i + 1 :])
-                    return
-                continue
-            blocks.update(range(first, last + 1))
-            group.append(rec)
-        if group and not await self._run_group(group):
-            return
-
-    async def _run_group(self, group: list[TraceRecord]) -> bool:
-        """Apply non-overlapping records concurrently; False if the replica failed."""
-        dev = self.device
-        assert dev is not None
-        for rec in group:
-            self._unflushed.mark(rec.offset, rec.length)
-        write_many = getattr(dev, "write_many", None)
-        if len(group) == 1:
-            try:
-                await self._apply_one(dev, group[0])
-            except Exception as exc:
-                self._fail(exc, group)
-                return False
-        elif write_many is not None and all(r.kind is RecordKind.WRITE for r in group):
-            try:  # one send for the whole group (NBD): no task per record
-                await write_many([(r.offset, r.data, r.fua) for r in group])
-            except Exception as exc:
-                self._fail(exc, group)
-                return False
-        else:
-            results = await asyncio.gather(
-                *(self._apply_one(dev, rec) for rec in group), return_exceptions=True
-            )
-            for res in results:
-                if isinstance(res, BaseException):
-                    self._fail(res, group)
-                    return False
-        for rec in group:
-            self._applied(rec)
-        return True
-
-    @staticmethod
-    async def _apply_one(dev: BlockDevice, rec: TraceRecord) -> None:
-        if rec.kind is RecordKind.WRITE:
-            assert rec.data is not None
-            await dev.write(rec.offset, rec.data, fua=rec.fua)
-        elif rec.kind is RecordKind.ZERO:
-            await dev.write_zeroes(rec.offset, rec.length, fua=rec.fua)
-        elif rec.kind is RecordKind.TRIM:
-            # Our sources read trimmed ranges back as zeroes: so must the replica.
-            await dev.write_zeroes(rec.offset, rec.length, may_trim=True, fua=rec.fua)
-
-    def _applied(self, rec: TraceRecord) -> None:
-        self.applied_seq = rec.seq
-        self.applied_records += 1
-        if rec.kind is not RecordKind.FLUSH:
-            self._unflushed_ops += 1
-
-    def _flushed(self) -> None:
-        self._unflushed.clear_all()
-        self._unflushed_ops = 0
-
-    def _skip(self, records: Sequence[TraceRecord]) -> None:
-        for rec in records:
-            if rec.kind.is_data:
-                self._dirty.mark(rec.offset, rec.length)
-                self.missed_records += 1
 
     def _fail(self, exc: BaseException, records: Sequence[TraceRecord]) -> None:
         """The replica failed while applying ``records``: they (and anything unflushed) are
@@ -526,6 +422,7 @@ class ReplicaTarget(Target):
                     self.last_error = str(exc) or type(exc).__name__
                     continue
                 async with self._lock:
+                    await self._quiesce()
                     self.device = dev
                 self.reconnects += 1
                 self._set_state("synchronizing")
@@ -548,6 +445,7 @@ class ReplicaTarget(Target):
     async def _sync_step(self) -> bool:
         """Copy (or compare) one chunk; True when nothing is left and the replica is flushed."""
         async with self._lock:
+            await self._quiesce()
             dev, src = self.device, self.source
             if dev is None or src is None:
                 return False

@@ -68,6 +68,10 @@ def keep_heap(nbytes: int) -> None:
     mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
 
 
+#: ``target.start_direct(record, done) -> bool`` (see :meth:`Delivery._try_direct`)
+StartDirect = Callable[[TraceRecord, Callable[[BaseException | None], None]], bool]
+
+
 def record_cost(record: TraceRecord) -> int:
     return record.nbytes + RECORD_OVERHEAD
 
@@ -104,6 +108,9 @@ class Delivery:
         self._closing = False
         self.error: BaseException | None = None
         self._task: asyncio.Task[None] | None = None
+        #: the target's write-blocking fast path, if it offers one (see :meth:`_try_direct`)
+        self._start_direct: StartDirect | None = getattr(target, "start_direct", None)
+        self._direct = 0  # records handed to the fast path, not yet held
 
     # -- producer side (the filter) ----------------------------------------------------------
 
@@ -163,7 +170,54 @@ class Delivery:
         """Return once the target holds record ``position`` (write-blocking acknowledgement)."""
         if self.held >= position:
             return
+        direct = self._start_direct is not None and self._try_direct(position)
+        if direct and self.held >= position:  # done already (a failure known at once)
+            return
         await self._wait(self._held_waiters, position)
+
+    def _try_direct(self, position: int) -> bool:
+        """Write-blocking fast path: when ``position`` is the only record not yet held (the
+        worker idle), the target sends it from the caller's task and reports from its reply
+        handler, saving the worker's wake-up and the hand-back.  The target refuses (False)
+        when it cannot, and must not return from ``deliver``/``make_durable``/``close`` while
+        a record handed over this way is in flight (so stream order and ``held`` stay exact).
+        """
+        queue = self._queue
+        if (
+            len(queue) != 1
+            or position != self.queued
+            or self.held != position - 1
+            or self._direct
+            or self.error is not None
+            or self._closing
+            or not self._resumed.is_set()
+        ):
+            return False
+        assert self._start_direct is not None
+        rec = queue.popleft()  # taken: the worker finds nothing to deliver
+        data = rec.data
+        n = len(data) if data is not None else 0
+        cost = n + RECORD_OVERHEAD
+
+        def done(exc: BaseException | None) -> None:
+            self._direct -= 1
+            self.queued_bytes -= cost
+            if exc is not None:
+                self._fail(exc)
+                return
+            self.bytes_delivered += n
+            self.held = position
+            _wake_upto(self._held_waiters, position)
+            self._grant_space()
+            if self._queue or self._closing or self._durable_wanted > self.durable:
+                self._wakeup.set()
+
+        self._direct += 1
+        if not self._start_direct(rec, done):
+            self._direct -= 1
+            queue.appendleft(rec)
+            return False
+        return True
 
     async def wait_durable(self, position: int) -> None:
         """Return once record ``position`` is durable in the target (FUA, FLUSH)."""
@@ -206,7 +260,7 @@ class Delivery:
 
     @property
     def busy(self) -> bool:
-        return bool(self._queue) or self._durable_wanted > self.durable
+        return bool(self._queue) or self._durable_wanted > self.durable or bool(self._direct)
 
     async def finish(self) -> None:
         """Deliver everything queued, make it durable, and stop the worker.
@@ -241,7 +295,7 @@ class Delivery:
                     self._set_durable(self.held)
                 elif self._queue:
                     await self._deliver_batch()
-                elif self._closing:
+                elif self._closing and not self._direct:
                     return
                 else:
                     self._wakeup.clear()

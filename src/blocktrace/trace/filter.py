@@ -106,6 +106,14 @@ class TraceFilter(Filter):
         self._idle: asyncio.Event | None = None
         self._ranges = RangeLock()
 
+    @property
+    def keeps_payloads(self) -> bool:
+        """True while traces are attached: a WRITE's ``bytes`` payload then becomes a record's
+        data by reference, so the NBD connection receives large payloads into fresh ``bytes``
+        objects (:func:`blocktrace.nbd.dispatch.owned_payload`) instead of a reused buffer the
+        filter would have to copy out of."""
+        return bool(self.sinks)
+
     # -- write-class operations: all through the funnel --------------------------------------
 
     async def write(self, offset: int, data: ReadableBuffer, *, fua: bool = False) -> None:
