@@ -25,6 +25,7 @@ trace's log target writes).  Reported per workload and log format, best of ``--r
 
 Needs root, /dev/fuse and loop devices.  Usage:
     .venv/bin/python bench/introspect.py [--workloads busy,bulk] [--rounds N] [--repeat N]
+        [--keep DIR]    # keep (or reuse) DIR/<workload>/{base.img,disk.log,...} for profiling
 """
 
 from __future__ import annotations
@@ -202,6 +203,12 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="timed watch runs (best kept)")
     ap.add_argument("--dir", type=Path, help="work directory (default: a temp dir)")
     ap.add_argument(
+        "--keep",
+        type=Path,
+        help="keep each workload's base image and logs in KEEP/<workload> (for profiling), and "
+        "reuse them instead of recording when they are already there",
+    )
+    ap.add_argument(
         "--baseline-src",
         help="also time `watch` from this source tree (e.g. `git archive HEAD src | tar -x`)",
     )
@@ -216,20 +223,23 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="blocktrace-introspect-", dir=args.dir))
     try:
         for name in args.workloads.split(","):
-            wdir = work / name
-            wdir.mkdir()
-            if name == "busy":
-                base, log = record_busy_workload(wdir, rounds=args.rounds)
-            elif name == "bulk":
-                base, log = record_bulk_workload(wdir, files=args.bulk_files)
-            else:
-                raise SystemExit(f"unknown workload {name!r}")
-            (wdir / "disk.img").unlink()
+            wdir = args.keep / name if args.keep else work / name
+            base, log = wdir / "base.img", wdir / "disk.log"
             btlog, empty = wdir / "blocktrace.log", wdir / "empty.log"
-            convert(log, btlog, empty)
+            if not (args.keep and all(p.exists() for p in (base, log, btlog, empty))):
+                wdir.mkdir(parents=True, exist_ok=True)
+                if name == "busy":
+                    base, log = record_busy_workload(wdir, rounds=args.rounds)
+                elif name == "bulk":
+                    base, log = record_bulk_workload(wdir, files=args.bulk_files)
+                else:
+                    raise SystemExit(f"unknown workload {name!r}")
+                (wdir / "disk.img").unlink()
+                convert(log, btlog, empty)
             logs = {"qemu_log": log, "blocktrace_log": btlog}
             print(json.dumps(measure(name, base, logs, empty, args.repeat), indent=2), flush=True)
-            shutil.rmtree(wdir)
+            if not args.keep:
+                shutil.rmtree(wdir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

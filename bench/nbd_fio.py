@@ -9,7 +9,7 @@ reported here, never asserted by tests.
 
 Usage:
     .venv/bin/python bench/nbd_fio.py [--runtime S] [--size MiB] [--only NAME,...]
-                                      [--markdown FILE] [--json FILE]
+                                      [--repeat N] [--markdown FILE] [--json FILE]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,9 @@ class Contender:
     #: a helper process started first (e.g. the qemu-nbd a replica target writes to)
     sidecar: Callable[[Path, Path], list[str]] | None = None
     peak_rss: int = 0
+    #: workload -> one figure per round (rounds interleave contenders: see --repeat)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    #: workload -> median of the samples
     results: dict[str, float] = field(default_factory=dict)
 
 
@@ -180,6 +184,10 @@ CONTENDERS = [
         "blocktrace+log write-blocking",
         blocktrace("--trace", f"{EXPORT}=log:{{log}},copy-mode=write-blocking"),
     ),
+    Contender(  # the log through the page cache, as blklogwrites writes its log
+        "blocktrace+log background buffered",
+        blocktrace("--trace", f"{EXPORT}=log:{{log}},copy-mode=background,direct=off"),
+    ),
     Contender(
         "blocktrace+replica background",
         blocktrace(*replica_trace("background")),
@@ -232,6 +240,12 @@ RATIOS = [
     ),
     ("traced background / untraced blocktrace", "blocktrace+log background", "blocktrace", 0.8),
     (
+        "traced background buffered / qemu-nbd+blklogwrites",
+        "blocktrace+log background buffered",
+        "qemu-nbd+blklogwrites",
+        None,
+    ),
+    (
         "replica background / untraced blocktrace",
         "blocktrace+replica background",
         "blocktrace",
@@ -267,7 +281,7 @@ def wait_listening(sock: Path, proc: subprocess.Popen[bytes], timeout: float = 2
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {proc.args}")
+            raise RuntimeError(f"server exited {proc.returncode}: {proc.args!r}")
         if sock.exists():
             with socket.socket(socket.AF_UNIX) as s:
                 try:
@@ -367,6 +381,13 @@ def main() -> int:
     ap.add_argument(
         "--workloads", help="comma-separated workload names (default: the throughput ones)"
     )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds; each round measures every contender once, so a ratio pairs figures "
+        "taken minutes apart, not a whole run apart; medians are reported",
+    )
     ap.add_argument("--dir", type=Path, help="where to put the image (default: a temp dir)")
     ap.add_argument("--markdown", type=Path, help="write the report as Markdown here")
     ap.add_argument("--json", type=Path, help="write raw results as JSON here")
@@ -391,17 +412,21 @@ def main() -> int:
             chunk = os.urandom(MiB)
             for _ in range(args.size):
                 f.write(chunk)
-        for w in workloads:
-            for c in contenders:
-                try:
-                    c.results[w.name] = measure(c, image, w, size, args.runtime)
-                except (RuntimeError, subprocess.SubprocessError) as exc:
-                    print(f"bench: {c.name} / {w.name}: {exc}", file=sys.stderr)
-                print(
-                    f"  {w.name:<20} {c.name:<32} {c.results.get(w.name, float('nan')):>12.1f}"
-                    f" {w.metric}",
-                    file=sys.stderr,
-                )
+        for _round in range(args.repeat):
+            for w in workloads:
+                for c in contenders:
+                    value = float("nan")
+                    try:
+                        value = measure(c, image, w, size, args.runtime)
+                    except (RuntimeError, subprocess.SubprocessError) as exc:
+                        print(f"bench: {c.name} / {w.name}: {exc}", file=sys.stderr)
+                    c.samples.setdefault(w.name, []).append(value)
+                    print(f"  {w.name:<20} {c.name:<32} {value:>12.1f} {w.metric}", file=sys.stderr)
+        for c in contenders:
+            for name, values in c.samples.items():
+                ok = [v for v in values if v == v]  # not NaN
+                if ok:
+                    c.results[name] = statistics.median(ok)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     report = render(contenders, workloads, args)
@@ -411,7 +436,10 @@ def main() -> int:
     if args.json:
         args.json.write_text(
             json.dumps(
-                {c.name: {"results": c.results, "peak_rss": c.peak_rss} for c in contenders},
+                {
+                    c.name: {"results": c.results, "samples": c.samples, "peak_rss": c.peak_rss}
+                    for c in contenders
+                },
                 indent=2,
             )
         )
@@ -421,6 +449,8 @@ def main() -> int:
 def render(contenders: list[Contender], workloads: list[Workload], args: argparse.Namespace) -> str:
     by_name = {c.name: c for c in contenders}
     command = f".venv/bin/python bench/nbd_fio.py --runtime {args.runtime} --size {args.size}"
+    if args.repeat != 1:
+        command += f" --repeat {args.repeat}"
     if args.only:
         command += f" --only '{args.only}'"
     if args.workloads:
@@ -450,13 +480,25 @@ def render(contenders: list[Contender], workloads: list[Workload], args: argpars
             continue
         cells = []
         for w in workloads:
-            a, b = by_name[num].results.get(w.name), by_name[den].results.get(w.name)
-            if not (a and b):
+            pairs = [
+                (a, b)
+                for a, b in zip(
+                    by_name[num].samples.get(w.name, []),
+                    by_name[den].samples.get(w.name, []),
+                    strict=False,
+                )
+                if a == a and b == b and b  # measured (not NaN) and nonzero
+            ]
+            if not pairs:
                 cells.append("n/a")
-            elif w.metric.endswith(" us"):
-                cells.append(f"{a - b:+,.0f} us")
-            else:
-                cells.append(f"{a / b:.2f}x")
+                continue
+            latency = w.metric.endswith(" us")
+            values = sorted(a - b if latency else a / b for a, b in pairs)
+            fmt = "{:+,.0f} us" if latency else "{:.2f}x"
+            cell = fmt.format(statistics.median(values))
+            if len(values) > 1:  # the spread over rounds: how far to trust the median
+                cell += f" ({fmt.format(values[0])}..{fmt.format(values[-1])})"
+            cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {f'>= {goal}x' if goal else ''} |")
     return "\n".join(lines) + "\n"
 

@@ -69,3 +69,40 @@ def test_matches_per_block_model(steps: list[tuple[bool, int, int, int]]) -> Non
     covered = [(s, e) for s, e, _ in m.overlaps(0, 90)]
     assert covered[0][0] == 0 and covered[-1][1] == 90
     assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops)
+def test_matches_per_block_model_across_chunks(steps: list[tuple[bool, int, int, int]]) -> None:
+    """The same model with chunks of 1-2 runs: every split, merge and cross-chunk cut."""
+    import blocktrace.ext4.ownership as ownership
+
+    saved = ownership.CHUNK
+    ownership.CHUNK = 1
+    try:
+        test_matches_per_block_model.hypothesis.inner_test(steps)  # type: ignore[attr-defined]
+    finally:
+        ownership.CHUNK = saved
+
+
+def test_many_runs_in_random_order_stay_sorted_and_found() -> None:
+    """Thousands of runs (several chunk splits), assigned out of order, then half released."""
+    import random
+
+    rng = random.Random(7)
+    m = OwnershipMap()
+    order = list(range(3000))
+    rng.shuffle(order)
+    for k in order:
+        m.assign(k * 4, 3, Owner(OwnerKind.DATA, ino=k + 1))
+    assert len(m) == 3000
+    assert [s for s, _, _ in m.runs()] == [k * 4 for k in range(3000)]
+    for k in order[:1500]:
+        m.release(k * 4, 3, ino=k + 1)
+    gone = set(order[:1500])
+    for k in range(3000):
+        got = m.lookup(k * 4 + 2)
+        assert (got is None) == (k in gone)
+        if got is not None:
+            assert got.ino == k + 1 and got.lblk == 2
+    assert len(m) == 1500 == len(list(m.runs()))

@@ -158,7 +158,7 @@ def test_large_entries_crc_while_staging_equal_one_write_per_entry(
             calls.append(pos)
             raise OSError(errno.EINVAL, "refused")
 
-        monkeypatch.setattr(fileio.LogFile, "_pwrite_direct", refuse)
+        monkeypatch.setattr(fileio.LogFile, "_direct_write", refuse)
     for flags, offset, data in entries:
         ref.write(offset, data, fua=bool(flags & 2))
     fast.append_writes(entries[:2])

@@ -145,9 +145,44 @@ def test_pinned_buffer_survives_suspended_writes(tmp_path: Path) -> None:
         assert cookies == set(range(n))
         for i in range(n):
             assert dev.buf[i * bs : (i + 1) * bs] == bytes([i % 251 + 1]) * bs, i
+        (conn,) = srv.connections
+        assert conn._held == 0 and not conn._retired  # every retired buffer was released
         await c.close()
 
     serve(tmp_path, body)
+
+
+def test_suspended_payload_bytes_are_bounded(tmp_path: Path) -> None:
+    """Large writes parked in the device (a full trace queue, a slow remote) hold their
+    payloads; past MAX_HELD_BYTES the connection stops reading instead of buffering more of
+    the client's pipeline, and resumes once they finish."""
+    from blocktrace.nbd import connection
+
+    async def body(path: str, dev: GatedDevice, srv: NBDServer) -> None:
+        dev.gate.clear()
+        c = await Client.connect(path)
+        bs = 2 * MiB
+        n = connection.MAX_HELD_BYTES // bs + 8  # 8 more than may be held
+        payloads = [os.urandom(bs) for _ in range(n)]
+        for i, p in enumerate(payloads):
+            c.request(Cmd.WRITE, i, i * bs, bs, data=p)
+        limit = connection.MAX_HELD_BYTES // bs
+        (conn,) = srv.connections
+        for _ in range(1000):
+            if conn._inflight >= limit and conn._reading_paused:
+                break
+            await asyncio.sleep(0.01)
+        assert conn._reading_paused
+        assert conn._inflight == limit  # the rest stays in the socket, not in our memory
+        assert conn._held == limit * bs
+        dev.gate.set()
+        assert {(await c.reply())[:2] for _ in range(n)} == {(i, 0) for i in range(n)}
+        for i, p in enumerate(payloads):
+            assert bytes(dev.buf[i * bs : (i + 1) * bs]) == p, i
+        assert conn._held == 0 and conn._inflight == 0
+        await c.close()
+
+    serve(tmp_path, body, size=(connection.MAX_HELD_BYTES // (2 * MiB) + 8) * 2 * MiB)
 
 
 def test_out_of_order_replies_and_large_write(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -156,7 +156,7 @@ class NBDDevice(BlockDevice):
         if fua and not fua_native:
             await self.flush()
 
-    async def write_many(self, items: list[tuple[int, ReadableBuffer, bool]]) -> None:
+    async def write_many(self, items: Sequence[tuple[int, ReadableBuffer, bool]]) -> None:
         """Several non-overlapping writes ``(offset, data, fua)``, pipelined in one send."""
         if any(len(d) > self.max_block_size for _, d, _ in items) or (
             not self.can_fua and any(f for _, _, f in items)

@@ -77,6 +77,7 @@ def watch(
         kwargs["max_pending_bytes"] = max_pending_bytes
     out = sys.stdout
     with Watcher(base_image, **kwargs) as watcher:
+        _tune_gc()
         try:
             records = (follow_log_records if follow else log_records)(log, verify=not no_verify)
             for event in watcher.feed(records):
@@ -91,3 +92,19 @@ def watch(
         if stats:
             counters = {name: asdict(s) for name, s in watcher.stats().items()}
             click.echo(json.dumps(counters), err=True)
+
+
+def _tune_gc() -> None:
+    """Keep Python's cyclic garbage collector off the inference hot path, in this process only
+    (the library leaves interpreter-wide state alone; a live ``introspect`` target runs inside
+    the server).  The model built by the crawl is long-lived and acyclic-by-design, yet every
+    full collection re-scanned it: the collector was ~10% of ``watch`` on a metadata-heavy
+    stream.  Freezing moves the crawled model out of the collector's generations, and a larger
+    first-generation threshold makes collections rarer; cyclic garbage is still collected, so
+    memory stays bounded by the engine's documented caps.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 1000)

@@ -35,6 +35,8 @@ import logging
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import repeat
+from typing import cast
 
 from blocktrace.errors import FormatError
 from blocktrace.ext4 import constants as C
@@ -294,19 +296,22 @@ class Ext4Engine:
         return True
 
     def _claim(self, ino: int, inode: Inode, imap: InodeMap) -> None:
+        ftype = inode.i_mode & C.S_IFMT
         kind = (
             OwnerKind.DIR
-            if inode.is_dir
+            if ftype == C.S_IFDIR
             else OwnerKind.SYMLINK
-            if inode.is_symlink
+            if ftype == C.S_IFLNK
             else OwnerKind.DATA
         )
+        assign = self.owners.assign
         for ext in imap.extents:
-            self.owners.assign(ext.pblk, ext.length, Owner(kind, ino, ext.lblk))
+            assign(ext.pblk, ext.length, Owner(kind, ino, ext.lblk))
         for pblk, tree in imap.meta:
-            self.owners.assign(pblk, 1, Owner(_TREE_KINDS[tree], ino))
-        if inode.file_acl and inode.file_acl < self.fs.blocks_count:
-            self.owners.assign(inode.file_acl, 1, Owner(OwnerKind.XATTR, ino))
+            assign(pblk, 1, Owner(_TREE_KINDS[tree], ino))
+        acl = inode.file_acl
+        if acl and acl < self.fs.blocks_count:
+            assign(acl, 1, Owner(OwnerKind.XATTR, ino))
         if kind is not OwnerKind.DATA:
             for ext in imap.extents:
                 for b in range(ext.pblk, ext.pblk + ext.length):
@@ -481,14 +486,22 @@ class Ext4Engine:
         the range that were pending (``first_record``: the earliest record of the run)."""
         pending = self.pending
         runs: list[tuple[int, int, int]] = []
-        if not pending:
+        if not pending or n <= 0:
             return runs
         pop, data_pop = pending.pop, self.pending_data.pop
+        blocks = range(pblk, pblk + n)
+        recs = list(map(pop, blocks, repeat(None, n)))
+        if None not in recs:  # the common case (all pending: one run), in C-level loops
+            gone = filter(None, map(data_pop, blocks, repeat(None, n)))
+            self._pending_bytes -= sum(map(len, gone))
+            self.stats.attributed += n
+            self.stats.pending_blocks = len(pending)
+            self.stats.pending_bytes = self._pending_bytes
+            return [(0, n, min(cast("list[int]", recs)))]
         start = -1
         first_rec = 0
         claimed = 0
-        for i in range(n):
-            rec = pop(pblk + i, None)
+        for i, rec in enumerate(recs):
             if rec is None:
                 if start >= 0:
                     runs.append((start, i, first_rec))

@@ -40,6 +40,8 @@ MAX_DIR_BLOCKS = 1 << 16  #: larger directories are refused (every block is read
 #: plain ints: ``int & IntFlag`` goes through enum's Python ``__and__`` (hot in map_inode)
 _INLINE_DATA = int(C.InodeFlags.INLINE_DATA)
 _EXTENTS = int(C.InodeFlags.EXTENTS)
+_EXT_HEADER4 = struct.Struct("<4H")  #: ext4_extent_header's magic, entries, max, depth
+_EXT_LEAF = struct.Struct("<IHHI")  #: ext4_extent (the EXTENT layout)
 
 
 class BlockReader(Protocol):
@@ -240,15 +242,32 @@ class Ext4FS:
         flags = inode.i_flags
         if flags & _INLINE_DATA or inode.i_mode == 0:
             return result
-        if inode.is_symlink and inode.size < 60 and not flags & _EXTENTS:
+        ftype = inode.i_mode & C.S_IFMT
+        if ftype == C.S_IFLNK and inode.size < 60 and not flags & _EXTENTS:
             return result  # fast symlink: the target is in i_block
-        if inode.file_type not in (C.S_IFREG, C.S_IFDIR, C.S_IFLNK):
+        if ftype != C.S_IFREG and ftype != C.S_IFDIR and ftype != C.S_IFLNK:
             return result  # devices, fifos, sockets: i_block is not a block map
         if flags & _EXTENTS:
-            self._walk_extents(inode.i_block, MAX_EXTENT_DEPTH + 1, result, set())
+            node = inode.i_block
+            magic, entries, _, depth = _EXT_HEADER4.unpack_from(node)
+            if magic == C.EXT4_EXT_MAGIC and depth == 0 and len(node) == 60:
+                # the common case (a small file: a leaf in the inode), decoded without the
+                # per-entry objects of the general walk; the same extents, in the same order
+                extents = result.extents
+                nblocks = self.blocks_count
+                for i in range(min(entries, 4)):
+                    ee_block, ee_len, hi, lo = _EXT_LEAF.unpack_from(node, 12 + 12 * i)
+                    unwritten = ee_len > C.EXT4_EXT_INIT_MAX_LEN
+                    if unwritten:
+                        ee_len -= C.EXT4_EXT_INIT_MAX_LEN
+                    pblk = lo | hi << 32
+                    if ee_len and pblk + ee_len <= nblocks:
+                        extents.append(Extent(ee_block, pblk, ee_len, unwritten))
+            else:
+                self._walk_extents(node, MAX_EXTENT_DEPTH + 1, result, set())
         else:
             self._walk_blockmap(inode.i_block, result)
-        if inode.is_dir and sum(e.length for e in result.extents) > MAX_DIR_BLOCKS:
+        if ftype == C.S_IFDIR and sum(e.length for e in result.extents) > MAX_DIR_BLOCKS:
             raise Ext4FormatError(f"directory of more than {MAX_DIR_BLOCKS} blocks")
         return result
 

@@ -14,7 +14,6 @@ ctypes when it loads (about 9 us per 4 KiB block), else table-driven Python (cor
 
 from __future__ import annotations
 
-import ctypes
 import zlib
 from collections.abc import Callable
 
@@ -63,6 +62,8 @@ def py_crc32_be(crc: int, data: Buffer) -> int:
 
 
 def _load() -> tuple[Callable[[int, Buffer], int], Callable[[int, Buffer], int], str]:
+    import ctypes  # here, not at import: most streams never need a JBD2 checksum
+
     lib = None
     for name in ("libext2fs.so.2", "libext2fs.so"):  # find_library() would spawn ldconfig
         try:
@@ -92,4 +93,28 @@ def _load() -> tuple[Callable[[int, Buffer], int], Callable[[int, Buffer], int],
     return crc32c, crc32_be, "libext2fs"
 
 
-crc32c, crc32_be, IMPLEMENTATION = _load()
+_impl: tuple[Callable[[int, Buffer], int], Callable[[int, Buffer], int], str] | None = None
+
+
+def implementation() -> str:
+    """``libext2fs`` or ``python``: which CRC code is in use (loaded on first use)."""
+    global _impl
+    if _impl is None:
+        _impl = _load()
+    return _impl[2]
+
+
+def crc32c(crc: int, data: Buffer) -> int:
+    """The kernel's ``crc32c(crc, data, len)``."""
+    if _impl is None:
+        implementation()
+    assert _impl is not None
+    return _impl[0](crc, data)
+
+
+def crc32_be(crc: int, data: Buffer) -> int:
+    """The kernel's ``crc32_be(crc, data, len)``."""
+    if _impl is None:
+        implementation()
+    assert _impl is not None
+    return _impl[1](crc, data)

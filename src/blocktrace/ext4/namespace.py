@@ -3,6 +3,9 @@
 Kept separate from the engine so path resolution has one bounded implementation: a hostile
 image can make a directory its own ancestor, so :meth:`Namespace.path` stops after
 ``MAX_DEPTH`` components and marks an unresolvable prefix as ``<ino N>``.
+
+Resolved paths are memoised until the next :meth:`add` or :meth:`remove` (the only changes
+to ``parents``): a settle names thousands of entries of a few directories between changes.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ class Namespace:
     def __init__(self) -> None:
         self.children: dict[int, dict[str, int]] = {}
         self.parents: dict[int, list[tuple[int, str]]] = {}
+        self._paths: dict[int, str] = {}  #: ino -> path, valid until parents change
 
     def add(self, parent: int, name: str, ino: int) -> None:
+        self._paths.clear()
         names = self.children.setdefault(parent, {})
         old = names.get(name)
         if old is not None and old != ino:
@@ -30,6 +35,7 @@ class Namespace:
             links.append((parent, name))
 
     def remove(self, parent: int, name: str, ino: int) -> None:
+        self._paths.clear()
         names = self.children.get(parent)
         if names is not None and names.get(name) == ino:
             del names[name]
@@ -52,6 +58,12 @@ class Namespace:
         return f"/{name}" if base == "/" else f"{base}/{name}"
 
     def path(self, ino: int) -> str:
+        known = self._paths.get(ino)
+        if known is None:
+            known = self._paths[ino] = self._resolve(ino)
+        return known
+
+    def _resolve(self, ino: int) -> str:
         if ino == EXT4_ROOT_INO:
             return "/"
         parts: list[str] = []

@@ -213,6 +213,9 @@ INODE = Layout(
 )
 
 
+_S_IFMT, _S_IFDIR, _S_IFREG, _S_IFLNK = C.S_IFMT, C.S_IFDIR, C.S_IFREG, C.S_IFLNK
+
+
 @_struct(INODE)
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs a object.__setattr__ per field,
 class Inode(_Parsed):  # and inodes are decoded by the thousand per settle (never mutated)
@@ -259,17 +262,18 @@ class Inode(_Parsed):  # and inodes are decoded by the thousand per settle (neve
         """Allocated and linked: what a directory entry may point at."""
         return self.i_links_count > 0 and self.i_mode != 0
 
+    # the type tests inline ``file_type`` (called per inode several times in a settle)
     @property
     def is_dir(self) -> bool:
-        return self.file_type == C.S_IFDIR
+        return self.i_mode & _S_IFMT == _S_IFDIR
 
     @property
     def is_reg(self) -> bool:
-        return self.file_type == C.S_IFREG
+        return self.i_mode & _S_IFMT == _S_IFREG
 
     @property
     def is_symlink(self) -> bool:
-        return self.file_type == C.S_IFLNK
+        return self.i_mode & _S_IFMT == _S_IFLNK
 
 
 #: the fields after the 128-byte base inode (offsets relative to byte 0x80)

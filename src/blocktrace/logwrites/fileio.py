@@ -34,7 +34,6 @@ import os
 import stat
 import struct
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol, cast
 from zlib import crc32
 
@@ -106,7 +105,6 @@ class LogFile:
         self._dfd: int | None = None  # O_DIRECT descriptor, if direct I/O works here
         self._stage: mmap.mmap | None = None  # page-aligned staging buffer for O_DIRECT
         self._stage_addr = 0
-        self._executor: ThreadPoolExecutor | None = None  # writes one half of the stage
         if direct:
             self._open_direct()
 
@@ -167,9 +165,6 @@ class LogFile:
         self._stage_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._stage))
 
     def _close_direct(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
         if self._dfd is not None:
             os.close(self._dfd)
             self._dfd = None
@@ -181,188 +176,109 @@ class LogFile:
     def _write_direct(self, bufs: list[Buffer], pos: int, aligned: mmap.mmap | None) -> int:
         """Copy the batch through the aligned staging buffer into O_DIRECT writes.
 
-        Every buffer is a whole number of sectors and so is each half of the stage, so every
-        write starts and ends on a sector boundary.  Returns the new end position; every
-        write has completed when this returns or raises."""
-        st = _Stager(self, pos)
-        try:
-            i = 0
-            count = len(bufs)
-            while i < count:
-                b = bufs[i]
-                i += 1
-                if type(b) is OpenHeader:
-                    data = bufs[i]
-                    if type(data) is bytes and len(b) + len(data) <= st.half:
-                        st.entry(b, data)
-                        i += 1
-                        continue
+        Every buffer is a whole number of sectors and the stage is too, so every write
+        starts and ends on a sector boundary.  Returns the new end position."""
+        stage = self._stage
+        assert stage is not None and self._dfd is not None
+        cap = len(stage)
+        fill = 0
+        i = 0
+        count = len(bufs)
+        while i < count:
+            b = bufs[i]
+            i += 1
+            if type(b) is OpenHeader:
+                data = bufs[i]
+                need = len(b) + len(data)
+                if type(data) is not bytes or need > cap:
                     b.seal(data)  # staged below as ordinary buffers
-                if aligned is not None and isinstance(b, memoryview) and b.obj is aligned:
-                    # packed entries already sit in page-aligned memory: no staging copy
-                    st.write_aligned(b)
-                elif type(b) is bytes and len(b) >= MEMMOVE_MIN:
-                    st.copy_bytes(b)
                 else:
-                    st.copy(memoryview(b).cast("B") if isinstance(b, memoryview) else memoryview(b))
-            return st.finish()
-        except BaseException:
-            st.drain()
-            raise
+                    if fill + need > cap:  # the whole entry in one stage: its CRC goes in last
+                        pos = self._direct_out(fill, pos)
+                        fill = 0
+                    fill = self._stage_sealed(b, data, fill)
+                    i += 1
+                    continue
+            if aligned is not None and isinstance(b, memoryview) and b.obj is aligned:
+                # packed entries already sit in page-aligned memory: no staging copy
+                if fill:
+                    pos = self._direct_out(fill, pos)
+                    fill = 0
+                pos = self._direct_write(b, pos)
+                continue
+            if type(b) is bytes and len(b) >= MEMMOVE_MIN:
+                # a large payload: copy it without holding the GIL (ctypes releases it), so
+                # the event loop runs on while this thread copies
+                src = bytes_address(b)
+                off, n = 0, len(b)
+                while off < n:
+                    take = min(cap - fill, n - off)
+                    _memmove(self._stage_addr + fill, src + off, take)
+                    fill += take
+                    off += take
+                    if fill == cap:
+                        pos = self._direct_out(fill, pos)
+                        fill = 0
+                continue
+            mv = memoryview(b).cast("B") if isinstance(b, memoryview) else memoryview(b)
+            off, n = 0, len(mv)
+            while off < n:
+                take = min(cap - fill, n - off)
+                stage[fill : fill + take] = mv[off : off + take]
+                fill += take
+                off += take
+                if fill == cap:
+                    pos = self._direct_out(fill, pos)
+                    fill = 0
+        if fill:
+            pos = self._direct_out(fill, pos)
+        return pos
 
-    def _io(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="log-io")
-        return self._executor
+    def _stage_sealed(self, header: OpenHeader, data: bytes, fill: int) -> int:
+        """Stage ``header`` + ``data`` at ``fill`` (they fit), computing the header's CRC in
+        the same pass over the data; returns the new fill."""
+        stage = self._stage
+        assert stage is not None
+        hpos = fill
+        S = len(header)
+        _pack_crc(header, header.crc_at, 0)
+        stage[fill : fill + S] = header
+        fill += S
+        crc = crc32(header)
+        n = len(data)
+        fast = fast_crc32
+        if fast is None:
+            crc = crc32(data, crc)
+        src = bytes_address(data)
+        dst = self._stage_addr
+        off = 0
+        while off < n:  # ctypes releases the GIL for each call
+            k = min(FUSE_CHUNK, n - off)
+            if fast is not None:
+                crc = fast(crc, src + off, k)
+            _memmove(dst + fill, src + off, k)
+            fill += k
+            off += k
+        _pack_crc(stage, hpos + header.crc_at, crc)
+        return fill
 
-    def _write_stage(self, start: int, nbytes: int, pos: int) -> None:
-        """Write ``stage[start:start+nbytes]`` at ``pos`` (runs in the I/O thread)."""
+    def _direct_out(self, fill: int, pos: int) -> int:
         assert self._stage is not None
-        with memoryview(self._stage) as whole, whole[start : start + nbytes] as view:
-            self._pwrite_direct(view, pos)
+        with memoryview(self._stage) as whole, whole[:fill] as view:
+            return self._direct_write(view, pos)
 
     def _direct_write(self, view: memoryview, pos: int) -> int:
         """One O_DIRECT write of aligned memory at ``pos``; returns the new end position."""
-        self.stats.writes += 1
-        return self._pwrite_direct(view, pos)
-
-    def _pwrite_direct(self, view: memoryview, pos: int) -> int:
         assert self._dfd is not None
         size = view.nbytes
         n = os.pwrite(self._dfd, view, pos)
+        self.stats.writes += 1
         while n < size:  # a short direct write: finish through the page cache
             m = os.pwrite(self.fd, view[n:], pos + n)
             if m <= 0:
                 raise OSError(errno.EIO, "pwrite wrote nothing")
             n += m
         return pos + size
-
-
-class _Stager:
-    """One batch's trip through the O_DIRECT stage, in two halves: while the I/O thread writes
-    a full half, the caller fills the other one (copies and CRCs overlap the disk's work; the
-    log's appends are otherwise strictly copy, write, copy, write).
-
-    A large entry whose CRC is still open (:class:`OpenHeader`) is CRC'd while it is copied;
-    it is at most a half long, so it spans at most two halves, and the half holding its
-    header is written only once the CRC is patched in.  Every write is waited for before the
-    batch returns (or raises), so the caller's durability logic sees a plain synchronous
-    write of the batch."""
-
-    def __init__(self, f: LogFile, pos: int) -> None:
-        assert f._stage is not None and f._dfd is not None
-        self.f = f
-        self.stage = f._stage
-        self.addr = f._stage_addr
-        self.half = len(self.stage) // 2
-        self.cur = 0  # the half being filled
-        self.fill = 0  # bytes in it
-        self.start = pos  # file position of its first byte
-        self.futs: list[Future[None] | None] = [None, None]  # each half's write in flight
-        self.held: tuple[int, int, int] | None = None  # (half, bytes, pos) awaiting a CRC
-
-    def _submit(self, h: int, nbytes: int, pos: int) -> None:
-        self.futs[h] = self.f._io().submit(self.f._write_stage, h * self.half, nbytes, pos)
-        self.f.stats.writes += 1
-
-    def next_half(self, *, hold: bool = False) -> None:
-        """The current half is complete: write it (``hold``: later, once the open entry's CRC
-        is in) and continue in the other half, once that one's previous write is done."""
-        if self.fill:
-            if hold:
-                self.held = (self.cur, self.fill, self.start)
-            else:
-                self._submit(self.cur, self.fill, self.start)
-        self.start += self.fill
-        self.cur ^= 1
-        self.fill = 0
-        fut, self.futs[self.cur] = self.futs[self.cur], None
-        if fut is not None:
-            fut.result()
-
-    def copy_bytes(self, b: bytes) -> None:
-        """Stage a large payload, copied without the GIL (ctypes releases it)."""
-        src = bytes_address(b)
-        off, n = 0, len(b)
-        while off < n:
-            if self.fill == self.half:
-                self.next_half()
-            take = min(self.half - self.fill, n - off)
-            _memmove(self.addr + self.cur * self.half + self.fill, src + off, take)
-            self.fill += take
-            off += take
-
-    def copy(self, mv: memoryview) -> None:
-        off, n = 0, len(mv)
-        while off < n:
-            if self.fill == self.half:
-                self.next_half()
-            take = min(self.half - self.fill, n - off)
-            at = self.cur * self.half + self.fill
-            self.stage[at : at + take] = mv[off : off + take]
-            self.fill += take
-            off += take
-
-    def entry(self, header: OpenHeader, data: bytes) -> None:
-        """Stage an entry (it fits a half), computing its CRC in the same pass over the data,
-        in cache-sized pieces."""
-        S = len(header)
-        if self.half - self.fill < S:
-            self.next_half()
-        hhalf = self.cur
-        hpos = hhalf * self.half + self.fill
-        _pack_crc(header, header.crc_at, 0)
-        self.stage[hpos : hpos + S] = header
-        self.fill += S
-        crc = crc32(header)
-        fast = fast_crc32
-        if fast is None:
-            crc = crc32(data, crc)
-        src = bytes_address(data)
-        off, n = 0, len(data)
-        while off < n:
-            if self.fill == self.half:
-                assert self.cur == hhalf  # the entry fits a half: it spans two at most
-                self.next_half(hold=True)
-            k = min(FUSE_CHUNK, n - off, self.half - self.fill)
-            if fast is not None:
-                crc = fast(crc, src + off, k)
-            _memmove(self.addr + self.cur * self.half + self.fill, src + off, k)
-            self.fill += k
-            off += k
-        _pack_crc(self.stage, hpos + header.crc_at, crc)
-        if self.held is not None:
-            h, nbytes, pos = self.held
-            self.held = None
-            self._submit(h, nbytes, pos)
-
-    def write_aligned(self, view: memoryview) -> None:
-        """Write page-aligned memory in place, after what is staged so far."""
-        if self.fill:
-            self.next_half()
-        self.start = self.f._direct_write(view, self.start)
-
-    def finish(self) -> int:
-        """Write the rest, wait for every write; return the end position."""
-        if self.fill:
-            self._submit(self.cur, self.fill, self.start)
-            self.start += self.fill
-            self.fill = 0
-        for h in (0, 1):
-            fut, self.futs[h] = self.futs[h], None
-            if fut is not None:
-                fut.result()
-        return self.start
-
-    def drain(self) -> None:
-        """After an error: wait for the writes in flight (their errors are secondary)."""
-        for h in (0, 1):
-            fut, self.futs[h] = self.futs[h], None
-            if fut is not None:
-                try:
-                    fut.result()
-                except BaseException:
-                    log.debug("log write failed after an earlier error", exc_info=True)
 
 
 class PackBuffer:

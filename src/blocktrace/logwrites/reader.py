@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from blocktrace.errors import StateError
-from blocktrace.logwrites.fileio import fast_crc32
 from blocktrace.logwrites.format import (
     KNOWN_FLAGS,
     SUPER_EXT,
@@ -46,6 +45,8 @@ from blocktrace.logwrites.format import (
 def _continue_crc(crc: int, data: bytes) -> int:
     """Continue ``crc`` over a loaded payload: libdeflate's CRC-32 where installed (the same
     CRC as zlib's, 5-10x faster per MiB: zlib's bounded reading a checksummed bulk log)."""
+    from blocktrace.logwrites.fileio import fast_crc32  # only logs with checksums need it
+
     if fast_crc32 is not None and data:
         return int(fast_crc32(crc, data, len(data)))
     return zlib.crc32(data, crc)

@@ -22,10 +22,12 @@ Hot-path choices, each for a measured reason (``docs/nbd-server.md``):
   payload pieces through ``writelines`` on uvloop (one ``writev``, no join); on the stock loop
   small batches are joined and large payloads written separately (no copy).
 * WRITE payload views are valid only until the device's ``write`` returns: a device that keeps
-  the data longer (a queue, a background copy) must copy it.
+  the data longer (a queue, a background copy) must copy it; a ``bytes`` payload (owned,
+  above) it may keep as is.
 * Back-pressure: when the transport's write buffer passes its high-water mark, or too many
-  requests are in flight, the connection stops parsing and pauses reading, so a client that
-  never reads its replies costs a bounded amount of memory and nobody else is slowed.
+  requests are in flight, or suspended requests hold too many payload bytes, the connection
+  stops parsing and pauses reading, so a client that never reads its replies, or outruns a
+  slow device or a full trace queue, costs a bounded amount of memory.
 
 Each connection is isolated: any exception inside it is logged and ends only that connection.
 """
@@ -60,6 +62,10 @@ log = logging.getLogger("blocktrace.nbd")
 BUFFER_SIZE = 512 * 1024
 #: Requests in flight (suspended in the device) before a connection stops reading.
 MAX_INFLIGHT = 256
+#: Payload bytes held by suspended requests (their own large buffers, and retired receive
+#: buffers they still pin) before a connection stops reading: with MAX_INFLIGHT alone, 256
+#: suspended 32 MiB writes (a trace's queue at its cap, a slow remote device) could hold 8 GiB.
+MAX_HELD_BYTES = 32 * 1024 * 1024
 #: Transport write buffer limits: above HIGH we stop reading the client's requests.
 WRITE_HIGH = 4 * 1024 * 1024
 WRITE_LOW = 1024 * 1024
@@ -108,7 +114,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
-        self._pins = 0
+        self._pins = 0  # suspended requests holding views of the current receive buffer
+        # receive buffers replaced while pinned -> how many suspended requests still pin them
+        self._retired: dict[int, int] = {}
+        self._held = 0  # see MAX_HELD_BYTES
         # a WRITE payload too big for the receive buffer gets its own buffer
         self._payload: bytearray | bytes | None = None
         self._spare: bytearray | None = None
@@ -298,6 +307,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         still refers to."""
         start, end = self._start, self._end
         if self._pins:
+            self._retired[id(self._buf)] = self._pins  # kept alive by the requests' tasks
+            self._held += len(self._buf)
             self._buf = bytearray(BUFFER_SIZE)
             self._buf[: end - start] = self._view[start:end]
             self._view = memoryview(self._buf)
@@ -317,7 +328,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._batch = []
         try:
             while end - pos >= size and not (
-                self._stopping or self._write_paused or self._inflight >= MAX_INFLIGHT
+                self._stopping
+                or self._write_paused
+                or self._inflight >= MAX_INFLIGHT
+                or self._held >= MAX_HELD_BYTES
             ):
                 if self._batch_bytes >= _BATCH_LIMIT:
                     # Hand what we have to the transport: it may push back (pause_writing).
@@ -441,11 +455,17 @@ class NBDConnection(asyncio.BufferedProtocol):
         # The device suspended: finish in a Task (keeping the receive buffer pinned if the
         # device holds a view of it).
         self._inflight += 1
+        own = 0  # a large payload's own buffer, held until the request finishes
         if pin:
             self._pins += 1
+        elif data is not None:
+            own = length
+            self._held += own
         assert self._loop is not None
         task = self._loop.create_task(
-            self._finish(coro, fut, cmd, flags, cookie, offset, length, self._buf if pin else None)
+            self._finish(
+                coro, fut, cmd, flags, cookie, offset, length, self._buf if pin else None, own
+            )
         )
         self._tasks.add(task)  # the loop holds tasks weakly
         task.add_done_callback(self._tasks.discard)
@@ -461,6 +481,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         offset: int,
         length: int,
         pinned: bytearray | None,
+        own: int,
     ) -> None:
         try:
             result = await Resume(coro, fut)
@@ -472,12 +493,25 @@ class NBDConnection(asyncio.BufferedProtocol):
         else:
             self._complete(cmd, flags, cookie, offset, length, result)
         finally:
-            if pinned is not None and pinned is self._buf:
-                self._pins -= 1
+            if pinned is not None:
+                self._unpin(pinned)
+            self._held -= own
             self._inflight -= 1
             self._update_reading()
             if not self._maybe_finished():
                 self._safe(self._process)
+
+    def _unpin(self, buf: bytearray) -> None:
+        if buf is self._buf:
+            self._pins -= 1
+            return
+        key = id(buf)
+        left = self._retired[key] - 1
+        if left:
+            self._retired[key] = left
+        else:
+            del self._retired[key]
+            self._held -= len(buf)
 
     def _complete(
         self, cmd: int, flags: int, cookie: int, offset: int, length: int, result: Any
@@ -549,7 +583,12 @@ class NBDConnection(asyncio.BufferedProtocol):
         t = self.transport
         if t is None or self._closed:
             return
-        want_pause = self._write_paused or self._stopping or self._inflight >= MAX_INFLIGHT
+        want_pause = (
+            self._write_paused
+            or self._stopping
+            or self._inflight >= MAX_INFLIGHT
+            or self._held >= MAX_HELD_BYTES
+        )
         if want_pause and not self._reading_paused:
             self._reading_paused = True
             t.pause_reading()

@@ -201,6 +201,9 @@ class Delivery:
 
         def done(exc: BaseException | None) -> None:
             self._direct -= 1
+            if self.error is not None:  # failed meanwhile: _fail settled every waiter
+                self._wakeup.set()
+                return
             self.queued_bytes -= cost
             if exc is not None:
                 self._fail(exc)
@@ -213,11 +216,15 @@ class Delivery:
                 self._wakeup.set()
 
         self._direct += 1
-        if not self._start_direct(rec, done):
+        try:
+            started = self._start_direct(rec, done)
+        except Exception:  # a target bug must not lose the record: the worker delivers it
+            log.exception("trace target %s: direct delivery failed", self.target.name)
+            started = False
+        if not started:
             self._direct -= 1
             queue.appendleft(rec)
-            return False
-        return True
+        return started
 
     async def wait_durable(self, position: int) -> None:
         """Return once record ``position`` is durable in the target (FUA, FLUSH)."""
