@@ -499,7 +499,9 @@ def render(contenders: list[Contender], workloads: list[Workload], args: argpars
             if len(values) > 1:  # the spread over rounds: how far to trust the median
                 cell += f" ({fmt.format(values[0])}..{fmt.format(values[-1])})"
             cells.append(cell)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {f'>= {goal}x' if goal else ''} |")
+        throughput = any(not w.metric.endswith(" us") for w in workloads)  # goals are ratios
+        shown = f">= {goal}x" if goal and throughput else ""
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {shown} |")
     return "\n".join(lines) + "\n"
 
 
