@@ -101,9 +101,14 @@ class Client:
 Body = Callable[[str, GatedDevice, NBDServer], Awaitable[None]]
 
 
-def serve(tmp_path: Path, body: Body, size: int = 8 * MiB) -> None:
+def serve(
+    tmp_path: Path, body: Body, size: int = 8 * MiB, device: type[GatedDevice] | None = None
+) -> GatedDevice:
+    """Run ``body`` against an in-process server of one export backed by a ``device``
+    (a :class:`GatedDevice` by default); returns the device, for checks after shutdown."""
+    dev = (device or GatedDevice)(size)
+
     async def main() -> None:
-        dev = GatedDevice(size)
         reg = ExportRegistry()
         reg.add(Export("disk", dev))
         srv = NBDServer(reg)
@@ -116,6 +121,7 @@ def serve(tmp_path: Path, body: Body, size: int = 8 * MiB) -> None:
             await srv.shutdown(5)
 
     asyncio.run(main())
+    return dev
 
 
 def test_pinned_buffer_survives_suspended_writes(tmp_path: Path) -> None:
@@ -243,43 +249,36 @@ def test_large_payloads_a_device_keeps_are_owned_never_reused(tmp_path: Path) ->
     if not dispatch.OWNED_PAYLOADS:
         pytest.skip("interpreter without CPython's bytes layout")
 
-    async def main() -> None:
-        dev = KeepingDevice(32 * MiB)
-        reg = ExportRegistry()
-        reg.add(Export("disk", dev))
-        srv = NBDServer(reg)
-        path = os.fspath(tmp_path / "s.sock")
-        listener = await asyncio.get_running_loop().create_unix_server(srv.protocol_factory, path)
-        try:
-            c = await Client.connect(path)
-            sent = []
-            for i in range(8):
-                size = [MiB, 3 * MiB, 600 * 1024, 4096][i % 4]
-                data = os.urandom(size)
-                if i == 5:
-                    dev.gate.clear()  # this one suspends in the device
-                c.request(Cmd.WRITE, i, i * 4 * MiB, size, data=data)
-                sent.append((i * 4 * MiB, data))
-                if i == 5:
-                    for _ in range(500):
-                        if len(dev.kept) == 6:
-                            break
-                        await asyncio.sleep(0.01)
-                    dev.gate.set()
-            for _ in range(8):
-                assert (await c.reply())[1] == 0
-            await c.close()
-        finally:
-            listener.close()
-            await srv.shutdown(5)
-        assert dev.kept == sent  # every kept object still holds what was sent
-        large = [v for v in dev.views if len(v) > nbd_server.BUFFER_SIZE]  # type: ignore[arg-type]
-        assert len(large) == 6 and all(type(v) is bytes for v in large)
-        assert [bytes(v) for v in large] == [d for _, d in sent if len(d) > nbd_server.BUFFER_SIZE]
-        for offset, data in sent:
-            assert bytes(dev.buf[offset : offset + len(data)]) == data
+    sent: list[tuple[int, bytes]] = []
 
-    asyncio.run(main())
+    async def body(path: str, dev: GatedDevice, srv: NBDServer) -> None:
+        assert isinstance(dev, KeepingDevice)
+        c = await Client.connect(path)
+        for i in range(8):
+            size = [MiB, 3 * MiB, 600 * 1024, 4096][i % 4]
+            data = os.urandom(size)
+            if i == 5:
+                dev.gate.clear()  # this one suspends in the device
+            c.request(Cmd.WRITE, i, i * 4 * MiB, size, data=data)
+            sent.append((i * 4 * MiB, data))
+            if i == 5:
+                for _ in range(500):
+                    if len(dev.kept) == 6:
+                        break
+                    await asyncio.sleep(0.01)
+                dev.gate.set()
+        for _ in range(8):
+            assert (await c.reply())[1] == 0
+        await c.close()
+
+    dev = serve(tmp_path, body, 32 * MiB, KeepingDevice)
+    assert isinstance(dev, KeepingDevice)
+    assert dev.kept == sent  # every kept object still holds what was sent
+    large = [v for v in dev.views if len(v) > nbd_server.BUFFER_SIZE]  # type: ignore[arg-type]
+    assert len(large) == 6 and all(type(v) is bytes for v in large)
+    assert [bytes(v) for v in large] == [d for _, d in sent if len(d) > nbd_server.BUFFER_SIZE]
+    for offset, data in sent:
+        assert bytes(dev.buf[offset : offset + len(data)]) == data
 
 
 def test_owned_payload_is_a_fresh_bytes_object_filled_through_its_view() -> None:

@@ -78,13 +78,15 @@ class FileDevice(BlockDevice):
     async def write(self, offset: int, data: ReadableBuffer, *, fua: bool = False) -> None:
         self._check_writable()
         try:
-            self._pwrite_all(data, offset)
+            self.pwrite_all(data, offset)
         except OSError as exc:
             raise BlockDeviceError.from_oserror(exc) from exc
         if fua:
             await self.flush()
 
-    def _pwrite_all(self, data: ReadableBuffer, offset: int) -> None:
+    def pwrite_all(self, data: ReadableBuffer, offset: int) -> None:
+        """Write all of ``data`` at ``offset`` now, on the calling thread (``OSError`` on
+        failure): the inline write every caller that must not suspend relies on."""
         view = memoryview(data).cast("B")
         while view:
             n = os.pwrite(self.fd, view, offset)

@@ -20,9 +20,7 @@ Two ways in:
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import os
 from collections.abc import Callable, Sequence
 
 from blocktrace.block.device import BlockDevice, ReadableBuffer
@@ -46,14 +44,8 @@ def _file_start_write(dev: FileDevice) -> Callable[[int, ReadableBuffer, Done], 
     done before this returns, as :class:`FileDevice` writes always are)."""
 
     def start(offset: int, data: ReadableBuffer, callback: Done) -> bool:
-        view = memoryview(data).cast("B")
         try:
-            while view:
-                n = os.pwrite(dev.fd, view, offset)
-                if n == 0:
-                    raise OSError(errno.ENOSPC, "short write")
-                view = view[n:]
-                offset += n
+            dev.pwrite_all(data, offset)
         except OSError as exc:
             callback(BlockDeviceError.from_oserror(exc))
             return True
