@@ -29,15 +29,20 @@ def kinds_paths(events: list[dict[str, object]]) -> set[tuple[str, str]]:
     return {(str(e["kind"]), str(e["path"])) for e in events}
 
 
-def test_live_events_by_each_sync_and_replay_agrees(tmp_path: Path) -> None:
+def live_setup(tmp_path: Path, mib: int) -> tuple[Path, Path, Path, Path, Path]:
+    """A fresh ext4 image of ``mib`` MiB and its pristine copy (the trace's base), plus where
+    the live events, the log trace and the mount point go (skips without FUSE and loop)."""
     require_fuse_and_loop()
-    img = mkfs(tmp_path / "disk.img", 64, options=("-b", "4096"))
+    img = mkfs(tmp_path / "disk.img", mib, options=("-b", "4096"))
     base = tmp_path / "base.img"
     shutil.copy(img, base)
-    events = tmp_path / "events.jsonl"
-    log = tmp_path / "trace.log"
     mnt = tmp_path / "mnt"
     mnt.mkdir()
+    return img, base, tmp_path / "events.jsonl", tmp_path / "trace.log", mnt
+
+
+def test_live_events_by_each_sync_and_replay_agrees(tmp_path: Path) -> None:
+    img, base, events, log, mnt = live_setup(tmp_path, 64)
     args = ["--trace", f"introspect:{events},copy-mode=write-blocking", "--trace", f"log:{log}"]
     seen: list[set[tuple[str, str]]] = []
     with ServerProcess(tmp_path, [img], args) as srv, nbd_file(tmp_path, srv.socket) as dev:
@@ -68,14 +73,7 @@ def test_live_background_small_queue_loses_nothing(tmp_path: Path) -> None:
     than the data: when inference is slower than the guest, the trace makes writers wait
     (backpressure) instead of dropping records, so every file's create and its whole write
     still appear, exactly as ``watch`` infers them from the log trace of the same export."""
-    require_fuse_and_loop()
-    img = mkfs(tmp_path / "disk.img", 128, options=("-b", "4096"))
-    base = tmp_path / "base.img"
-    shutil.copy(img, base)
-    events = tmp_path / "events.jsonl"
-    log = tmp_path / "trace.log"
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    img, base, events, log, mnt = live_setup(tmp_path, 128)
     args = ["--trace", f"introspect:{events},queue-size=1M", "--trace", f"log:{log}"]
     sizes = {f"/bulk{i}": (8 + 4 * i) << 20 for i in range(3)}
     sizes.update({f"/small/f{i}": 100 + 997 * i for i in range(200)})
