@@ -52,9 +52,12 @@ def _continue_crc(crc: int, data: bytes) -> int:
     return zlib.crc32(data, crc)
 
 
-#: Entry data larger than this is verified in a separate pass instead of being held in memory.
-_MAX_INLINE = 64 * 1024 * 1024
-_CHUNK = 8 * 1024 * 1024
+#: Bytes of log data held in memory at once: entry data up to this size is loaded with its
+#: header (replay reads the log once); larger entries are verified and applied in chunks of
+#: this size, so a hostile entry of any size costs at most this much memory.
+CHUNK_BYTES = 8 * 1024 * 1024
+_MAX_INLINE = CHUNK_BYTES
+_CHUNK = CHUNK_BYTES
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -72,6 +75,11 @@ class LogEntry:
     @property
     def sector(self) -> int:
         return self.header.sector
+
+    @property
+    def log_path(self) -> str:
+        """The log this entry was read from (for error messages)."""
+        return self._reader.path
 
     @property
     def nr_sectors(self) -> int:
@@ -141,11 +149,26 @@ class LogEntry:
         return self.header.trailer is not None
 
     def read_data(self) -> bytes:
-        """The entry's payload (empty for discards, flushes and marks)."""
+        """The entry's whole payload (empty for discards, flushes and marks).  Holds it all in
+        memory: callers facing untrusted logs use :meth:`data_chunks`."""
         if self._data is not None:
             return self._data
         n = self.header.data_bytes(self.sector_size)
         return self._reader._pread_exact(n, self.data_offset, self.index) if n else b""
+
+    def data_chunks(self, chunk: int = CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
+        """The payload as ``(offset in the payload, bytes)`` pieces of at most ``chunk`` bytes
+        (one piece if it was loaded with the header): memory stays bounded whatever the
+        entry's size claims."""
+        if self._data is not None:
+            if self._data:
+                yield 0, self._data
+            return
+        n = self.header.data_bytes(self.sector_size)
+        done = 0
+        for piece in self._reader._chunks(self.data_offset, n, self.index, chunk):
+            yield done, piece
+            done += len(piece)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +189,22 @@ class TailInfo:
     trailing_bytes: int
 
 
+def file_kind(mode: int) -> str:
+    """What ``mode`` (``st_mode``) is, in words, for "not a regular file" errors."""
+    for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return f"file type {stat.S_IFMT(mode):#o}"
+
+
 class LogReader:
     """An open log.  ``LogReader(path)`` raises :class:`BadSuperBlock` unless it is a log."""
 
@@ -173,11 +212,17 @@ class LogReader:
         self.path = os.fspath(path)
         self.verify = verify
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; the type is checked next
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise LogFormatError(f"cannot open: {exc.strerror}", path=self.path) from exc
         try:
             st = os.fstat(self._fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise LogFormatError(
+                    f"not a regular file or block device ({file_kind(st.st_mode)})",
+                    path=self.path,
+                )
             self.size = (
                 st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(self._fd, 0, os.SEEK_END)
             )
@@ -321,10 +366,13 @@ class LogReader:
         if load and nbytes <= _MAX_INLINE:
             data = self._pread_exact(nbytes, pos + S, index) if nbytes else b""
         if trailer is not None and (check or not counted):
+            # incremental: a chunk at a time, never the whole entry in memory
+            crc = entry_crc(buf)
             if data is not None:
-                crc = _continue_crc(entry_crc(buf), data)
+                crc = _continue_crc(crc, data)
             else:
-                crc = entry_crc(buf, list(self._chunks(pos + S, nbytes, index)))
+                for piece in self._chunks(pos + S, nbytes, index):
+                    crc = _continue_crc(crc, piece)
             if crc != trailer.crc:
                 raise ChecksumMismatch(
                     f"checksum mismatch (stored {trailer.crc:#010x}, computed {crc:#010x})",
@@ -355,10 +403,10 @@ class LogReader:
             pos = entry.end_offset
             index += 1
 
-    def _chunks(self, offset: int, length: int, index: int) -> Iterator[memoryview]:
+    def _chunks(self, offset: int, length: int, index: int, chunk: int = _CHUNK) -> Iterator[bytes]:
         while length:
-            n = min(_CHUNK, length)
-            yield memoryview(self._pread_exact(n, offset, index))
+            n = min(chunk, length)
+            yield self._pread_exact(n, offset, index)
             offset += n
             length -= n
 
