@@ -22,8 +22,10 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from blocktrace.errors import BlocktraceError, TargetError, UsageError
+from blocktrace.outfile import open_output, output_mode
 from blocktrace.trace.records import TraceRecord
-from blocktrace.trace.targets.base import Target, TargetInfo
+from blocktrace.trace.targets.base import Target, TargetInfo, served_images
+from blocktrace.trace.targets.replica import parse_bool
 
 EventSink = Callable[[Any], None]  #: receives each FileEvent
 
@@ -38,9 +40,11 @@ class IntrospectTarget(Target):
         sink: EventSink | None = None,
         max_pending: int | None = None,
         max_pending_bytes: int | None = None,
+        force: bool = False,
     ) -> None:
         self.name = f"introspect:{filename}" if filename else "introspect"
         self.filename = filename
+        self.force = force
         self.sink = sink
         self.limits: dict[str, int] = {}
         if max_pending is not None:
@@ -66,9 +70,10 @@ class IntrospectTarget(Target):
                 limits.append(None if value is None else int(value))
             except (TypeError, ValueError):
                 raise UsageError(f"introspect target: {key} must be an integer") from None
+        force = parse_bool("force", spec.pop("force", False))
         if spec:
             raise UsageError(f"introspect target: unknown option {sorted(spec)[0]!r}")
-        return cls(filename, max_pending=limits[0], max_pending_bytes=limits[1])
+        return cls(filename, max_pending=limits[0], max_pending_bytes=limits[1], force=force)
 
     async def open(self, info: TargetInfo) -> None:
         if info.sync == "full":
@@ -79,10 +84,15 @@ class IntrospectTarget(Target):
         if self.filename == "-":
             self._out = sys.stdout
         elif self.filename:
-            try:
-                self._out = open(self.filename, "a", encoding="utf-8")  # noqa: SIM115
-            except OSError as exc:
-                raise TargetError(self.name, exc.strerror or str(exc)) from exc
+            # the events describe the guest's files: same rules as a log (docs/trace.md)
+            fd = open_output(
+                self.filename,
+                overwrite=self.force,
+                protected=served_images(info),
+                mode=output_mode(info.filename),
+                what="events file",
+            )
+            self._out = os.fdopen(fd, "w", encoding="utf-8")
 
     def attached(self) -> None:
         self._ensure_watcher()
@@ -139,4 +149,9 @@ class IntrospectTarget(Target):
         return self._watcher.stats() if self._watcher is not None else {}
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "introspect", "filename": self.filename or "", "events": self.events}
+        return {
+            "type": "introspect",
+            "filename": self.filename or "",
+            "events": self.events,
+            "force": self.force,
+        }
