@@ -37,6 +37,7 @@ from blocktrace.block.file import (
 from blocktrace.errors import BlocktraceError, UsageError
 from blocktrace.logwrites.format import LogFlag, LogFormatError
 from blocktrace.logwrites.reader import LogEntry, LogReader, file_kind
+from blocktrace.outfile import open_output, output_mode
 
 #: replay-log truncates ``--start-mark``/``--end-mark`` to ``4097 - sizeof(entry)`` characters.
 MARK_ARG_MAX = 4097 - 40
@@ -436,13 +437,20 @@ def replay_records(
     n: int,
     *,
     base: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> ReplayResult:
     """Replay the first ``n`` data records (writes, zeroes, trims; a request split into
-    several entries counts once) onto ``image``; with ``base``, ``image`` is first made a copy
-    of it.  This is the trace guarantee's check: the result equals the traced image after
-    its first ``n`` write-class operations."""
+    several entries counts once) onto ``image``; with ``base``, ``image`` is first created as
+    a copy of it (by :func:`blocktrace.outfile.open_output`: not through a symlink, no more
+    readable than ``base``, an existing file only with ``overwrite``).  This is the trace
+    guarantee's check: the result equals the traced image after its first ``n`` write-class
+    operations."""
     if base is not None:
-        shutil.copyfile(base, image)
+        fd = open_output(
+            os.fspath(image), overwrite=overwrite, mode=output_mode(os.fspath(base)), what="image"
+        )
+        with open(base, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst)
     with LogReader(log) as reader:
         limit = entries_for_records(reader, n)
         if limit == 0:
