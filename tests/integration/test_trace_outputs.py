@@ -192,3 +192,18 @@ def test_block_trace_introspect_events_file_rules(tmp_path: Path) -> None:
         finally:
             qmp.close()
     assert img.read_bytes() == before
+
+
+def test_trace_start_cli_passes_force(tmp_path: Path, image: Path) -> None:
+    qmp_sock = tmp_path / "qmp.sock"
+    old = tmp_path / "old.log"
+    old.write_bytes(b"keep")
+    with ServerProcess(tmp_path, [image], ["--qmp", str(qmp_sock)]):
+        r = blocktrace("trace", "start", f"disk=log:{old}", "-s", qmp_sock, check=False)
+        assert r.returncode != 0 and "without force=on" in r.stderr
+        assert old.read_bytes() == b"keep"
+        r = blocktrace("trace", "start", f"disk=log:{old},force=on", "-s", qmp_sock)
+        assert "started" in r.stdout
+        blocktrace("trace", "stop", "disk", "-s", qmp_sock)
+    with LogReader(old) as reader:
+        assert reader.nr_entries >= 1
