@@ -51,7 +51,7 @@ def write_log(path: Path, entries: list[tuple[bytes, bytes | int]]) -> Path:
     return path
 
 
-def run_with_peak_rss(*args: str | os.PathLike[str], timeout: float = 120) -> tuple[int, str, int]:
+def run_with_peak_rss(*args: str | os.PathLike[str], timeout: float = 600) -> tuple[int, str, int]:
     """Run ``blocktrace ARGS`` and return (exit status, stderr, the child's peak RSS in bytes),
     read with ``wait4`` so no other process's usage is mixed in."""
     proc = subprocess.Popen(

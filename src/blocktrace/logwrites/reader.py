@@ -17,6 +17,7 @@ describes them; ``salvage=True`` iteration also yields those whose checksum prov
 
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
 import zlib
@@ -156,19 +157,29 @@ class LogEntry:
         n = self.header.data_bytes(self.sector_size)
         return self._reader._pread_exact(n, self.data_offset, self.index) if n else b""
 
-    def data_chunks(self, chunk: int = CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
-        """The payload as ``(offset in the payload, bytes)`` pieces of at most ``chunk`` bytes
-        (one piece if it was loaded with the header): memory stays bounded whatever the
-        entry's size claims."""
+    def data_chunks(self, *, reuse: bool = False) -> Iterator[tuple[int, bytes | memoryview]]:
+        """The payload as ``(offset in the payload, piece)`` pieces of at most
+        :data:`CHUNK_BYTES` (one piece if it was loaded with the header): memory stays bounded
+        whatever the entry's size claims.  ``reuse``: each piece is a view of one buffer the
+        reader reuses, valid only until the next piece (no allocation per chunk; for callers
+        that consume a piece at once, like a ``pwrite``)."""
         if self._data is not None:
             if self._data:
                 yield 0, self._data
             return
         n = self.header.data_bytes(self.sector_size)
         done = 0
-        for piece in self._reader._chunks(self.data_offset, n, self.index, chunk):
+        reader = self._reader
+        while done < n:
+            k = min(CHUNK_BYTES, n - done)
+            offset = self.data_offset + done
+            piece = (
+                reader._read_scratch(k, offset, self.index)
+                if reuse
+                else reader._pread_exact(k, offset, self.index)
+            )
             yield done, piece
-            done += len(piece)
+            done += k
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +257,8 @@ class LogReader:
             raise
         self.sector_size = self.super.sector_size
         self.nr_entries = self.super.nr_entries
+        self._scratch: bytearray | None = None  # _crc_range's reused chunk buffer
+        self._scratch_addr = 0
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -371,8 +384,7 @@ class LogReader:
             if data is not None:
                 crc = _continue_crc(crc, data)
             else:
-                for piece in self._chunks(pos + S, nbytes, index):
-                    crc = _continue_crc(crc, piece)
+                crc = self._crc_range(crc, pos + S, nbytes, index)
             if crc != trailer.crc:
                 raise ChecksumMismatch(
                     f"checksum mismatch (stored {trailer.crc:#010x}, computed {crc:#010x})",
@@ -403,12 +415,40 @@ class LogReader:
             pos = entry.end_offset
             index += 1
 
-    def _chunks(self, offset: int, length: int, index: int, chunk: int = _CHUNK) -> Iterator[bytes]:
+    def _crc_range(self, crc: int, offset: int, length: int, index: int) -> int:
+        """Continue ``crc`` over ``length`` log bytes at ``offset``, a chunk at a time through
+        the reused buffer (a large entry is read once more to be verified before it is
+        applied, so this pass must be cheap: no allocation or page faults per chunk)."""
+        from blocktrace.logwrites.fileio import fast_crc32
+
         while length:
-            n = min(chunk, length)
-            yield self._pread_exact(n, offset, index)
+            n = min(_CHUNK, length)
+            view = self._read_scratch(n, offset, index)
+            if fast_crc32 is not None:
+                crc = int(fast_crc32(crc, self._scratch_addr, n))
+            else:
+                crc = zlib.crc32(view, crc)
             offset += n
             length -= n
+        return crc
+
+    def _read_scratch(self, n: int, offset: int, index: int) -> memoryview:
+        """Read ``n <= CHUNK_BYTES`` bytes at ``offset`` into the reader's one reused buffer;
+        the view is valid until the next call."""
+        if self._fd < 0:
+            raise StateError(f"{self.path}: log reader is closed")
+        if self._scratch is None:
+            self._scratch = bytearray(_CHUNK)
+            self._scratch_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._scratch))
+        view = memoryview(self._scratch)[:n]
+        if os.preadv(self._fd, [view], offset) != n:
+            raise TruncatedLog(
+                f"short read of {n} bytes at byte {offset}",
+                entry=index,
+                offset=offset,
+                path=self.path,
+            )
+        return view
 
     def _pread_exact(self, n: int, offset: int, index: int) -> bytes:
         if self._fd < 0:

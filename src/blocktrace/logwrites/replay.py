@@ -242,7 +242,7 @@ class FileTarget:
     def can_grow(self) -> bool:
         return not self.is_block
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             n = os.pwrite(self.fd, view, offset)
@@ -381,7 +381,7 @@ def _apply_sync(
         result.bytes_zeroed += entry.length
     else:
         base = entry.target_offset
-        for off, piece in entry.data_chunks():
+        for off, piece in entry.data_chunks(reuse=True):  # written at once: reuse is safe
             target.write(base + off, piece)
         result.bytes_written += entry.length
     result.applied += 1
