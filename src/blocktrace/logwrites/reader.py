@@ -257,6 +257,8 @@ class LogReader:
             raise
         self.sector_size = self.super.sector_size
         self.nr_entries = self.super.nr_entries
+        #: the error a ``salvage=True`` walk stopped at (set by :meth:`entries`)
+        self.salvage_error: LogFormatError | None = None
         self._scratch: bytearray | None = None  # _crc_range's reused chunk buffer
         self._scratch_addr = 0
 
@@ -281,7 +283,7 @@ class LogReader:
         reads the log once.  ``salvage``: stop quietly at the first bad counted entry (the
         error is kept in :attr:`salvage_error`) and go on past ``nr_entries`` with entries whose
         checksum proves them whole."""
-        self.salvage_error: LogFormatError | None = None
+        self.salvage_error = None
         pos = self.sector_size
         index = 0
         try:

@@ -150,7 +150,7 @@ def select_entries(
                 else "fua"
             )
             return
-    result.salvage_error = getattr(reader, "salvage_error", None)
+    result.salvage_error = reader.salvage_error
 
 
 def find(reader: LogReader, opts: ReplayOptions) -> LogEntry | None:
