@@ -15,13 +15,13 @@ import os
 import shutil
 import struct
 import subprocess
-import threading
+import sys
 from pathlib import Path
 
 import pytest
 
 from blocktrace.logwrites.format import TRAILER, TRAILER_TAG, LogFlag
-from support import BLOCKTRACE, blocktrace, make_image, run
+from support import blocktrace, make_image, run
 
 MiB = 1024 * 1024
 S = 512
@@ -51,26 +51,39 @@ def write_log(path: Path, entries: list[tuple[bytes, bytes | int]]) -> Path:
     return path
 
 
-def run_with_peak_rss(*args: str | os.PathLike[str], timeout: float = 600) -> tuple[int, str, int]:
-    """Run ``blocktrace ARGS`` and return (exit status, stderr, the child's peak RSS in bytes),
-    read with ``wait4`` so no other process's usage is mixed in."""
-    proc = subprocess.Popen(
-        [*BLOCKTRACE, *map(os.fspath, args)],
+#: Runs the CLI in the child and, at exit, writes the child's own peak RSS (``VmHWM`` of its
+#: fresh address space) to argv[1].  ``ru_maxrss`` from ``wait4`` is not usable: Linux carries
+#: the forking parent's high-water mark across ``exec``, so a large pytest process would be
+#: counted as the child's.
+_PEAK_WRAPPER = """
+import atexit, sys
+out = sys.argv.pop(1)
+def report():
+    with open("/proc/self/status") as f:
+        hwm = [line for line in f if line.startswith("VmHWM:")][0]
+    with open(out, "w") as f:
+        f.write(str(int(hwm.split()[1]) * 1024))
+atexit.register(report)
+from blocktrace.cli.main import main
+sys.argv[0] = "blocktrace"
+main()
+"""
+
+
+def run_with_peak_rss(
+    tmp_path: Path, *args: str | os.PathLike[str], timeout: float = 600
+) -> tuple[int, str, int]:
+    """Run ``blocktrace ARGS``; return (exit status, stderr, the child's peak RSS in bytes)."""
+    out = tmp_path / "peak-rss"
+    out.unlink(missing_ok=True)
+    r = subprocess.run(
+        [sys.executable, "-c", _PEAK_WRAPPER, out, *map(os.fspath, args)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        timeout=timeout,
     )
-    assert proc.stderr is not None
-    timer = threading.Timer(timeout, proc.kill)  # a hang fails the test, it does not stall it
-    timer.start()
-    try:
-        err = proc.stderr.read()  # EOF when the child exits
-        _, status, usage = os.wait4(proc.pid, 0)
-    finally:
-        timer.cancel()
-        proc.stderr.close()
-        proc.returncode = os.waitstatus_to_exitcode(status) if "status" in locals() else -9
-    return proc.returncode, err, usage.ru_maxrss * 1024
+    return r.returncode, r.stderr, int(out.read_text())
 
 
 def one_line(err: str) -> str:
@@ -90,7 +103,7 @@ def test_log_info_and_list_verify_a_huge_entry_in_bounded_memory(tmp_path: Path)
     log = write_log(tmp_path / "huge.log", [(header(0, size // S, 0, trailer=0x1234), size)])
     assert log.stat().st_blocks * 512 < MiB  # sparse: the log costs no disk
     for cmd in (("log", "info"), ("log", "list")):
-        rc, err, peak = run_with_peak_rss(*cmd, log)
+        rc, err, peak = run_with_peak_rss(tmp_path, *cmd, log)
         assert rc == 1
         line = one_line(err)
         assert "entry 0 at byte 512: checksum mismatch" in line, line
@@ -105,7 +118,7 @@ def test_replay_applies_a_huge_entry_in_bounded_memory(tmp_path: Path) -> None:
         f.truncate(size)
         f.seek(size - 4096)
         f.write(b"\xaa" * 4096)  # the replay must overwrite this with the entry's zeroes
-    rc, err, peak = run_with_peak_rss("replay", log, img)
+    rc, err, peak = run_with_peak_rss(tmp_path, "replay", log, img)
     assert rc == 0, err
     assert peak < 120 * MiB, f"peak RSS {peak >> 20} MiB replaying a {size >> 20} MiB entry"
     with open(img, "rb") as f:
