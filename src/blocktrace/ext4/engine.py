@@ -41,7 +41,14 @@ from typing import cast
 from blocktrace.errors import FormatError
 from blocktrace.ext4 import constants as C
 from blocktrace.ext4.events import FileEvent
-from blocktrace.ext4.fs import ByteSource, DirEntry, Ext4FS, InodeMap, superblock_from_bytes
+from blocktrace.ext4.fs import (
+    DEFAULT_WORK_BUDGET,
+    ByteSource,
+    DirEntry,
+    Ext4FS,
+    InodeMap,
+    superblock_from_bytes,
+)
 from blocktrace.ext4.infer import IState, infer
 from blocktrace.ext4.journal import Journal, Transaction, recover
 from blocktrace.ext4.namespace import Namespace
@@ -53,6 +60,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PENDING = 1 << 18  #: unowned blocks remembered (about 25 MiB of bookkeeping)
 DEFAULT_MAX_PENDING_BYTES = 64 << 20  #: contents of pending blocks kept
 MAX_REMEMBERED = 1 << 16  #: names of unborn inodes / modes of freed inodes kept
+#: pending contents of a block written as zeroes (WRITE_ZEROES): no bytes kept, read as zeroes
+_ZEROED = b""
 
 _META_KINDS = {
     "superblock": OwnerKind.SUPERBLOCK,
@@ -91,8 +100,13 @@ class Ext4Engine:
         name: str = "",
         max_pending: int = DEFAULT_MAX_PENDING,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        work_budget: int = DEFAULT_WORK_BUDGET,
     ) -> None:
+        """``work_budget``: decoding steps (tree nodes, extents, block pointers, directory
+        entries) one record may cost, and the crawl per directory block or inode; beyond it the
+        structures still to decode are reported as ``error`` events (hostile metadata)."""
         self.name = name
+        self.work_budget = work_budget
         self.source = source
         self.stats = EngineStats()
         self.max_pending = max_pending
@@ -103,7 +117,7 @@ class Ext4Engine:
         self.pending: OrderedDict[int, int] = OrderedDict()  # block -> record that wrote it
         self.pending_data: OrderedDict[int, bytes] = OrderedDict()
         self._pending_bytes = 0
-        self.fs = Ext4FS(sb, self)
+        self.fs = Ext4FS(sb, self, device_bytes=source.length)
         self.owners = OwnershipMap()
         self.ns = Namespace()
         self.istate: dict[int, IState] = {}
@@ -126,8 +140,10 @@ class Ext4Engine:
         data = self.overlay.get(n)
         if data is None:
             data = self.pending_data.get(n)
-        if data is None:
-            data = self.source.pread(n * self.block_size, self.block_size)
+            if data is None:
+                data = self.source.pread(n * self.block_size, self.block_size)
+            elif not data:  # _ZEROED
+                data = bytes(self.block_size)
         return data
 
     # ------------------------------------------------------------------ public API
@@ -135,6 +151,7 @@ class Ext4Engine:
         """A write of ``data`` at byte ``offset`` of the file system, record number ``record``."""
         self.stats.records += 1
         self.stats.bytes += len(data)
+        self.fs.work_left = self.work_budget
         out: list[FileEvent] = []
         if not data or offset < 0:
             return out
@@ -159,22 +176,32 @@ class Ext4Engine:
         return out
 
     def zero(self, record: int, offset: int, length: int) -> list[FileEvent]:
-        """A write of zeroes (no payload carried): as a write, without materialising it."""
+        """A write of zeroes (no payload carried): as a write, without materialising it.
+
+        Zeroes are data like any other: a guest's zero-filled file data reaches the disk as
+        WRITE_ZEROES when QEMU's ``detect-zeroes`` turns it into one, so zeroed free space is
+        pending (data before its extent) exactly as written free space is."""
+        self.stats.records += 1
+        self.fs.work_left = self.work_budget
         bs = self.block_size
         out: list[FileEvent] = []
+        if offset < 0 or length <= 0:
+            return out
         first, end = offset // bs, min(-(-(offset + length) // bs), self.fs.blocks_count)
         zero_block = bytes(bs)
         for start, stop, owner in self.owners.overlaps(first, end):
             if owner is not None and owner.kind is OwnerKind.DATA:
                 self._note_write(owner.ino, owner.lblk, owner.lblk + stop - start, record)
+                self._unpend_range(start, stop)
                 continue
             if owner is None:
-                self._unpend_range(start, stop)  # zeroed free space claims nothing
+                self._pend_zero(start, stop, record)
                 continue
             for b in range(start, stop):
                 lo, hi = max(offset, b * bs), min(offset + length, (b + 1) * bs)
                 out += self.write(record, lo, zero_block[: hi - lo])
                 self.stats.records -= 1
+                self.stats.bytes -= hi - lo
         return out
 
     def flush(self, record: int) -> list[FileEvent]:
@@ -184,18 +211,27 @@ class Ext4Engine:
         this flush is the commit's pre-flush; file writes wait for the commit block (the next
         record or so) so that they are named with the metadata they go with."""
         self.stats.records += 1
+        self.fs.work_left = self.work_budget
         hold = self.journal is not None and self.journal.in_transaction
         return self._settle(record, emit_writes=not hold)
 
     def discard(self, record: int, offset: int, length: int) -> list[FileEvent]:
-        """A discard/trim: ext4 discards free blocks only; forget pending writes there."""
+        """A discard/trim.  ext4 discards free blocks (forget pending writes there); a trim of
+        a live file's blocks changes what the file reads back, so it is a ``write`` of it."""
         self.stats.records += 1
         bs = self.block_size
-        self._unpend_range(-(-offset // bs), (offset + length) // bs)
+        first, end = -(-offset // bs), min((offset + length) // bs, self.fs.blocks_count)
+        if offset < 0 or first >= end:
+            return []
+        for start, stop, owner in self.owners.overlaps(first, end):
+            if owner is not None and owner.kind is OwnerKind.DATA:
+                self._note_write(owner.ino, owner.lblk, owner.lblk + stop - start, record)
+        self._unpend_range(first, end)
         return []
 
     def finish(self, record: int) -> list[FileEvent]:
         """End of the stream: settle what is left."""
+        self.fs.work_left = self.work_budget
         return self._settle(record)
 
     def owner_of(self, block: int) -> Owner | None:
@@ -219,6 +255,9 @@ class Ext4Engine:
         if self.journal is not None:
             self._recover_journal()
         queue = [C.EXT4_ROOT_INO]
+        fs = self.fs
+        budget = self.work_budget
+        fs.work_left = budget
         self._track(C.EXT4_ROOT_INO)
         while queue:
             d = queue.pop()
@@ -228,6 +267,7 @@ class Ext4Engine:
             for ext in st.map.extents:
                 for i in range(ext.length):
                     pblk = ext.pblk + i
+                    fs.work_left = budget  # the crawl's budget: per directory block, per inode
                     entries = self._read_dir_block(pblk)
                     self.dir_entries[pblk] = (d, entries)
                     for e in entries:
@@ -235,16 +275,24 @@ class Ext4Engine:
                             continue
                         known = e.inode in self.istate
                         self.ns.add(d, e.name, e.inode)
+                        fs.work_left = budget
                         if not known and self._track(e.inode) and self.istate[e.inode].inode.is_dir:
                             queue.append(e.inode)
 
     def _open_journal(self) -> None:
         ino = self.fs.journal_inum
         try:
-            jmap = self.fs.map_inode(self.fs.read_inode(ino))
+            inode = self.fs.read_inode(ino)
+            jmap = self.fs.map_inode(inode)
+            # the journal is as long as its inode says: mappings past i_size are not journal
+            # blocks (the tree itself is already bounded: in order, no overlap, <= the fs)
+            length = -(-inode.size // self.block_size)
             for ext in jmap.extents:
-                self.owners.assign(ext.pblk, ext.length, Owner(OwnerKind.JOURNAL, ino, ext.lblk))
-                for i in range(ext.length):
+                n = min(ext.length, length - ext.lblk)
+                if n <= 0:
+                    continue
+                self.owners.assign(ext.pblk, n, Owner(OwnerKind.JOURNAL, ino, ext.lblk))
+                for i in range(n):
                     self._journal_blocks[ext.lblk + i] = ext.pblk + i
             for pblk, tree in jmap.meta:
                 self.owners.assign(pblk, 1, Owner(_TREE_KINDS[tree], ino))
@@ -481,6 +529,27 @@ class Ext4Engine:
         stats.pending_blocks = len(pending)
         stats.pending_bytes = pending_bytes
 
+    def _pend_zero(self, start: int, end: int, record: int) -> None:
+        """Blocks ``[start, end)`` of free space written as zeroes: pending like written ones,
+        with no contents kept (they read as zeroes).  Only the newest ``max_pending`` of a
+        larger range are remembered (the older ones would be forgotten at once anyway)."""
+        if end - start > self.max_pending:
+            self.stats.pending_overflow += end - self.max_pending - start
+            start = end - self.max_pending
+        self._unpend_range(start, end)  # a rewrite moves to the newest end
+        pending = self.pending
+        blocks = range(start, end)
+        pending.update(dict.fromkeys(blocks, record))
+        self.pending_data.update(dict.fromkeys(blocks, _ZEROED))
+        while len(pending) > self.max_pending:
+            gone, _ = pending.popitem(last=False)
+            dropped = self.pending_data.pop(gone, None)
+            if dropped is not None:
+                self._pending_bytes -= len(dropped)
+            self.stats.pending_overflow += 1
+        self.stats.pending_blocks = len(pending)
+        self.stats.pending_bytes = self._pending_bytes
+
     def claim_pending(self, pblk: int, n: int) -> list[tuple[int, int, int]]:
         """Unpend blocks ``[pblk, pblk+n)``: the runs ``(i, j, first_record)`` of offsets into
         the range that were pending (``first_record``: the earliest record of the run)."""
@@ -549,7 +618,7 @@ class Ext4Engine:
         """A pending block turned out to be metadata: keep its contents in the view."""
         data = self.pending_data.get(b)
         if data is not None and b not in self.overlay:
-            self.overlay[b] = data
+            self.overlay[b] = data or bytes(self.block_size)  # _ZEROED: written as zeroes
         self._unpend(b)
 
     def note_unborn(self, triple: tuple[int, str, int]) -> None:

@@ -564,8 +564,5 @@ def parse_revoke_blocks(block: bytes | bytearray | memoryview, incompat: int) ->
     width = 8 if incompat & C.JBD2FeatureIncompat.BIT64 else 4
     if r_count > len(block) or r_count < JBD2_REVOKE.size:
         raise Ext4FormatError(f"revoke block r_count {r_count} out of range")
-    fmt = ">Q" if width == 8 else ">I"
-    return [
-        struct.unpack_from(fmt, block, p)[0]
-        for p in range(JBD2_REVOKE.size, r_count - width + 1, width)
-    ]
+    n = (r_count - JBD2_REVOKE.size) // width
+    return list(struct.unpack_from(f">{n}{'Q' if width == 8 else 'I'}", block, JBD2_REVOKE.size))
