@@ -126,6 +126,8 @@ class Ext4Engine:
         self.writes: dict[int, list[list[int]]] = {}  # ino -> [[lstart, lend, data_record]]
         self.journal: Journal | None = None
         self._journal_blocks: dict[int, int] = {}  # jblk -> physical block
+        #: the last transaction replayed into the base at start (None: none was)
+        self._recovered_last: int | None = None
         self._errors: list[FileEvent] = []
         #: names seen before their inode was initialised: ino -> [(dir, name, ino)]
         self.unborn: OrderedDict[int, list[tuple[int, str, int]]] = OrderedDict()
@@ -319,6 +321,8 @@ class Ext4Engine:
             if home < self.fs.blocks_count and not (owner and owner.kind is OwnerKind.JOURNAL):
                 self.overlay[home] = data
         self.stats.recovered_transactions = found
+        if found:
+            self._recovered_last = (self.journal.jsb.s_sequence + found - 1) & 0xFFFFFFFF
         if replay:  # group descriptors may have been logged too
             self.fs.groups = self.fs.read_group_descs()
 
@@ -412,6 +416,14 @@ class Ext4Engine:
 
     def _apply_transaction(self, record: int, tx: Transaction) -> list[FileEvent]:
         self.stats.transactions += 1
+        last = self._recovered_last
+        if last is not None and (last - tx.sequence) & 0xFFFFFFFF < 1 << 31:
+            # a live attach read the base while this commit landed: it is in the base already
+            self._error(
+                record,
+                f"journal transaction {tx.sequence} was already in the base image (committed "
+                "while it was read): its changes are not reported",
+            )
         if tx.error is not None:  # torn or corrupt: nothing of it becomes an event
             self.stats.bad_transactions += 1
             self._error(record, f"journal transaction {tx.sequence} not applied: {tx.error}")
