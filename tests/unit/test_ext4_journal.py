@@ -300,4 +300,4 @@ def test_transaction_with_more_tags_than_the_journal_is_refused() -> None:
     tx = r.write(50, commit(9))
     assert tx is not None
     assert tx.blocks == [] and tx.error is not None
-    assert tx.tags == MAXLEN + 1  # stopped at the first tag past the journal's length
+    assert tx.tags == MAXLEN  # stopped at the journal's length

@@ -305,12 +305,12 @@ class Journal:
             crc32_sum = crc32_be(crc32_sum, block)
         pos = desc_jblk
         for tag in tags:
-            tx.tags += 1
-            if tx.tags > self.nblocks:  # each tag's logged copy takes a journal block
+            if tx.tags >= self.nblocks:  # each tag's logged copy takes a journal block
                 tx.error = (
                     tx.error or f"transaction {tx.sequence} logs more blocks than the journal"
                 )
                 break
+            tx.tags += 1
             pos = self._next(pos)
             if csum.v23 or csum.v1:
                 try:
