@@ -163,7 +163,7 @@ class Ext4Engine:
         mv = memoryview(data)
         for start, end, owner in self.owners.overlaps(first, last + 1):
             if owner is not None and owner.kind is OwnerKind.DATA:
-                self._note_write(owner.ino, owner.lblk, owner.lblk + end - start, record)
+                self.note_write(owner.ino, owner.lblk, owner.lblk + end - start, record)
                 self._unpend_range(start, end)
                 continue
             if owner is None:
@@ -193,7 +193,7 @@ class Ext4Engine:
         zero_block = bytes(bs)
         for start, stop, owner in self.owners.overlaps(first, end):
             if owner is not None and owner.kind is OwnerKind.DATA:
-                self._note_write(owner.ino, owner.lblk, owner.lblk + stop - start, record)
+                self.note_write(owner.ino, owner.lblk, owner.lblk + stop - start, record)
                 self._unpend_range(start, stop)
                 continue
             if owner is None:
@@ -227,7 +227,7 @@ class Ext4Engine:
             return []
         for start, stop, owner in self.owners.overlaps(first, end):
             if owner is not None and owner.kind is OwnerKind.DATA:
-                self._note_write(owner.ino, owner.lblk, owner.lblk + stop - start, record)
+                self.note_write(owner.ino, owner.lblk, owner.lblk + stop - start, record)
         self._unpend_range(first, end)
         return []
 
@@ -260,7 +260,7 @@ class Ext4Engine:
         fs = self.fs
         budget = self.work_budget
         fs.work_left = budget
-        self._track(C.EXT4_ROOT_INO)
+        self.track(C.EXT4_ROOT_INO)
         while queue:
             d = queue.pop()
             st = self.istate.get(d)
@@ -270,7 +270,7 @@ class Ext4Engine:
                 for i in range(ext.length):
                     pblk = ext.pblk + i
                     fs.work_left = budget  # the crawl's budget: per directory block, per inode
-                    entries = self._read_dir_block(pblk)
+                    entries = self.read_dir_block(pblk)
                     self.dir_entries[pblk] = (d, entries)
                     for e in entries:
                         if e.name in (".", ".."):
@@ -278,7 +278,7 @@ class Ext4Engine:
                         known = e.inode in self.istate
                         self.ns.add(d, e.name, e.inode)
                         fs.work_left = budget
-                        if not known and self._track(e.inode) and self.istate[e.inode].inode.is_dir:
+                        if not known and self.track(e.inode) and self.istate[e.inode].inode.is_dir:
                             queue.append(e.inode)
 
     def _open_journal(self) -> None:
@@ -305,7 +305,7 @@ class Ext4Engine:
                 self.read_block(sb_blk), len(self._journal_blocks), self._read_jblock
             )
         except FormatError as exc:
-            self._error(-1, f"journal not followed: {exc}", ino)
+            self.error(-1, f"journal not followed: {exc}", ino)
 
     def _recover_journal(self) -> None:
         """A base image taken while mounted: replay its committed transactions into the view
@@ -315,7 +315,7 @@ class Ext4Engine:
         replay, found = recover(self.journal.jsb, self._read_jblock, problems)
         for problem in problems:
             self.journal.stats.checksum_errors += 1
-            self._error(-1, problem)
+            self.error(-1, problem)
         for home, data in replay:
             owner = self.owners.lookup(home)
             if home < self.fs.blocks_count and not (owner and owner.kind is OwnerKind.JOURNAL):
@@ -332,7 +332,7 @@ class Ext4Engine:
             raise Ext4FormatError(f"journal block {jblk} outside the journal")
         return self.read_block(pblk)
 
-    def _track(self, ino: int) -> bool:
+    def track(self, ino: int) -> bool:
         """Decode inode ``ino`` from the view, map it and claim its blocks; False if unusable."""
         try:
             raw = self.fs.read_inode_bytes(ino)
@@ -341,13 +341,13 @@ class Ext4Engine:
                 return False
             imap = self.fs.map_inode(inode)
         except FormatError as exc:
-            self._error(-1, f"inode {ino}: {exc}", ino)
+            self.error(-1, f"inode {ino}: {exc}", ino)
             return False
         self.istate[ino] = IState(inode, imap, raw)
-        self._claim(ino, inode, imap)
+        self.claim(ino, inode, imap)
         return True
 
-    def _claim(self, ino: int, inode: Inode, imap: InodeMap) -> None:
+    def claim(self, ino: int, inode: Inode, imap: InodeMap) -> None:
         ftype = inode.i_mode & C.S_IFMT
         kind = (
             OwnerKind.DIR
@@ -371,7 +371,7 @@ class Ext4Engine:
         for pblk, _ in imap.meta:
             self._adopt(pblk)
 
-    def _release(self, ino: int, st: IState) -> None:
+    def release(self, ino: int, st: IState) -> None:
         for ext in st.map.extents:
             self.owners.release(ext.pblk, ext.length, ino)
         for pblk, _ in st.map.meta:
@@ -379,11 +379,11 @@ class Ext4Engine:
         if st.inode.file_acl:
             self.owners.release(st.inode.file_acl, 1, ino)
 
-    def _read_dir_block(self, pblk: int) -> list[DirEntry]:
+    def read_dir_block(self, pblk: int) -> list[DirEntry]:
         try:
             return self.fs.parse_dir_block(self.read_block(pblk))
         except FormatError as exc:
-            self._error(-1, f"directory block {pblk}: {exc}")
+            self.error(-1, f"directory block {pblk}: {exc}")
             return []
 
     # ------------------------------------------------------------------ write routing
@@ -419,14 +419,14 @@ class Ext4Engine:
         last = self._recovered_last
         if last is not None and (last - tx.sequence) & 0xFFFFFFFF < 1 << 31:
             # a live attach read the base while this commit landed: it is in the base already
-            self._error(
+            self.error(
                 record,
                 f"journal transaction {tx.sequence} was already in the base image (committed "
                 "while it was read): its changes are not reported",
             )
         if tx.error is not None:  # torn or corrupt: nothing of it becomes an event
             self.stats.bad_transactions += 1
-            self._error(record, f"journal transaction {tx.sequence} not applied: {tx.error}")
+            self.error(record, f"journal transaction {tx.sequence} not applied: {tx.error}")
             for jblk in tx.descriptors:
                 self.overlay.pop(self._journal_blocks.get(jblk, -1), None)
             return self._settle(record)
@@ -451,7 +451,7 @@ class Ext4Engine:
             self.overlay.pop(pblk, None)
         return events
 
-    def _note_write(self, ino: int, lstart: int, lend: int, record: int) -> None:
+    def note_write(self, ino: int, lstart: int, lend: int, record: int) -> None:
         if lend > self.written_upto.get(ino, 0):
             self.written_upto[ino] = lend
             self.written_upto.move_to_end(ino)
@@ -649,7 +649,7 @@ class Ext4Engine:
             while len(self.freed_modes) > MAX_REMEMBERED:
                 self.freed_modes.popitem(last=False)
 
-    def _error(self, record: int, message: str, ino: int = 0) -> None:
+    def error(self, record: int, message: str, ino: int = 0) -> None:
         """Report what could not be parsed (as an ``error`` event at the next settle); go on."""
         self.stats.errors += 1
         log.debug("%s: %s", self.name or "ext4", message)
@@ -660,8 +660,9 @@ class Ext4Engine:
     # ------------------------------------------------------------------ settle
     def _settle(self, record: int, *, emit_writes: bool = True) -> list[FileEvent]:
         self.stats.settles += 1
+        dirty, self.dirty = self.dirty, {}
         try:
-            events = infer(self, record, emit_writes=emit_writes)
+            events = infer(self, dirty, record, emit_writes=emit_writes)
         except (
             FormatError,
             ValueError,
@@ -670,7 +671,7 @@ class Ext4Engine:
             struct.error,
             RecursionError,
         ) as exc:  # the watcher must survive any image
-            self._error(record, f"inference failed: {exc!r}")
+            self.error(record, f"inference failed: {exc!r}")
             events = []
         events = self.take_errors() + events
         self.stats.events += len(events)
