@@ -29,6 +29,7 @@ home-location writes of the checkpoint bring those changes later).  Fast commit 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,7 +128,7 @@ class JournalStats:
     fast_commit_blocks: int = 0
     errors: int = 0
     dropped_transactions: int = 0
-    revokes_dropped: int = 0  #: revoke records beyond MAX_OPEN_REVOKES, not remembered
+    revokes_dropped: int = 0  #: revoke records not remembered (the table was full)
     checksum_errors: int = 0  #: blocks whose JBD2 checksum did not match
     bad_transactions: int = 0  #: committed transactions not applied (a checksum failed)
 
@@ -244,14 +245,19 @@ class Journal:
         """Remember ``blocks`` as revoked by ``seq``: de-duplicated, at most MAX_OPEN_REVOKES
         over all open transactions (beyond: counted in ``stats.revokes_dropped``)."""
         revoked = self._open(seq, self._revoked)
-        for blk in blocks:
-            if blk in revoked:
-                continue
-            if self._revoked_total >= MAX_OPEN_REVOKES:
-                self.stats.revokes_dropped += 1
-                continue
-            revoked[blk] = None
-            self._revoked_total += 1
+        if self._revoked_total >= MAX_OPEN_REVOKES:  # full: not even compared (CPU bound)
+            self.stats.revokes_dropped += len(blocks)
+            return
+        fresh = dict.fromkeys(blocks)  # de-duplicated, in order
+        if revoked:  # (``keys() & keys()`` would walk the whole table)
+            for blk in [b for b in fresh if b in revoked]:
+                del fresh[blk]
+        room = max(0, MAX_OPEN_REVOKES - self._revoked_total)
+        if len(fresh) > room:
+            self.stats.revokes_dropped += len(fresh) - room
+            fresh = dict(itertools.islice(fresh.items(), room))
+        revoked.update(fresh)
+        self._revoked_total += len(fresh)
 
     def _commit(self, seq: int, commit_block: bytes) -> Transaction:
         tx = Transaction(seq)
