@@ -9,6 +9,7 @@ claims rather than to the file system's size.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -22,7 +23,7 @@ from blocktrace.ext4.engine import Ext4Engine
 from blocktrace.ext4.fs import FileSource
 from blocktrace.ext4.structs import EXTENT_HEADER, INODE, SUPERBLOCK, Ext4FormatError
 from blocktrace.ext4.watcher import Watcher
-from support import require, run
+from support import ServerProcess, require, run
 
 SB = 1024  #: the superblock's byte offset
 FIELD = {name: (off, code) for off, code, name in SUPERBLOCK.fields}
@@ -186,3 +187,27 @@ def test_work_budget_per_record(tmp_path: Path) -> None:
     assert not Ext4Engine(FileSource(img)).take_errors()
     starved = Ext4Engine(FileSource(img), work_budget=2)
     assert any("work budget" in (e.message or "") for e in starved.take_errors())
+
+
+def test_live_server_with_a_hostile_journal_tree(tmp_path: Path) -> None:
+    """The journal case served live with an ``introspect`` target (on main: the crawl on the
+    event loop grew the server to GBs while NBD requests waited): the server stays small,
+    answers, and the events file says why the journal is not followed."""
+    nbd = pytest.importorskip("nbd", reason="machine lacks python3-libnbd")
+    img = make_fs(tmp_path / "disk.img")
+    engine = Ext4Engine(FileSource(img))
+    j0 = engine._journal_blocks[0]
+    hostile_tree(img, engine, 8, j0, min(8000, engine.fs.blocks_count - j0))
+    events = tmp_path / "events.jsonl"
+    with ServerProcess(tmp_path, [img], ["--trace", f"introspect:{events}"]) as srv:
+        h = nbd.NBD()
+        h.connect_uri(srv.uri("disk"))
+        assert len(h.pread(4096, 0)) == 4096
+        h.flush()  # waits for the target: the crawl is done
+        h.shutdown()
+        assert srv.proc is not None
+        status = Path(f"/proc/{srv.proc.pid}/status").read_text()
+        peak_kb = int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1])
+    assert peak_kb < 150 << 10, peak_kb
+    messages = [json.loads(line).get("message", "") for line in events.read_text().splitlines()]
+    assert any("journal not followed" in m for m in messages), messages
