@@ -21,12 +21,11 @@ block maps become events; newly mapped blocks claim their pending writes.  Direc
 are netted per settle, so an entry that moved between htree blocks is not an event, and an entry
 that left one name and appeared under another is a ``rename``.
 
-Pending policy (bounded memory): at most ``max_pending`` unowned blocks are remembered (block
-number + the record that wrote it, about 100 bytes each); the oldest is forgotten beyond that
-and counted in ``stats.pending_overflow``.  Their contents are kept only within
-``max_pending_bytes`` (oldest dropped first, counted in ``stats.pending_data_dropped``); the
-contents matter only if the block later turns out to be metadata written outside the journal
-(e.g. a symlink target on an old kernel), attribution of file writes needs only the number.
+Pending data (bounded memory: ``max_pending`` blocks, ``max_pending_bytes`` of contents) is
+:class:`~.pending.PendingData`; the contents matter only if a block later turns out to be
+metadata written outside the journal (e.g. a symlink target on an old kernel), attribution of
+file writes needs only the number.  Settling is :mod:`.infer`, which sees the engine through
+its :class:`~.infer.Model` protocol.
 """
 
 from __future__ import annotations
@@ -35,8 +34,6 @@ import logging
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
-from itertools import repeat
-from typing import cast
 
 from blocktrace.errors import FormatError
 from blocktrace.ext4 import constants as C
@@ -53,6 +50,7 @@ from blocktrace.ext4.infer import IState, infer
 from blocktrace.ext4.journal import Journal, Transaction, recover
 from blocktrace.ext4.namespace import Namespace
 from blocktrace.ext4.ownership import Owner, OwnerKind, OwnershipMap
+from blocktrace.ext4.pending import PendingData
 from blocktrace.ext4.structs import Ext4FormatError, Inode
 
 log = logging.getLogger(__name__)
@@ -60,8 +58,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PENDING = 1 << 18  #: unowned blocks remembered (about 25 MiB of bookkeeping)
 DEFAULT_MAX_PENDING_BYTES = 64 << 20  #: contents of pending blocks kept
 MAX_REMEMBERED = 1 << 16  #: names of unborn inodes / modes of freed inodes kept
-#: pending contents of a block written as zeroes (WRITE_ZEROES): no bytes kept, read as zeroes
-_ZEROED = b""
 
 _META_KINDS = {
     "superblock": OwnerKind.SUPERBLOCK,
@@ -109,14 +105,14 @@ class Ext4Engine:
         self.work_budget = work_budget
         self.source = source
         self.stats = EngineStats()
-        self.max_pending = max_pending
-        self.max_pending_bytes = max_pending_bytes
         sb = superblock_from_bytes(source.pread(C.EXT4_SUPERBLOCK_OFFSET, 1024))
         self.block_size = 1024 << sb.s_log_block_size
         self.overlay: dict[int, bytes] = {}
-        self.pending: OrderedDict[int, int] = OrderedDict()  # block -> record that wrote it
-        self.pending_data: OrderedDict[int, bytes] = OrderedDict()
-        self._pending_bytes = 0
+        self.pend = PendingData(
+            self.stats, self.block_size, max_pending, max_pending_bytes, self._block_bytes
+        )
+        self.pending = self.pend.blocks  #: block -> record that wrote it (the same dicts)
+        self.pending_data = self.pend.data
         self.fs = Ext4FS(sb, self, device_bytes=source.length)
         self.owners = OwnershipMap()
         self.ns = Namespace()
@@ -141,11 +137,9 @@ class Ext4Engine:
     def read_block(self, n: int) -> bytes:
         data = self.overlay.get(n)
         if data is None:
-            data = self.pending_data.get(n)
+            data = self.pend.contents(n)
             if data is None:
                 data = self.source.pread(n * self.block_size, self.block_size)
-            elif not data:  # _ZEROED
-                data = bytes(self.block_size)
         return data
 
     # ------------------------------------------------------------------ public API
@@ -164,10 +158,10 @@ class Ext4Engine:
         for start, end, owner in self.owners.overlaps(first, last + 1):
             if owner is not None and owner.kind is OwnerKind.DATA:
                 self.note_write(owner.ino, owner.lblk, owner.lblk + end - start, record)
-                self._unpend_range(start, end)
+                self.pend.forget_range(start, end)
                 continue
             if owner is None:
-                self._pend_run(start, end, record, offset, mv)
+                self.pend.run(start, end, record, offset, mv)
                 continue
             for b in range(start, end):
                 block = self._block_bytes(b, offset, mv)
@@ -194,10 +188,10 @@ class Ext4Engine:
         for start, stop, owner in self.owners.overlaps(first, end):
             if owner is not None and owner.kind is OwnerKind.DATA:
                 self.note_write(owner.ino, owner.lblk, owner.lblk + stop - start, record)
-                self._unpend_range(start, stop)
+                self.pend.forget_range(start, stop)
                 continue
             if owner is None:
-                self._pend_zero(start, stop, record)
+                self.pend.zeroed(start, stop, record)
                 continue
             for b in range(start, stop):
                 lo, hi = max(offset, b * bs), min(offset + length, (b + 1) * bs)
@@ -228,7 +222,7 @@ class Ext4Engine:
         for start, stop, owner in self.owners.overlaps(first, end):
             if owner is not None and owner.kind is OwnerKind.DATA:
                 self.note_write(owner.ino, owner.lblk, owner.lblk + stop - start, record)
-        self._unpend_range(first, end)
+        self.pend.forget_range(first, end)
         return []
 
     def finish(self, record: int) -> list[FileEvent]:
@@ -402,7 +396,7 @@ class Ext4Engine:
         if b not in self.dirty:
             self.dirty[b] = self.read_block(b)
         self.overlay[b] = block
-        self._unpend(b)
+        self.pend.forget(b)
 
     def _journal_write(self, record: int, jblk: int, b: int, block: bytes) -> list[FileEvent]:
         self.overlay[b] = block
@@ -466,172 +460,16 @@ class Ext4Engine:
                 return
         ranges.append([lstart, lend, record])
 
-    def _pend_run(self, start: int, end: int, record: int, offset: int, mv: memoryview) -> None:
-        """Remember blocks ``[start, end)`` as pending (the bulk-data path: data written before
-        its extent is committed).  Policy per block, in order: a rewrite moves to the newest
-        end; contents kept within ``max_pending_bytes`` (oldest dropped); at most
-        ``max_pending`` blocks (oldest forgotten with their contents).
-
-        Fast path, for whole blocks none of which is pending yet and when the block count cap
-        does not bind: insert the run at once, then drop the oldest contents over the byte cap;
-        the result and the counters are those of the per-block loop (tested against it)."""
-        bs = self.block_size
-        lo = start * bs - offset
-        count = end - start
-        pending, pending_data = self.pending, self.pending_data
-        if (
-            lo >= 0
-            and lo + count * bs <= len(mv)
-            and len(pending) + count <= self.max_pending
-            and (not pending or pending.keys().isdisjoint(range(start, end)))
-            and (not pending_data or pending_data.keys().isdisjoint(range(start, end)))
-        ):
-            blocks = range(start, end)
-            pending.update(dict.fromkeys(blocks, record))
-            if self.max_pending_bytes >= bs:
-                pending_data.update(
-                    zip(
-                        blocks,
-                        [mv[i : i + bs].tobytes() for i in range(lo, lo + count * bs, bs)],
-                        strict=True,
-                    )
-                )
-                self._pending_bytes += count * bs
-                while self._pending_bytes > self.max_pending_bytes:
-                    _, dropped = pending_data.popitem(last=False)
-                    self._pending_bytes -= len(dropped)
-                    self.stats.pending_data_dropped += 1
-            self.stats.pending_blocks = len(pending)
-            self.stats.pending_bytes = self._pending_bytes
-            return
-        self._pend_blocks(start, end, record, offset, mv)
-
-    def _pend_blocks(self, start: int, end: int, record: int, offset: int, mv: memoryview) -> None:
-        """:meth:`_pend_run`, block by block (the reference the fast path must match)."""
-        bs = self.block_size
-        pending, pending_data, stats = self.pending, self.pending_data, self.stats
-        max_pending, max_bytes = self.max_pending, self.max_pending_bytes
-        pending_bytes = self._pending_bytes
-        n = len(mv)
-        for b in range(start, end):
-            lo = b * bs - offset
-            block = mv[lo : lo + bs].tobytes() if lo >= 0 and lo + bs <= n else None
-            if block is None:
-                block = self._block_bytes(b, offset, mv)
-            pending.pop(b, None)  # a rewrite moves to the end, as move_to_end would
-            pending[b] = record
-            old = pending_data.pop(b, None)
-            if old is not None:
-                pending_bytes -= len(old)
-            size = len(block)
-            if max_bytes >= size:
-                pending_data[b] = block
-                pending_bytes += size
-                while pending_bytes > max_bytes:
-                    _, dropped = pending_data.popitem(last=False)
-                    pending_bytes -= len(dropped)
-                    stats.pending_data_dropped += 1
-            while len(pending) > max_pending:
-                gone, _ = pending.popitem(last=False)
-                dropped_data = pending_data.pop(gone, None)
-                if dropped_data is not None:
-                    pending_bytes -= len(dropped_data)
-                stats.pending_overflow += 1
-        self._pending_bytes = pending_bytes
-        stats.pending_blocks = len(pending)
-        stats.pending_bytes = pending_bytes
-
-    def _pend_zero(self, start: int, end: int, record: int) -> None:
-        """Blocks ``[start, end)`` of free space written as zeroes: pending like written ones,
-        with no contents kept (they read as zeroes).  Only the newest ``max_pending`` of a
-        larger range are remembered (the older ones would be forgotten at once anyway)."""
-        if end - start > self.max_pending:
-            self.stats.pending_overflow += end - self.max_pending - start
-            start = end - self.max_pending
-        self._unpend_range(start, end)  # a rewrite moves to the newest end
-        pending = self.pending
-        blocks = range(start, end)
-        pending.update(dict.fromkeys(blocks, record))
-        self.pending_data.update(dict.fromkeys(blocks, _ZEROED))
-        while len(pending) > self.max_pending:
-            gone, _ = pending.popitem(last=False)
-            dropped = self.pending_data.pop(gone, None)
-            if dropped is not None:
-                self._pending_bytes -= len(dropped)
-            self.stats.pending_overflow += 1
-        self.stats.pending_blocks = len(pending)
-        self.stats.pending_bytes = self._pending_bytes
-
     def claim_pending(self, pblk: int, n: int) -> list[tuple[int, int, int]]:
-        """Unpend blocks ``[pblk, pblk+n)``: the runs ``(i, j, first_record)`` of offsets into
-        the range that were pending (``first_record``: the earliest record of the run)."""
-        pending = self.pending
-        runs: list[tuple[int, int, int]] = []
-        if not pending or n <= 0:
-            return runs
-        pop, data_pop = pending.pop, self.pending_data.pop
-        blocks = range(pblk, pblk + n)
-        recs = list(map(pop, blocks, repeat(None, n)))
-        if None not in recs:  # the common case (all pending: one run), in C-level loops
-            gone = filter(None, map(data_pop, blocks, repeat(None, n)))
-            self._pending_bytes -= sum(map(len, gone))
-            self.stats.attributed += n
-            self.stats.pending_blocks = len(pending)
-            self.stats.pending_bytes = self._pending_bytes
-            return [(0, n, min(cast("list[int]", recs)))]
-        start = -1
-        first_rec = 0
-        claimed = 0
-        for i, rec in enumerate(recs):
-            if rec is None:
-                if start >= 0:
-                    runs.append((start, i, first_rec))
-                    start = -1
-                continue
-            claimed += 1
-            data = data_pop(pblk + i, None)
-            if data is not None:
-                self._pending_bytes -= len(data)
-            if start < 0:
-                start, first_rec = i, rec
-            elif rec < first_rec:
-                first_rec = rec
-        if start >= 0:
-            runs.append((start, n, first_rec))
-        if claimed:
-            self.stats.attributed += claimed
-            self.stats.pending_blocks = len(pending)
-            self.stats.pending_bytes = self._pending_bytes
-        return runs
-
-    def _unpend(self, b: int) -> int | None:
-        record = self.pending.pop(b, None)
-        if record is not None:
-            data = self.pending_data.pop(b, None)
-            if data is not None:
-                self._pending_bytes -= len(data)
-            self.stats.pending_blocks = len(self.pending)
-            self.stats.pending_bytes = self._pending_bytes
-        return record
-
-    def _unpend_range(self, start: int, end: int) -> None:
-        """Forget pending blocks in ``[start, end)`` (cheap for huge ranges, e.g. a discard of
-        the whole disk: it walks whichever is smaller, the range or the pending set)."""
-        if not self.pending:
-            return
-        if end - start > len(self.pending):
-            for b in [b for b in self.pending if start <= b < end]:
-                self._unpend(b)
-        else:
-            for b in range(start, end):
-                self._unpend(b)
+        """Unpend blocks ``[pblk, pblk+n)``: see :meth:`PendingData.claim`."""
+        return self.pend.claim(pblk, n)
 
     def _adopt(self, b: int) -> None:
         """A pending block turned out to be metadata: keep its contents in the view."""
-        data = self.pending_data.get(b)
+        data = self.pend.contents(b)
         if data is not None and b not in self.overlay:
-            self.overlay[b] = data or bytes(self.block_size)  # _ZEROED: written as zeroes
-        self._unpend(b)
+            self.overlay[b] = data
+        self.pend.forget(b)
 
     def note_unborn(self, triple: tuple[int, str, int]) -> None:
         self.unborn.setdefault(triple[2], []).append(triple)
