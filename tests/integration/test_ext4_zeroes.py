@@ -11,48 +11,24 @@ are pending data exactly like written data: on main they were dropped, and the f
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-from ext4_recording import mkfs, nbd_file
+from ext4_recording import mkfs, nbd_file, qemu_nbd
 
 from blocktrace.logwrites.format import LogFlag
 from blocktrace.logwrites.reader import LogReader
-from support import ServerProcess, blocktrace, require, require_fuse_and_loop, run, wait_for_socket
+from support import ServerProcess, blocktrace, require, require_fuse_and_loop, run
 
 MiB = 1 << 20
 DETECT_ZEROES = (
-    "qemu-nbd",
     "-f",
     "raw",
     "--cache=none",
     "--discard=unmap",
     "--detect-zeroes=unmap",
 )
-
-
-@contextlib.contextmanager
-def detect_zeroes_nbd(workdir: Path, uri: str) -> Iterator[Path]:
-    """``qemu-nbd --detect-zeroes=unmap`` in front of the NBD export ``uri``."""
-    sock = workdir / "dz.sock"
-    qemu = subprocess.Popen(
-        [*DETECT_ZEROES, "-k", str(sock), uri],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_for_socket(sock, qemu)
-        yield sock
-    finally:
-        try:
-            qemu.wait(30)
-        except subprocess.TimeoutExpired:
-            qemu.terminate()
-            qemu.wait(10)
 
 
 def test_zero_filled_file_is_written(tmp_path: Path) -> None:
@@ -68,7 +44,7 @@ def test_zero_filled_file_is_written(tmp_path: Path) -> None:
     size = 8 * MiB
     with (
         ServerProcess(tmp_path, [img], args) as srv,
-        detect_zeroes_nbd(tmp_path, srv.uri("disk")) as sock,
+        qemu_nbd(tmp_path / "dz.sock", [*DETECT_ZEROES, srv.uri("disk")]) as sock,
         nbd_file(tmp_path, sock) as dev,
     ):
         run(["mount", "-t", "ext4", "-o", "loop", str(dev), str(mnt)], timeout=30)
