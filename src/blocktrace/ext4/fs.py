@@ -324,7 +324,9 @@ class Ext4FS:
                 # the common case (a small file: a leaf in the inode), decoded without the
                 # per-entry objects of the general walk; the same extents, in the same order
                 # (at most 4 in the inode, each <= 32768 blocks: bounded as it is)
-                self.charge(1 + entries)
+                self.work_left -= 1 + entries  # charge(), inlined: once per inode
+                if self.work_left < 0:
+                    self.charge(0)
                 extents = result.extents
                 nblocks = self.blocks_count
                 for i in range(min(entries, 4)):
@@ -384,7 +386,9 @@ class Ext4FS:
                 if ino <= self.sb.s_inodes_count:
                     entries.append(DirEntry(ino, name, ftype))
             pos += rec_len
-        self.charge(1 + len(entries))
+        self.work_left -= 1 + len(entries)  # charge(), inlined: once per directory block
+        if self.work_left < 0:
+            self.charge(0)
         return entries
 
     def read_dir(self, inode: Inode) -> Iterator[tuple[int, DirEntry]]:
