@@ -119,7 +119,10 @@ def infer(
     """The events of the metadata blocks changed since the last settle (``dirty``: block ->
     its content before), revealed by record ``record``.  ``emit_writes`` False keeps the file
     writes noted so far for the next settle."""
-    return Settle(model, record).run(dirty, emit_writes=emit_writes)
+    settle = Settle(model, record)
+    if not dirty:  # no metadata changed (a flush between data writes): only the writes
+        return settle.write_events() if emit_writes and model.writes else []
+    return settle.run(dirty, emit_writes=emit_writes)
 
 
 Change = tuple[Inode | None, Inode, bytes]  #: (old inode, new inode, old raw bytes)
