@@ -55,6 +55,8 @@ JBD2_CRC32_CHKSUM, JBD2_CRC32_CHKSUM_SIZE = 1, 4  #: v1 commit block h_chksum_ty
 _V23 = int(C.JBD2FeatureIncompat.CSUM_V2 | C.JBD2FeatureIncompat.CSUM_V3)
 _V3 = int(C.JBD2FeatureIncompat.CSUM_V3)
 _V1 = int(C.JBD2FeatureCompat.CHECKSUM)
+#: plain ints: ``int & IntFlag`` goes through enum's Python ``__and__`` (per logged block)
+_DELETED, _ESCAPE = int(C.JBD2TagFlags.DELETED), int(C.JBD2TagFlags.ESCAPE)
 _TAIL = slice(-4, None)
 _ZERO4 = bytes(4)
 
@@ -331,9 +333,9 @@ class Journal:
                         f"logged copy of block {tag.blocknr} (journal block {pos}):"
                         " checksum mismatch"
                     )
-            if tag.flags & C.JBD2TagFlags.DELETED:
+            if tag.flags & _DELETED:
                 continue
-            tx.blocks.append((tag.blocknr, pos, bool(tag.flags & C.JBD2TagFlags.ESCAPE)))
+            tx.blocks.append((tag.blocknr, pos, bool(tag.flags & _ESCAPE)))
             self.stats.logged_blocks += 1
         return crc32_sum
 
@@ -401,8 +403,8 @@ def recover(
                 if csum.v1:
                     with contextlib.suppress(Ext4FormatError):
                         crc32_sum = crc32_be(crc32_sum, read_jblock(pos))
-                if not tag.flags & C.JBD2TagFlags.DELETED:
-                    escaped = bool(tag.flags & C.JBD2TagFlags.ESCAPE)
+                if not tag.flags & _DELETED:
+                    escaped = bool(tag.flags & _ESCAPE)
                     pending.append((tag.blocknr, pos, escaped, seq, tag))
         elif btype == C.JBD2BlockType.REVOKE_BLOCK:
             if not csum.tail_ok(block):
