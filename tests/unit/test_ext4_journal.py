@@ -301,3 +301,25 @@ def test_transaction_with_more_tags_than_the_journal_is_refused() -> None:
     assert tx is not None
     assert tx.blocks == [] and tx.error is not None
     assert tx.tags == MAXLEN  # stopped at the journal's length
+
+
+def test_recover_ignores_revokes_of_an_uncommitted_transaction() -> None:
+    """As the kernel's PASS_REVOKE: only committed transactions' revoke records count (on
+    main a revoke block of the uncommitted tail cancelled the replay of a committed block).
+    The revoke table keeps only blocks some transaction logged, so revoke blocks full of
+    other numbers cost no memory."""
+    from blocktrace.ext4.journal import recover
+    from blocktrace.ext4.structs import JournalSuperblock
+
+    blocks: dict[int, bytes] = {}
+    blocks[1] = descriptor(7, [100])
+    blocks[2] = b"a" * BS
+    blocks[3] = commit(7)
+    blocks[4] = revoke(8, [100, *range(5000, 5100)])  # transaction 8 never commits
+    blocks[5] = descriptor(8, [300])
+    blocks[6] = b"c" * BS
+    sign_all(blocks)
+    jsb = JournalSuperblock.parse(jsb_bytes(start=1, sequence=7))
+    replay, found = recover(jsb, lambda j: blocks.get(j, bytes(BS)))
+    assert found == 1
+    assert replay == [(100, b"a" * BS)]
