@@ -16,6 +16,7 @@ I/O; with ``copy-mode=background`` a slow inference only lengthens the trace's q
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -53,6 +54,7 @@ class IntrospectTarget(Target):
             self.limits["max_pending_bytes"] = max_pending_bytes
         self._info: TargetInfo | None = None
         self._watcher: Any = None
+        self._crawl: asyncio.Future[Any] | None = None
         self._out: IO[str] | None = None
         self.events = 0
 
@@ -81,6 +83,7 @@ class IntrospectTarget(Target):
         if not info.filename:
             raise UsageError(f"introspect target: export {info.export} has no image file")
         self._info = info
+        await asyncio.to_thread(_check_followable, info.filename, self.name)
         if self.filename == "-":
             self._out = sys.stdout
         elif self.filename:
@@ -95,7 +98,15 @@ class IntrospectTarget(Target):
             self._out = os.fdopen(fd, "w", encoding="utf-8")
 
     def attached(self) -> None:
-        self._ensure_watcher()
+        """Start the crawl of the base image (now that the stream carries every later
+        change) in a worker thread; records wait for it in :meth:`deliver`."""
+        if self._crawl is None and self._watcher is None:
+            self._crawl = asyncio.ensure_future(asyncio.to_thread(self._ensure_watcher))
+
+    async def _crawled(self) -> None:
+        if self._crawl is not None:
+            crawl, self._crawl = self._crawl, None
+            await crawl
 
     def _ensure_watcher(self) -> Any:
         if self._watcher is None:
@@ -109,6 +120,7 @@ class IntrospectTarget(Target):
         return self._watcher
 
     async def deliver(self, records: Sequence[TraceRecord]) -> None:
+        await self._crawled()
         await asyncio.to_thread(self._process, records)
 
     def _process(self, records: Sequence[TraceRecord]) -> None:
@@ -135,6 +147,9 @@ class IntrospectTarget(Target):
             await asyncio.to_thread(os.fsync, out.fileno())
 
     async def close(self, *, clean: bool) -> None:
+        if self._crawl is not None:
+            with contextlib.suppress(TargetError):  # reported by deliver, or nothing to finish
+                await self._crawled()
         if self._watcher is not None:
             self._emit(await asyncio.to_thread(self._watcher.finish))
             self._watcher.close()
@@ -155,3 +170,33 @@ class IntrospectTarget(Target):
             "events": self.events,
             "force": self.force,
         }
+
+
+def _check_followable(filename: str, name: str) -> None:
+    """Refuse, before the trace starts, an image with no ext4 file system to follow (the
+    superblock and group descriptors only: bounded by the geometry; the crawl comes later)."""
+    from blocktrace.ext4.fs import Ext4FS, FileSource
+    from blocktrace.ext4.partitions import discover, slice_source
+
+    try:
+        source = FileSource(filename)
+    except OSError as exc:
+        raise TargetError(name, f"{filename}: {exc.strerror or exc}") from exc
+    why: list[str] = []
+    try:
+        for part in discover(source, source.length):
+            if part.ext4:
+                try:
+                    Ext4FS.open(slice_source(source, part.offset, part.length))
+                    return
+                except BlocktraceError as exc:
+                    why.append(str(exc))
+        raise TargetError(
+            name, f"{filename}: no ext4 file system to watch ({'; '.join(why) or 'none found'})"
+        )
+    except BlocktraceError as exc:
+        if isinstance(exc, TargetError):
+            raise
+        raise TargetError(name, f"{filename}: {exc}") from exc
+    finally:
+        source.close()
