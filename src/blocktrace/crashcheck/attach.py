@@ -135,19 +135,34 @@ async def attached(
         yield Attached(uri, file, device, scratch)
     finally:
         try:
-            if os.path.ismount(scratch):  # a checker killed mid-way left its mount
+            if _mounted(scratch):  # a checker killed mid-way left its mount
                 await run_tool(["umount", "-l", scratch], timeout=timeout)
             if device:
                 await run_tool(["losetup", "-d", device], timeout=timeout)
-            if fuse.returncode is None:
-                await run_tool(["fusermount3", "-u", fuse_dir], timeout=timeout)
-                try:
-                    await asyncio.wait_for(fuse.wait(), timeout)
-                except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(fuse.pid, signal.SIGKILL)
-                    await fuse.wait()
+            # Unmount even if nbdfuse already died: its mount would stay, "not connected".
+            if _mounted(fuse_dir):
+                res = await run_tool(["fusermount3", "-u", fuse_dir], timeout=timeout)
+                if res.returncode != 0:
+                    await run_tool(["fusermount3", "-u", "-z", fuse_dir], timeout=timeout)
+            try:
+                await asyncio.wait_for(fuse.wait(), timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(fuse.pid, signal.SIGKILL)
+                await fuse.wait()
         finally:
             for d in (scratch, fuse_dir):
                 with contextlib.suppress(OSError):
                     os.rmdir(d)
+
+
+def _mounted(path: str) -> bool:
+    """Is ``path`` a mount point?  Read from the mount table: ``os.path.ismount`` cannot stat
+    a FUSE mount whose server died."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == target:
+                return True
+    return False

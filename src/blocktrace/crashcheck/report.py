@@ -29,10 +29,13 @@ def annotate_ext4(results: list[PointResult], base: str, log: str) -> str | None
     from blocktrace.ext4.watcher import Watcher, log_records
 
     by_record: dict[int, set[str]] = {}
+    errors: list[tuple[int, str]] = []
     try:
         with Watcher(base) as w:
             for event in w.feed(log_records(log), finish=False):
-                if event.kind != "error" and event.path:
+                if event.kind == "error":
+                    errors.append((event.record, event.message or ""))
+                elif event.path:
                     by_record.setdefault(event.record, set()).add(event.path)
     except BlocktraceError as exc:
         return f"introspection unavailable: {exc}"
@@ -42,6 +45,10 @@ def annotate_ext4(results: list[PointResult], base: str, log: str) -> str | None
         if before:
             r.transaction = before[-1]
             r.files = sorted(by_record[before[-1]])[:MAX_FILES]
+        since = r.transaction if r.transaction is not None else -1
+        r.anomalies = [f"record {i}: {m}" for i, m in errors if since < i <= r.point.index][
+            :MAX_FILES
+        ]
     return None
 
 
@@ -58,6 +65,7 @@ def to_json(run: RunResult, *, fs: str, log: str, base: str, note: str | None) -
             "output": r.output if not r.passed else None,
             "transaction": r.transaction,
             "files": r.files,
+            "anomalies": r.anomalies,
         }
 
     doc = {
@@ -92,6 +100,8 @@ def render(run: RunResult, *, fs: str, note: str | None, console: Any) -> None:
         if r.transaction is not None:
             files = ", ".join(r.files) or "(no file events)"
             console.print(f"  last transaction before it: record {r.transaction}: {escape(files)}")
+        for anomaly in r.anomalies:
+            console.print(f"  introspection: {escape(anomaly)}")
         lines = r.output.rstrip().splitlines()
         for line in lines[:HUMAN_OUTPUT_LINES]:
             console.print(f"  | {escape(line)}", highlight=False)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from blocktrace.crashcheck.attach import attached
 from blocktrace.crashcheck.checkers import Checker
-from blocktrace.crashcheck.overlay import Stack
+from blocktrace.crashcheck.overlay import Stack, View
 from blocktrace.crashcheck.points import CrashPoint
 from blocktrace.errors import BlocktraceError, UsageError
 from blocktrace.exports import Export, ExportRegistry
@@ -52,6 +52,9 @@ class PointResult:
     transaction: int | None = None
     #: ...and the files it changed.
     files: list[str] = field(default_factory=list)
+    #: What introspection could not parse between that transaction and the point (a journal
+    #: block that is not what its descriptor promises often names the culprit).
+    anomalies: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -136,11 +139,18 @@ class Run:
         self.socket = os.path.join(workdir, "nbd.sock")
         self.peak_space = 0
 
-    async def check(self, point: CrashPoint) -> PointResult:
-        """Check the view at ``point``; the replay must stand at ``point.index``."""
-        name = f"p{point.index}"
-        view = self.stack.view(name)
-        self.registry.add(Export(name, view))
+    def open_view(self, point: CrashPoint) -> View:
+        """Freeze the disk as replayed so far (the replay must stand at ``point.index``).
+        Called before any later entry is applied: a view made inside the check task would
+        start only after the replay moved on."""
+        assert self.replayer.applied == point.index
+        view = self.stack.view(f"p{point.index}")
+        self.registry.add(Export(view.name, view))
+        return view
+
+    async def check(self, point: CrashPoint, view: View) -> PointResult:
+        """Check ``view``, the disk at ``point``; drop the view afterwards."""
+        name = view.name
         started = time.monotonic()
         try:
             async with attached(
@@ -166,9 +176,9 @@ class Run:
         slots = asyncio.Semaphore(self.cfg.jobs)
         results: dict[int, PointResult] = {}
 
-        async def one(point: CrashPoint) -> None:
+        async def one(point: CrashPoint, view: View) -> None:
             try:
-                results[point.index] = await self.check(point)
+                results[point.index] = await self.check(point, view)
             finally:
                 slots.release()
 
@@ -177,10 +187,11 @@ class Run:
                 await slots.acquire()
                 try:
                     await self.replayer.advance_to(point.index)
+                    view = self.open_view(point)
                 except BaseException:
                     slots.release()
                     raise
-                group.create_task(one(point))
+                group.create_task(one(point, view))
         return [results[p.index] for p in points]
 
     async def seek(self, index: int) -> None:
@@ -197,7 +208,7 @@ class Run:
 
         async def probe(i: int) -> bool:
             await self.seek(points[i].index)
-            done.append(await self.check(points[i]))
+            done.append(await self.check(points[i], self.open_view(points[i])))
             return done[-1].passed
 
         lo, hi = 0, len(points) - 1
