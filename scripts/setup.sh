@@ -9,6 +9,7 @@ APT_PACKAGES=(
   qemu-utils qemu-system-x86 qemu-system-common  # qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon
   libnbd-bin python3-libnbd                      # nbdinfo, nbdcopy, nbdsh, nbdfuse, module nbd
   nbdkit fio e2fsprogs fuse3 util-linux          # fio's nbd engine, mkfs.ext4/debugfs, losetup
+  xfsprogs dosfstools                            # crashcheck: mkfs.xfs/xfs_repair, fsck.vfat
   python3-venv python3-pip
   libdeflate0                                    # optional: 2-3x faster log CRCs (zlib otherwise)
 )

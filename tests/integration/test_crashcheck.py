@@ -391,3 +391,31 @@ def test_record_refuses_to_overwrite(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "refusing to overwrite" in proc.stderr
     assert os.listdir(out) == ["precious"]
     shutil.rmtree(out)
+
+
+def test_vfat_check_judges_the_fat_without_mounting(tmp_path: Path, views: Path) -> None:
+    """FAT has no journal: fsck.vfat -n reads the view as a file (no kernel vfat driver
+    needed).  The fresh file system passes; after a write that makes the two FAT copies
+    disagree (a FAT update torn between its copies) the next flush point fails."""
+    require("mkfs.vfat", "fsck.vfat")
+    base = tmp_path / "fat.img"
+    with open(base, "wb") as f:
+        f.truncate(32 << 20)
+    proc = subprocess.run(["mkfs.vfat", "-F", "16", str(base)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    raw = base.read_bytes()
+    reserved = int.from_bytes(raw[14:16], "little")  # BPB: reserved sectors before FAT 1
+    log = tmp_path / "fat.log"
+    w = LogWriter.create(log, direct=False)
+    w.write(4096, raw[4096:8192])  # 0: rewrites what is there: harmless
+    w.flush()  # 1
+    w.mark("tear")  # 2
+    w.write(reserved * 512 + 512, b"\xff" * 512)  # 3: FAT 1 claims clusters; FAT 2 does not
+    w.flush()  # 4
+    w.close()
+    rc, report = crashcheck(log, base, "--points", "flush", tmpdir=views)
+    assert rc == 1 and report["check"] == "vfat", "detected from the boot sector"
+    assert [(r["entry"], r["passed"]) for r in report["results"]] == [(1, True), (4, False)]
+    bad = report["results"][1]
+    assert bad["stage"] == "fsck" and "fsck.vfat" in bad["output"]
+    assert bad["mark_before"] == "tear"
