@@ -226,8 +226,6 @@ class View(BlockDevice):
     writes (the checker's journal recovery) land in a private layer dropped by :meth:`discard`.
     Flush and FUA are no-ops: nothing here outlives the check."""
 
-    can_fast_zero = True
-
     def __init__(self, stack: Stack, layer: Layer, name: str) -> None:
         self.stack = stack
         self.layer = layer
@@ -248,23 +246,7 @@ class View(BlockDevice):
         pass
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        await self.write_zeroes(offset, length, may_trim=True)
-
-    async def write_zeroes(
-        self,
-        offset: int,
-        length: int,
-        *,
-        may_trim: bool = False,
-        fua: bool = False,
-        fast: bool = False,
-    ) -> None:
-        self._check_open()
-        pos, end = offset, offset + length
-        while pos < end:  # bounded chunks: a huge zero request must not allocate its size
-            n = min(end - pos, 1 << 20)
-            await self.write(pos, bytes(n))
-            pos += n
+        await self.write_zeroes(offset, length, may_trim=True)  # the base class: 1 MiB chunks
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         return [Extent(length, ExtentFlags.DATA)]
