@@ -261,6 +261,33 @@ def test_ext4_journal_block_after_the_flush_fails_at_that_flush(
     assert "introspection:" in proc.stdout and "first failure" in proc.stdout
 
 
+def test_ext4_dropped_journal_commit_fails_while_its_blocks_go_home(
+    ext4_run: tuple[Path, Path, dict[str, Any]], views: Path, tmp_path: Path
+) -> None:
+    """ "A journal commit dropped": without the first transaction's commit block, recovery
+    stops at the journal's tail and replays nothing, so the points where the transaction's
+    metadata is partly written home (its write-back after the commit) are inconsistent.
+    Every point up to the drop is the healthy log's; failures start inside the window
+    between the dropped commit and the next one, and e2fsck says why."""
+    log, base, _ = ext4_run
+    sector_size, ops = load(log)
+    commits = [i for i, op in enumerate(ops) if jbd2_blocks(op, JBD2_COMMIT)]
+    assert len(commits) >= 2
+    c0, c1 = commits[0], commits[1] - 1  # c1: the second commit, once c0 is gone
+    bad = save(tmp_path / "bad.log", sector_size, ops[:c0] + ops[c0 + 1 :])
+    rc, report = crashcheck(
+        bad, base, "--points", "all", "--entries", f"{c0}:{c1}", "-j", "2", tmpdir=views
+    )
+    assert rc == 1
+    failed = [r for r in report["results"] if not r["passed"]]
+    assert c0 <= failed[0]["entry"] < c1
+    assert failed[0]["stage"] == "fsck" and "e2fsck" in failed[0]["output"]
+    rc, _ = crashcheck(
+        log, base, "--points", "all", "--entries", f"{c0}:{c1 + 1}", "-j", "2", tmpdir=views
+    )
+    assert rc == 0, "the same window of the undamaged log passes everywhere"
+
+
 def test_bisect_finds_the_first_failing_point_in_fewer_checks(
     ext4_run: tuple[Path, Path, dict[str, Any]], views: Path, tmp_path: Path
 ) -> None:

@@ -129,14 +129,14 @@ class Replayer:
 class Run:
     """One crashcheck run (see the module docstring)."""
 
-    def __init__(self, cfg: RunConfig, workdir: str) -> None:
+    def __init__(self, cfg: RunConfig, workdir: str, socket: str) -> None:
         self.cfg = cfg
         self.workdir = workdir
         self.stack = Stack(cfg.base, workdir)
         self.replayer = Replayer(cfg.log, self.stack)
         self.registry = ExportRegistry()
         self.server = NBDServer(self.registry)
-        self.socket = os.path.join(workdir, "nbd.sock")
+        self.socket = socket
         self.peak_space = 0
 
     def open_view(self, point: CrashPoint) -> View:
@@ -247,11 +247,16 @@ def run(cfg: RunConfig, points: list[CrashPoint]) -> RunResult:
     if not os.path.isfile(cfg.base) and not os.path.exists(cfg.base):
         raise UsageError(f"{cfg.base}: no such base image")
     workdir = tempfile.mkdtemp(prefix="blocktrace-crashcheck-", dir=cfg.tmpdir)
+    sockdir = None
     try:
-        if len(os.path.join(workdir, "nbd.sock")) > _MAX_SUN_PATH:
-            raise UsageError(f"--tmpdir {cfg.tmpdir}: path too long for a Unix socket")
+        sock = os.path.join(workdir, "nbd.sock")
+        if len(sock) > _MAX_SUN_PATH:  # a deep --tmpdir: the socket alone goes to $TMPDIR
+            sockdir = tempfile.mkdtemp(prefix="blocktrace-cc-")
+            sock = os.path.join(sockdir, "nbd.sock")
+            if len(sock) > _MAX_SUN_PATH:
+                raise UsageError(f"{sock}: path too long for a Unix socket (set TMPDIR)")
         started = time.monotonic()
-        r = Run(cfg, workdir)
+        r = Run(cfg, workdir, sock)
         try:
             results = asyncio.run(r.main(points))
         finally:
@@ -270,8 +275,10 @@ def run(cfg: RunConfig, points: list[CrashPoint]) -> RunResult:
             raise
         raise first from None
     finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(workdir)
+        for d in (workdir, sockdir):
+            if d is not None:
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(d)
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BlocktraceError | None:
