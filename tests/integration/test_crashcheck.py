@@ -446,3 +446,25 @@ def test_vfat_check_judges_the_fat_without_mounting(tmp_path: Path, views: Path)
     bad = report["results"][1]
     assert bad["stage"] == "fsck" and "fsck.vfat" in bad["output"]
     assert bad["mark_before"] == "tear"
+
+
+def test_progress_bar_with_eta_on_a_terminal(
+    ext4_run: tuple[Path, Path, dict[str, Any]], views: Path
+) -> None:
+    """On a terminal (script(1) gives one) stderr shows a bar counting points, with an ETA."""
+    require("script")
+    log, base, _ = ext4_run
+    cmd = " ".join(
+        [*BLOCKTRACE, "crashcheck", str(log), str(base), "--entries", ":30", "--tmpdir", str(views)]
+    )
+    proc = subprocess.run(
+        ["script", "-qec", cmd, "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env_with(views),
+    )
+    assert proc.returncode == 0, proc.stdout
+    assert "crash points" in proc.stdout and "ETA" in proc.stdout
+    n = sum(1 for e in flush_entries(log) if e <= 30)
+    assert f"{n}/{n}" in proc.stdout.replace(" ", "")
