@@ -468,3 +468,20 @@ def test_progress_bar_with_eta_on_a_terminal(
     assert "crash points" in proc.stdout and "ETA" in proc.stdout
     n = sum(1 for e in flush_entries(log) if e <= 30)
     assert f"{n}/{n}" in proc.stdout.replace(" ", "")
+
+
+def test_a_dead_nbdfuse_is_still_unmounted(
+    ext4_run: tuple[Path, Path, dict[str, Any]], views: Path
+) -> None:
+    """A checker that kills the view's nbdfuse leaves a FUSE mount whose server is gone
+    ("transport endpoint is not connected"): teardown must still unmount it (the `views`
+    fixture checks that no mount, loop device or process is left)."""
+    log, base, _ = ext4_run
+    check = (
+        'fuse=$(dirname "$BLOCKTRACE_VIEW"); '
+        "for p in /proc/[0-9]*; do "
+        'grep -qa "nbdfuse.$fuse" "$p/cmdline" 2>/dev/null && kill -9 "${p#/proc/}"; '
+        "done; sleep 0.5; exit 1"
+    )
+    rc, report = crashcheck(log, base, "--entries", ":10", "--check", check, tmpdir=views)
+    assert rc == 1 and report["failed"] == report["checked"] >= 1
