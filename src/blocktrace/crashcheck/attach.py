@@ -139,6 +139,7 @@ async def attached(
                 await run_tool(["umount", "-l", scratch], timeout=timeout)
             if device:
                 await run_tool(["losetup", "-d", device], timeout=timeout)
+                await _released(device, timeout)
             # Unmount even if nbdfuse already died: its mount would stay, "not connected".
             if _mounted(fuse_dir):
                 res = await run_tool(["fusermount3", "-u", fuse_dir], timeout=timeout)
@@ -154,6 +155,17 @@ async def attached(
             for d in (scratch, fuse_dir):
                 with contextlib.suppress(OSError):
                     os.rmdir(d)
+
+
+async def _released(device: str, timeout: float) -> None:
+    """Wait until the kernel let go of the loop device's backing file: ``losetup -d`` of a
+    device still in use (udev probing it) only schedules the detach, and FUSE refuses to
+    unmount a file that is still open (the old behaviour left stale mounts after a 60 s wait)."""
+    backing = f"/sys/block/{os.path.basename(device)}/loop/backing_file"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while os.path.exists(backing) and loop.time() < deadline:
+        await asyncio.sleep(0.01)
 
 
 def _mounted(path: str) -> bool:
