@@ -387,6 +387,16 @@ def test_hostile_log_is_one_clear_line(tmp_path: Path, views: Path, damage: str)
     assert base.read_bytes() == bytes(1 << 20), "the base is never written"
 
 
+@pytest.mark.parametrize("check", [None, "true"])
+def test_missing_base_is_one_clear_line(tmp_path: Path, check: str | None) -> None:
+    log = tmp_path / "t.log"
+    LogWriter.create(log, direct=False).close()
+    extra = ["--check", check] if check else []
+    proc = bt("crashcheck", log, tmp_path / "nope.img", *extra, tmpdir=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("blocktrace: ") and "nope.img" in proc.stderr
+
+
 def test_checker_timeout_and_forgotten_mount_are_cleaned_up(
     tmp_path: Path, views: Path, ext4_run: tuple[Path, Path, dict[str, Any]]
 ) -> None:

@@ -136,8 +136,11 @@ _SIGNATURES: list[tuple[str, int, bytes]] = [
 
 def detect_fs(base: str) -> str:
     """The file system on ``base`` (whole disk, no partition table), or a UsageError."""
-    with open(base, "rb") as f:
-        head = f.read(2048)
+    try:
+        with open(base, "rb") as f:
+            head = f.read(2048)
+    except OSError as exc:
+        raise UsageError(f"{base}: cannot read the base image: {exc.strerror}") from None
     for name, off, sig in _SIGNATURES:
         if head[off : off + len(sig)] == sig:
             return name

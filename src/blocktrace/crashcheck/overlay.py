@@ -33,7 +33,7 @@ from collections.abc import Iterator
 
 from blocktrace.block.device import BlockDevice, Extent, ExtentFlags, ReadableBuffer
 from blocktrace.block.file import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-from blocktrace.errors import BlockDeviceError
+from blocktrace.errors import BlockDeviceError, UsageError
 
 #: Copy-on-write unit.  File systems and the loop device do 4 KiB I/O; a smaller write costs
 #: one read-modify-write of its granule.
@@ -114,7 +114,10 @@ class Stack:
     def __init__(self, base: str, workdir: str) -> None:
         self.base_path = base
         self.workdir = workdir
-        self.base_fd = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.base_fd = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UsageError(f"{base}: cannot open the base image: {exc.strerror}") from None
         st = os.fstat(self.base_fd)
         self.size = st.st_size if st.st_size else os.lseek(self.base_fd, 0, os.SEEK_END)
         self._serial = 0

@@ -244,7 +244,7 @@ def run(cfg: RunConfig, points: list[CrashPoint]) -> RunResult:
     """Check ``points`` of ``cfg.log`` over ``cfg.base``; cleans up everything it made."""
     if cfg.jobs < 1:
         raise UsageError("--jobs must be at least 1")
-    if not os.path.isfile(cfg.base) and not os.path.exists(cfg.base):
+    if not os.path.exists(cfg.base):
         raise UsageError(f"{cfg.base}: no such base image")
     workdir = tempfile.mkdtemp(prefix="blocktrace-crashcheck-", dir=cfg.tmpdir)
     sockdir = None
