@@ -28,6 +28,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "watch": ("watch", "watch", "File-level events (ext4) from a base image and a write log."),
     "qmp": ("qmp", "qmp", "Run one QMP command on a running server (--socket PATH)."),
     "trace": ("trace", "trace", "Start, stop, mark and list traces on a running server."),
+    "crashcheck": (
+        "crashcheck",
+        "crashcheck",
+        "Check a file system at every crash point of a log.",
+    ),
+    "record": ("record", "record", "Run a workload on a traced scratch disk, then crashcheck it."),
+    "mark": ("record", "mark", "Write a mark into the running `record` trace (from its workload)."),
 }
 
 
