@@ -15,6 +15,7 @@ import click
 from blocktrace.errors import UsageError
 from blocktrace.exports import default_export_name
 from blocktrace.service import DEFAULT_SOCKET, Service, ServiceConfig, parse_listen, run
+from blocktrace.stream.registry import targets
 from blocktrace.trace.startup import install_traces
 
 
@@ -54,7 +55,15 @@ def build_config(
     )
 
 
-@click.command()
+def targets_epilog() -> str:
+    """``--trace`` target types and their options, from the target registry (the schemas)."""
+    lines = ["Trace targets (--trace [EXPORT=]TYPE:ARG[,OPTION=VALUE...]):"]
+    for ttype in targets():
+        lines += ["", "\b", *ttype.usage().splitlines()]
+    return "\n".join(lines)
+
+
+@click.command(epilog=targets_epilog())
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE [NAME=IMAGE]...")
 @click.option(
     "--socket",
@@ -75,10 +84,9 @@ def build_config(
     "traces",
     multiple=True,
     metavar="[EXPORT=]TYPE:ARG[,OPT=VAL...]",
-    help="Trace an export from the start; TYPE:ARG is log:PATH (dm-log-writes log), "
-    "replica:PATH (raw image), nbd:URI (remote export) or introspect:PATH (ext4 events as "
-    "JSON lines).  Options: sync=none|full, copy-mode=background|write-blocking, "
-    "on-target-error=report|break, queue-size=64M, sector-size=512, job-id=ID; repeatable.  "
+    help="Trace an export from the start; TYPE:ARG and the target's options are listed "
+    "below.  Trace options: sync=none|full, copy-mode=background|write-blocking, "
+    "on-target-error=report|break, queue-size=64M, job-id=ID; repeatable.  "
     "See docs/trace.md.",
 )
 @click.option(

@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from blocktrace.errors import BlockDeviceError, StateError, UsageError
+from blocktrace.stream.contract import SyncMode, Target, TargetInfo
+from blocktrace.stream.records import RECORD_OVERHEAD
+from blocktrace.stream.registry import create_target
 from blocktrace.trace.delivery import Delivery
 from blocktrace.trace.filter import COPY_CHUNK, TraceFilter
-from blocktrace.trace.options import CopyMode, OnTargetError, SyncMode, TraceOptions
-from blocktrace.trace.records import RECORD_OVERHEAD
-from blocktrace.trace.targets import Target, TargetInfo, create_target
+from blocktrace.trace.options import CopyMode, OnTargetError, TraceOptions
 
 if TYPE_CHECKING:  # exports imports the trace filter: no import cycle at run time
     from blocktrace.exports import Export, ExportRegistry
@@ -197,33 +198,6 @@ class Trace:
             sync_total=self._sync_total,
             sync_done=self._sync_done,
         )
-
-    def info(self) -> dict[str, Any]:
-        """This trace as a ``query-block-jobs`` element: QEMU's fields, then the trace's."""
-        st = self.stats()
-        return {
-            "type": "trace",
-            "device": self.export.name,
-            "len": st.len,
-            "offset": st.offset,
-            "busy": self.delivery.busy,
-            "paused": self.paused,
-            "speed": 0,
-            "io-status": self.io_status,
-            "ready": self.ready,
-            "status": self.status.value,
-            "auto-finalize": True,
-            "auto-dismiss": True,
-            **({"error": self.error} if self.error else {}),
-            "entries": st.entries,
-            "bytes": st.bytes,
-            "queued-bytes": st.queued_bytes,
-            "queued-records": st.queued_records,
-            "delivered-records": st.delivered_records,
-            "durable-records": st.durable_records,
-            "target": self.target.describe(),
-            **self.options.to_dict(),
-        }
 
     async def mark(self, name: str) -> int:
         """Put mark ``name`` into the stream; returns once the target holds it (at once while
@@ -468,7 +442,7 @@ class TraceManager:
                 job_id=job_id,
                 device=filt,
                 filename=exp.filename,
-                sync=options.sync.value,
+                sync=options.sync,
             )
             await tgt.open(info)
             if filt.size % tgt.alignment:

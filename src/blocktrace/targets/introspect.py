@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from blocktrace.errors import BlocktraceError, TargetError, UsageError
-from blocktrace.trace.records import TraceRecord
-from blocktrace.trace.targets.base import Target, TargetInfo
+from blocktrace.stream import Record, SyncMode, Target, TargetInfo
+from blocktrace.stream.schema import Integer, Option, TargetType, Text
 
 EventSink = Callable[[Any], None]  #: receives each FileEvent
 
@@ -52,26 +52,8 @@ class IntrospectTarget(Target):
         self._out: IO[str] | None = None
         self.events = 0
 
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> IntrospectTarget:
-        spec = dict(spec)
-        spec.pop("type", None)
-        filename = spec.pop("filename", None)
-        if not isinstance(filename, str) or not filename:
-            raise UsageError("introspect target needs a filename (or - for stdout)")
-        limits: list[int | None] = []
-        for key in ("max-pending", "max-pending-bytes"):
-            value = spec.pop(key, None)
-            try:
-                limits.append(None if value is None else int(value))
-            except (TypeError, ValueError):
-                raise UsageError(f"introspect target: {key} must be an integer") from None
-        if spec:
-            raise UsageError(f"introspect target: unknown option {sorted(spec)[0]!r}")
-        return cls(filename, max_pending=limits[0], max_pending_bytes=limits[1])
-
     async def open(self, info: TargetInfo) -> None:
-        if info.sync == "full":
+        if info.sync is SyncMode.FULL:
             raise UsageError("introspect targets need sync=none (the base is the live image)")
         if not info.filename:
             raise UsageError(f"introspect target: export {info.export} has no image file")
@@ -98,10 +80,10 @@ class IntrospectTarget(Target):
                 raise TargetError(self.name, str(exc)) from exc
         return self._watcher
 
-    async def deliver(self, records: Sequence[TraceRecord]) -> None:
+    async def deliver(self, records: Sequence[Record]) -> None:
         await asyncio.to_thread(self._process, records)
 
-    def _process(self, records: Sequence[TraceRecord]) -> None:
+    def _process(self, records: Sequence[Record]) -> None:
         from blocktrace.ext4.watcher import from_trace_record
 
         watcher = self._ensure_watcher()
@@ -138,5 +120,36 @@ class IntrospectTarget(Target):
     def stats(self) -> dict[str, Any]:
         return self._watcher.stats() if self._watcher is not None else {}
 
-    def describe(self) -> dict[str, Any]:
-        return {"type": "introspect", "filename": self.filename or "", "events": self.events}
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "type": "introspect", "filename": self.filename or ""}
+
+    def status(self) -> dict[str, Any]:
+        return {"events": self.events}
+
+
+TARGET_TYPE = TargetType(
+    name="introspect",
+    doc="live ext4 file-level events as JSON lines (docs/introspection.md)",
+    order=40,
+    options=(
+        Option(
+            "filename",
+            Text("PATH"),
+            "file-level events as JSON lines (- for the server's stdout)",
+            main=True,
+        ),
+        Option(
+            "max-pending",
+            Integer(0, (1 << 63) - 1, kind="uint64"),
+            "data blocks held while their owner is unknown",
+        ),
+        Option(
+            "max-pending-bytes",
+            Integer(0, (1 << 63) - 1, kind="uint64"),
+            "bytes of such data kept for attribution",
+        ),
+    ),
+    factory=lambda v: IntrospectTarget(
+        v["filename"], max_pending=v["max-pending"], max_pending_bytes=v["max-pending-bytes"]
+    ),
+)
