@@ -74,7 +74,7 @@ SOURCE_OPENERS: dict[str, Callable[[str], Source]] = {"file": lambda s: FileSour
 
 def _open_nbd(spec: str) -> Source:
     """NBD URIs (``nbd://HOST:PORT/NAME``, ``nbd+unix:///NAME?socket=PATH``): imported lazily."""
-    from blocktrace.replica.source import NBDSource
+    from blocktrace.nbd.source import NBDSource
 
     return NBDSource(spec)
 

@@ -4,10 +4,13 @@ Design: entry *selection* is separated from *applying*.  :func:`select_entries` 
 xfstests' ``replay-log`` walk exactly (``--start-entry``/``--start-mark`` positioning, then
 ``--limit``/``--next-flush``/``--next-fua``/``--end-mark`` stop tests, each inclusive of the
 entry that triggers it, including replay-log's quirk that ``--end-mark`` disables the FLUSH/FUA
-stops); the appliers (:class:`FileTarget`, :func:`replay_to_device`) only turn entries into I/O.
+stops); applying is the stream's one applier (:mod:`blocktrace.stream.apply`) on the log's
+records (:mod:`blocktrace.logwrites.records`): synchronously on a file or block device
+(:func:`replay`, a :class:`~blocktrace.block.file.FileDevice`), awaited on any
+:class:`BlockDevice` (:func:`replay_to_device`).
 
-Deliberate difference from replay-log: a DISCARD always makes its range read as zeroes (hole
-punch or zero range on files, BLKZEROOUT on block devices, ``write_zeroes`` on a BlockDevice),
+Deliberate difference from replay-log: a DISCARD always makes its range read as zeroes (the
+applier's ``write_zeroes``: hole punch or zero range, on files and block devices alike),
 whatever its size, because blocktrace logs WRITE_ZEROES as discards and every blocktrace backend
 reads trimmed ranges back as zeroes.  replay-log zero-fills on regular files too but skips
 discards over 128 MiB (blocktrace's writer never emits those) and uses BLKDISCARD on devices.
@@ -16,30 +19,21 @@ Also, an empty log replays nothing successfully, where replay-log fails "Invalid
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import shutil
-import stat
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from blocktrace.block.device import BlockDevice
-from blocktrace.block.file import (
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
-    FALLOC_FL_ZERO_RANGE,
-    fallocate,
-)
+from blocktrace.block.file import FileDevice
 from blocktrace.errors import UsageError
 from blocktrace.logwrites.format import LogFlag, LogFormatError
 from blocktrace.logwrites.reader import LogEntry, LogReader
+from blocktrace.logwrites.records import entry_records
+from blocktrace.stream.apply import apply_inline, apply_record
 
 #: replay-log truncates ``--start-mark``/``--end-mark`` to ``4097 - sizeof(entry)`` characters.
 MARK_ARG_MAX = 4097 - 40
-_BLKZEROOUT = 0x127F
-_ZERO_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +133,7 @@ def select_entries(
                 else "fua"
             )
             return
-    result.salvage_error = getattr(reader, "salvage_error", None)
+    result.salvage_error = reader.salvage_error
 
 
 def find(reader: LogReader, opts: ReplayOptions) -> LogEntry | None:
@@ -151,59 +145,20 @@ def find(reader: LogReader, opts: ReplayOptions) -> LogEntry | None:
     return result.last if result.stopped_by != "end" else None
 
 
-class FileTarget:
-    """Apply entries to a regular file or block device with ``pwrite``/hole punching."""
+def open_target(path: str | os.PathLike[str]) -> FileDevice:
+    """The replay target, an existing file or block device, as the stream's block device."""
+    try:
+        return FileDevice(path)
+    except UsageError as exc:
+        raise UsageError(f"cannot open replay target {os.fspath(path)}: {exc}") from None
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise UsageError(f"cannot open replay target {self.path}: {exc.strerror}") from exc
-        self.is_block = stat.S_ISBLK(os.fstat(self.fd).st_mode)
 
-    def write(self, offset: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view = view[n:]
-            offset += n
-
-    def zero(self, offset: int, length: int) -> None:
-        """Make ``[offset, offset+length)`` read as zeroes, extending a file like zero-fill."""
-        if self.is_block:
-            try:
-                fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
-                return
-            except OSError:
-                pass
-        else:
-            size = os.fstat(self.fd).st_size
-            for mode in (
-                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
-            ):
-                try:
-                    fallocate(self.fd, mode, offset, length)
-                except OSError as exc:
-                    if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                        continue
-                    raise
-                if offset + length > size:
-                    os.ftruncate(self.fd, offset + length)
-                return
-        zero = bytes(min(length, _ZERO_CHUNK))
-        end = offset + length
-        while offset < end:
-            n = min(len(zero), end - offset)
-            self.write(offset, zero[:n])
-            offset += n
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
+def _close_target(device: FileDevice) -> None:
+    """Make the replayed image durable (``fsync``), then close it."""
+    try:
+        os.fsync(device.fd)
+    finally:
+        os.close(device.fd)
 
 
 Progress = Callable[[LogEntry], None]
@@ -219,32 +174,31 @@ def replay(
     """Replay ``log`` onto the file or block device ``image`` (which must exist)."""
     opts = options or ReplayOptions()
     reader = log if isinstance(log, LogReader) else LogReader(log)
-    target = FileTarget(image)
+    device = open_target(image)
     result = ReplayResult()
     try:
         for entry in select_entries(reader, opts, result):
-            _apply_sync(target, entry, opts, result)
+            _apply_sync(device, entry, opts, result)
             if progress is not None:
                 progress(entry)
     finally:
-        target.close()
+        _close_target(device)
         if not isinstance(log, LogReader):
             reader.close()
     return result
 
 
 def _apply_sync(
-    target: FileTarget, entry: LogEntry, opts: ReplayOptions, result: ReplayResult
+    device: FileDevice, entry: LogEntry, opts: ReplayOptions, result: ReplayResult
 ) -> None:
-    if not entry.is_data:
+    """One entry through the stream's applier, synchronously (a file applies inline)."""
+    if not entry.is_data or (entry.is_discard and opts.no_discard):
         return
+    for rec in entry_records(entry):
+        apply_inline(device, rec)
     if entry.is_discard:
-        if opts.no_discard:
-            return
-        target.zero(entry.target_offset, entry.length)
         result.bytes_zeroed += entry.length
     else:
-        target.write(entry.target_offset, entry.read_data())
         result.bytes_written += entry.length
     result.applied += 1
 
@@ -263,11 +217,12 @@ async def replay_to_device(
         for entry in select_entries(reader, opts, result):
             if not entry.is_data or (entry.is_discard and opts.no_discard):
                 continue
+            for rec in entry_records(entry):
+                if rec.kind.is_data:
+                    await apply_record(device, rec, fua=False)
             if entry.is_discard:
-                await device.write_zeroes(entry.target_offset, entry.length, may_trim=True)
                 result.bytes_zeroed += entry.length
             else:
-                await device.write(entry.target_offset, entry.read_data())
                 result.bytes_written += entry.length
             result.applied += 1
         await device.flush()
@@ -317,12 +272,12 @@ def count_records(log: str | os.PathLike[str]) -> int:
 
 
 __all__ = [
-    "FileTarget",
     "ReplayOptions",
     "ReplayResult",
     "count_records",
     "entries_for_records",
     "find",
+    "open_target",
     "replay",
     "replay_records",
     "replay_to_device",

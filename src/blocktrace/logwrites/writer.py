@@ -98,8 +98,7 @@ class LogWriteError(TargetError):
     """Writing the log failed; ``errno`` (ENOSPC, EIO...) says why.  Sticky per writer."""
 
     def __init__(self, target: str, message: str, errno: int) -> None:
-        super().__init__(target, message)
-        self.errno = errno
+        super().__init__(target, message, errno)
 
 
 @dataclass(slots=True)

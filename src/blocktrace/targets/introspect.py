@@ -84,11 +84,9 @@ class IntrospectTarget(Target):
         await asyncio.to_thread(self._process, records)
 
     def _process(self, records: Sequence[Record]) -> None:
-        from blocktrace.ext4.watcher import from_trace_record
-
         watcher = self._ensure_watcher()
         for rec in records:
-            self._emit(watcher.process(from_trace_record(rec)))
+            self._emit(watcher.process(rec))
         if self._out is not None:
             self._out.flush()
 

@@ -62,7 +62,7 @@ class MemoryTarget(Target):
         self.closed = clean
 
     def settings(self) -> dict[str, Any]:
-        return {"type": "memory"}
+        return super().settings() or {"type": "memory"}
 
     def status(self) -> dict[str, Any]:
         return {"records": len(self.records)}

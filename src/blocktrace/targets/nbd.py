@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from blocktrace.block.device import BlockDevice
-from blocktrace.block.nbd import NBDDevice, parse_nbd_uri
+from blocktrace.nbd.device import NBDDevice, parse_nbd_uri
 from blocktrace.replica.target import ReplicaTarget
 from blocktrace.stream.schema import Option, TargetType, Text
 from blocktrace.targets.replica import REPLICA_OPTIONS, replica_keywords

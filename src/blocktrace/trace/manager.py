@@ -32,9 +32,10 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from blocktrace.errors import BlockDeviceError, StateError, UsageError
+from blocktrace.block.device import BlockDevice
+from blocktrace.errors import BlockDeviceError, StateError, TargetError, UsageError
 from blocktrace.stream.contract import SyncMode, Target, TargetInfo
 from blocktrace.stream.records import RECORD_OVERHEAD
 from blocktrace.stream.registry import create_target
@@ -42,8 +43,26 @@ from blocktrace.trace.delivery import Delivery
 from blocktrace.trace.filter import COPY_CHUNK, TraceFilter
 from blocktrace.trace.options import CopyMode, OnTargetError, TraceOptions
 
-if TYPE_CHECKING:  # exports imports the trace filter: no import cycle at run time
-    from blocktrace.exports import Export, ExportRegistry
+
+class Export(Protocol):
+    """What a trace needs of an export (:class:`blocktrace.exports.Export` is one): declared
+    here so the trace layer does not import the export layer built on top of it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def device(self) -> BlockDevice: ...
+
+    @property
+    def filename(self) -> str: ...
+
+
+class ExportRegistry(Protocol):
+    """Export lookup by name (:class:`blocktrace.exports.ExportRegistry`)."""
+
+    def get(self, name: str) -> Export | None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +333,7 @@ class Trace:
     def _target_failed(self, exc: BaseException) -> None:
         """Called by the delivery worker, once, when the target raised."""
         self.error = str(exc) or type(exc).__name__
-        code = getattr(exc, "errno", None) or getattr(exc.__cause__, "errno", None)
+        code = exc.errno if isinstance(exc, TargetError | BlockDeviceError) else None
         self.io_status = "nospace" if code == errno.ENOSPC else "failed"
         if self.breaks_on_error:
             self.filter.detach_now(self)  # clients carry on; the stream ends here
