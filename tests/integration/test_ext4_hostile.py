@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from ext4_recording import debugfs, diff_records
 
+from blocktrace.block.source import FileSource
 from blocktrace.errors import FormatError
 from blocktrace.ext4.engine import Ext4Engine
-from blocktrace.ext4.fs import FileSource
 from blocktrace.ext4.ownership import OwnerKind
 from blocktrace.ext4.watcher import Watcher
 from blocktrace.stream.records import Record

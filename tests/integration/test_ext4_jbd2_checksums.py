@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from ext4_recording import debugfs, diff_records, mkfs
 
+from blocktrace.block.source import FileSource
 from blocktrace.ext4.engine import Ext4Engine
-from blocktrace.ext4.fs import FileSource
 from blocktrace.ext4.ownership import OwnerKind
 from blocktrace.ext4.watcher import Watcher
 from blocktrace.stream.records import Record, RecordKind

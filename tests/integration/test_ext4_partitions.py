@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from ext4_recording import debugfs, diff_records
 
+from blocktrace.block.source import FileSource
 from blocktrace.errors import FormatError
-from blocktrace.ext4.fs import FileSource
 from blocktrace.ext4.partitions import discover
 from blocktrace.ext4.watcher import Watcher
 from stream_helpers import rec as stream_record

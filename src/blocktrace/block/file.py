@@ -46,6 +46,27 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+#: fsync(2) errors that mean "this file system cannot sync a directory", not "it failed"
+_NO_DIR_SYNC = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make the directory entries of ``directory`` durable (a file created or renamed in it).
+
+    A file system that cannot sync directories (EINVAL/EOPNOTSUPP from ``fsync``) is not an
+    error: there is nothing more to do there.  Any other failure raises ``OSError``, since a
+    caller that asks for this is about to promise durability.
+    """
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_DIR_SYNC:
+            raise
+    finally:
+        os.close(fd)
+
+
 class FileDevice(PipelinedWrites):
     """A raw disk image (regular file or block device) opened read-write or read-only."""
 

@@ -22,10 +22,10 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from blocktrace.block.source import FileSource
 from blocktrace.errors import FormatError
 from blocktrace.ext4.engine import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_BYTES, Ext4Engine
 from blocktrace.ext4.events import FileEvent
-from blocktrace.ext4.fs import FileSource
 from blocktrace.ext4.partitions import Partition, discover, slice_source
 from blocktrace.ext4.structs import Ext4FormatError
 from blocktrace.stream.records import Record, RecordKind

@@ -38,6 +38,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from blocktrace.block.file import fsync_dir
 from blocktrace.errors import FormatError, TargetError, UsageError
 from blocktrace.replica.bitmap import DEFAULT_GRANULARITY, DirtyBitmap
 
@@ -98,14 +99,6 @@ class ReplicaMeta:
             return cls(**kw)
         except TypeError as exc:
             raise FormatError(f"replica metadata has bad fields: {exc}") from None
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes, tmp_suffix: str = ".tmp") -> None:
