@@ -24,8 +24,9 @@ probing attributes, so mypy checks both sides:
 * :class:`StateReporter`: the target reports connection/sync state changes (replicas), which
   QMP turns into ``BLOCK_TRACE_REPLICA_STATE`` events.
 
-A **source** produces a stream: :class:`RecordSource` for finished streams read back (a log),
-and the trace filter for live ones (it pushes records into each trace's delivery queue).
+A **source** produces a stream: :class:`RecordSource` for finished streams read back (a log,
+:class:`blocktrace.logwrites.records.LogSource`), and the trace filter for live ones (it
+pushes records into each trace's delivery queue).
 
 Lifecycle of a target: ``open(info)`` once, then any number of ``deliver(batch)`` and
 ``make_durable()``, then ``close(clean=...)`` once (also after a failure).  Any method may
@@ -184,5 +185,5 @@ class RecordSource(Protocol):
     """A finished stream read back (a dm-log-writes log): records in stream order."""
 
     def records(self) -> Iterator[Record]:
-        """Yield the stream's records in order; ``seq`` strictly increasing."""
+        """Yield the stream's records in order (``seq`` never decreasing)."""
         ...

@@ -49,8 +49,9 @@ DATA_KINDS = frozenset({RecordKind.WRITE, RecordKind.ZERO, RecordKind.TRIM})
 class Record(NamedTuple):
     """One entry of a write stream.
 
-    ``seq`` orders the stream: strictly increasing in the order operations were applied to
-    the device (the trace filter's export-wide sequence number, or a log entry's index).
+    ``seq`` orders the stream: increasing in the order operations were applied to the device
+    (the trace filter's export-wide sequence number, or a log entry's index; a log entry that
+    carries data and a FLUSH gives two records with its index).
     ``fua``: the operation was durable on the device when it was acknowledged.  ``copy``
     marks records made by a ``sync=full`` copy of existing content rather than by a client.
     """
