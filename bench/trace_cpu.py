@@ -41,7 +41,8 @@ async def run(n: int, mode: str, size: int, workdir: Path) -> dict[str, float]:
     reg.add(exp)
     mgr = TraceManager(reg)
     target = {"type": "log", "filename": str(workdir / "t.log")}
-    await mgr.start("j", "disk", target, TraceOptions.from_dict({"copy-mode": mode}))
+    if mode != "untraced":
+        await mgr.start("j", "disk", target, TraceOptions.from_dict({"copy-mode": mode}))
     dev = exp.device
     payloads = [os.urandom(4096) for _ in range(64)]
     rng = random.Random(1)
@@ -55,7 +56,8 @@ async def run(n: int, mode: str, size: int, workdir: Path) -> dict[str, float]:
     await asyncio.gather(*(writer(k) for k in range(16)))
     await dev.flush()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    await mgr.stop("j")
+    if mode != "untraced":
+        await mgr.stop("j")
     await dev.close()
     return {"cpu_us_per_write": cpu / n * 1e6, "writes_per_s": n / wall}
 
@@ -63,7 +65,9 @@ async def run(n: int, mode: str, size: int, workdir: Path) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--writes", type=int, default=100_000)
-    ap.add_argument("--copy-mode", default="background")
+    ap.add_argument(
+        "--copy-mode", default="background", help="background | write-blocking | untraced"
+    )
     ap.add_argument("--size", type=int, default=256, help="image MiB")
     ap.add_argument("--dir", type=Path, default=None)
     args = ap.parse_args()
