@@ -8,7 +8,9 @@ read the registry, nothing else lists the types.
 The stream package names that package as a string and imports its modules on first use
 (plug-in discovery, like entry points): the layers below (trace, qmp) ask the registry for a
 type by name and never import a target module, so a target may depend on anything below it
-(logwrites, replica, ext4) without creating an import cycle.
+(logwrites, replica, ext4) without creating an import cycle.  Every target module is imported
+when the registry is first read, so a module imports optional dependencies lazily (in its
+factory or ``open``).
 """
 
 from __future__ import annotations
