@@ -19,7 +19,7 @@ trace's log target writes).  Reported per workload and log format, best of ``--r
   what must exceed the trace's recording rate; ``cpu_MB_s`` the same over CPU time (user+sys,
   less distorted by other jobs on a shared machine);
 * ``peak_rss_MiB`` of the watch process;
-* ``live``: the ``introspect`` trace target fed the same records as ``TraceRecord`` batches
+* ``live``: the ``introspect`` trace target fed the same records as ``Record`` batches
   the way the delivery worker does (<= 16 MiB each, ``await deliver``), in an asyncio loop with
   a 1 ms ticker: MB/s and the worst event-loop stall seen while inference ran in its thread.
 
@@ -99,27 +99,21 @@ def convert(src: Path, dst: Path, empty: Path) -> None:
 
 def live(base: Path, log: Path) -> dict[str, Any]:
     """The introspect target fed ``log`` as trace batches; MB/s and the worst loop stall."""
-    from blocktrace.logwrites.reader import LogReader
-    from blocktrace.trace.records import RecordKind, TraceRecord
-    from blocktrace.trace.targets.base import TargetInfo
-    from blocktrace.trace.targets.introspect import IntrospectTarget
+    from blocktrace.logwrites.records import log_records
+    from blocktrace.stream.contract import TargetInfo
+    from blocktrace.stream.records import Record
+    from blocktrace.targets.introspect import IntrospectTarget
 
-    kinds = {"write": RecordKind.WRITE, "zero": RecordKind.ZERO, "discard": RecordKind.TRIM}
-    batches: list[list[TraceRecord]] = [[]]
+    batches: list[list[Record]] = [[]]
     size = nbytes = 0
-    from blocktrace.ext4.watcher import _entry_records
-
-    with LogReader(log) as r:
-        for e in r.entries(with_data=True):
-            for s in _entry_records(e):
-                k = kinds.get(s.kind, RecordKind.FLUSH if s.kind == "flush" else RecordKind.MARK)
-                data = bytes(s.data) if s.data is not None else None
-                batches[-1].append(TraceRecord(s.index, k, s.offset, s.length, s.fua, data))
-                size += len(data) if data else 0
-                nbytes += len(data) if data else 0
-                if size >= 16 << 20 or len(batches[-1]) >= 4096:
-                    batches.append([])
-                    size = 0
+    for rec in log_records(log):
+        batches[-1].append(rec)
+        n = rec.nbytes
+        size += n
+        nbytes += n
+        if size >= 16 << 20 or len(batches[-1]) >= 4096:
+            batches.append([])
+            size = 0
 
     async def main() -> dict[str, Any]:
         events = 0

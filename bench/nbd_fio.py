@@ -391,6 +391,16 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, help="where to put the image (default: a temp dir)")
     ap.add_argument("--markdown", type=Path, help="write the report as Markdown here")
     ap.add_argument("--json", type=Path, help="write raw results as JSON here")
+    ap.add_argument(
+        "--compare",
+        metavar="PYTHON",
+        help="also run every selected blocktrace contender with this interpreter (another "
+        "tree's venv, e.g. a scratch worktree of an older commit), interleaved in the same "
+        "rounds, and print this tree / that tree ratios",
+    )
+    ap.add_argument(
+        "--compare-label", default="other tree", help="what --compare's contenders are called"
+    )
     args = ap.parse_args()
     for tool in ("fio", "qemu-nbd"):
         if shutil.which(tool) is None:
@@ -400,6 +410,16 @@ def main() -> int:
     if args.only:
         wanted = set(args.only.split(","))
         contenders = [c for c in CONTENDERS if c.name in wanted]
+    ratios = list(RATIOS)
+    if args.compare:
+        paired: list[Contender] = []
+        for c in contenders:
+            paired.append(c)
+            if c.name.startswith("blocktrace"):
+                other = with_python(c, args.compare, f"{c.name} @{args.compare_label}")
+                paired.append(other)
+                ratios.append((f"{c.name}: this / {args.compare_label}", c.name, other.name, None))
+        contenders = paired
     workloads = [w for w in WORKLOADS if w.default]
     if args.workloads:
         names = args.workloads.split(",")
@@ -429,7 +449,7 @@ def main() -> int:
                     c.results[name] = statistics.median(ok)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    report = render(contenders, workloads, args)
+    report = render(contenders, workloads, args, ratios)
     print(report)
     if args.markdown:
         args.markdown.write_text(report)
@@ -446,7 +466,21 @@ def main() -> int:
     return 0
 
 
-def render(contenders: list[Contender], workloads: list[Workload], args: argparse.Namespace) -> str:
+def with_python(c: Contender, python: str, name: str) -> Contender:
+    """``c`` served by another interpreter (its own venv and tree); the sidecar is unchanged."""
+
+    def command(image: Path, sock: Path, workdir: Path) -> list[str]:
+        return [python if a == PYTHON else a for a in c.command(image, sock, workdir)]
+
+    return Contender(name, command, c.sidecar)
+
+
+def render(
+    contenders: list[Contender],
+    workloads: list[Workload],
+    args: argparse.Namespace,
+    ratios: list[tuple[str, str, str, float | None]],
+) -> str:
     by_name = {c.name: c for c in contenders}
     command = f".venv/bin/python bench/nbd_fio.py --runtime {args.runtime} --size {args.size}"
     if args.repeat != 1:
@@ -455,6 +489,8 @@ def render(contenders: list[Contender], workloads: list[Workload], args: argpars
         command += f" --only '{args.only}'"
     if args.workloads:
         command += f" --workloads '{args.workloads}'"
+    if args.compare:
+        command += f" --compare {args.compare} --compare-label '{args.compare_label}'"
     lines = [
         f"Machine: {machine()}",
         "",
@@ -475,7 +511,7 @@ def render(contenders: list[Contender], workloads: list[Workload], args: argpars
         "| ratio | " + " | ".join(w.name for w in workloads) + " | goal |",
         "|---|" + "---:|" * (len(workloads) + 1),
     ]
-    for label, num, den, goal in RATIOS:
+    for label, num, den, goal in ratios:
         if num not in by_name or den not in by_name:
             continue
         cells = []

@@ -56,11 +56,25 @@ class FormatError(BlocktraceError):
 
 
 class TargetError(BlocktraceError):
-    """A trace target failed; ``target`` names it, ``__cause__`` holds the underlying error."""
+    """A trace target failed; ``target`` names it, ``__cause__`` holds the underlying error.
 
-    def __init__(self, target: str, message: str) -> None:
+    ``errno`` (ENOSPC, EIO...) is the OS error behind it when there is one: given, or taken
+    from an ``OSError``/``BlockDeviceError`` cause (QMP's ``io-status`` is ``nospace`` for
+    ENOSPC)."""
+
+    def __init__(self, target: str, message: str, errno: int | None = None) -> None:
         self.target = target
+        self._errno = errno
         super().__init__(f"{target}: {message}")
+
+    @property
+    def errno(self) -> int | None:
+        if self._errno is not None:
+            return self._errno
+        cause = self.__cause__
+        if isinstance(cause, OSError | BlockDeviceError):
+            return cause.errno
+        return None
 
 
 class StateError(BlocktraceError):

@@ -15,6 +15,7 @@ from pathlib import Path
 from blocktrace.block.device import BlockDevice
 from blocktrace.block.file import FileDevice
 from blocktrace.errors import UsageError
+from blocktrace.trace.filter import TraceFilter
 
 MAX_EXPORT_NAME = 4096  # NBD strings are at most 4096 bytes
 
@@ -44,8 +45,6 @@ def open_export(name: str, path: str | os.PathLike[str], *, read_only: bool = Fa
     """Open ``path`` as a raw image and build the device stack for export ``name``."""
     if not name or len(name.encode()) > MAX_EXPORT_NAME:
         raise UsageError(f"invalid export name {name!r}")
-    from blocktrace.trace.filter import TraceFilter  # lazy: trace imports this module's types
-
     # Every export carries an idle trace filter, so a trace can attach at runtime.
     device: BlockDevice = TraceFilter(FileDevice(path, read_only=read_only))
     return Export(name=name, device=device, filename=os.fspath(path))

@@ -24,9 +24,6 @@ import errno
 import logging
 import os
 import signal
-import socket
-import stat
-import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -35,6 +32,7 @@ from typing import Any, Literal, TypeVar
 from blocktrace.errors import BlocktraceError, StateError, UsageError
 from blocktrace.exports import Export, ExportRegistry, open_export
 from blocktrace.nbd.server import NBDServer
+from blocktrace.sockets import bind_unix
 from blocktrace.trace.manager import TraceManager
 
 log = logging.getLogger("blocktrace.service")
@@ -44,8 +42,6 @@ Hook = Callable[["Service"], Awaitable[None]]
 
 DEFAULT_SOCKET = "./blocktrace.sock"
 NBD_PORT = 10809
-#: Longest path a Unix socket address can hold (sun_path is 108 bytes with the NUL).
-MAX_SUN_PATH = 107
 
 
 @dataclass
@@ -78,68 +74,6 @@ def parse_listen(spec: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise UsageError(f"--listen {spec!r}: port out of range")
     return host or "127.0.0.1", port
-
-
-def _bind_unix(path: str, mode: int) -> socket.socket:
-    """Bind a listening Unix socket at ``path`` with ``mode``, race-free.
-
-    The socket is bound inside a private 0700 directory next to ``path``, chmod-ed, then
-    renamed into place, so it is never reachable with looser permissions.  An existing socket
-    file is replaced only if nothing accepts connections on it.
-    """
-    if len(os.fsencode(path)) > MAX_SUN_PATH:
-        raise UsageError(f"{path}: socket path too long (max {MAX_SUN_PATH} bytes)")
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise UsageError(f"{path}: {exc.strerror}") from None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise UsageError(f"{path}: exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            pass  # stale: nobody listens
-        except OSError as exc:
-            raise UsageError(f"{path}: cannot check socket: {exc.strerror}") from None
-        else:
-            raise UsageError(f"{path}: socket in use by a running server")
-        finally:
-            probe.close()
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        tmpdir = tempfile.mkdtemp(prefix=".blocktrace-", dir=directory)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: directory {directory} does not exist") from None
-    except PermissionError:
-        raise UsageError(f"{path}: permission denied") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: {exc.strerror}") from None
-    tmp = min(os.path.join(tmpdir, "s"), os.path.relpath(os.path.join(tmpdir, "s")), key=len)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        if len(os.fsencode(tmp)) > MAX_SUN_PATH:
-            raise UsageError(f"{path}: socket path too long (max {MAX_SUN_PATH} bytes)")
-        sock.bind(tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        sock.listen(128)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"{path}: cannot create socket: {exc.strerror}") from None
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        with contextlib.suppress(OSError):
-            os.rmdir(tmpdir)
-    return sock
 
 
 class Service:
@@ -263,7 +197,7 @@ class Service:
                 addr = s.getsockname()
                 self.addresses.append(f"tcp:{addr[0]}:{addr[1]}")
         if cfg.socket:
-            sock = _bind_unix(cfg.socket, cfg.socket_mode)
+            sock = bind_unix(cfg.socket, cfg.socket_mode)
             self._socket_paths.append(cfg.socket)
             try:
                 server = await loop.create_unix_server(self.nbd.protocol_factory, sock=sock)

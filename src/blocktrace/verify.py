@@ -12,13 +12,12 @@ The comparison reads both sources in large chunks (8 MiB) and compares whole chu
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from blocktrace.block.source import FileSource
 from blocktrace.errors import UsageError
 
 CHUNK = 8 * 1024 * 1024
@@ -38,43 +37,13 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
-class FileSource:
-    """A regular file or block device."""
-
-    def __init__(self, path: str) -> None:
-        self.name = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise UsageError(f"cannot open {path}: {exc.strerror}") from exc
-        st = os.fstat(self.fd)
-        if stat.S_ISDIR(st.st_mode):
-            os.close(self.fd)
-            raise UsageError(f"{path} is a directory")
-        self.size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(self.fd, 0, os.SEEK_END)
-
-    def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        while len(data) < length:  # short reads on devices/pipes-backed files
-            more = os.pread(self.fd, length - len(data), offset + len(data))
-            if not more:
-                raise UsageError(f"{self.name}: unexpected end of data at byte {offset}")
-            data += more
-        return data
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 #: URI scheme -> opener.  Plain paths (no ``scheme://``) open as files.
 SOURCE_OPENERS: dict[str, Callable[[str], Source]] = {"file": lambda s: FileSource(s[7:])}
 
 
 def _open_nbd(spec: str) -> Source:
     """NBD URIs (``nbd://HOST:PORT/NAME``, ``nbd+unix:///NAME?socket=PATH``): imported lazily."""
-    from blocktrace.replica.source import NBDSource
+    from blocktrace.nbd.source import NBDSource
 
     return NBDSource(spec)
 

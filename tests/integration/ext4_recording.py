@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from blocktrace.stream.records import RecordKind
 from support import run, wait_for_socket
 
 
@@ -125,7 +126,7 @@ def diff_records(base: Path, new: Path, *, chunk: int = 1024, start: int = 0) ->
     """The writes that turn ``base`` into ``new``: one record per changed ``chunk`` (one fs
     block of a small image: a bigger chunk would rewrite unchanged file data), then a
     flush (a synthetic stream for tools, like debugfs, that write images directly)."""
-    from blocktrace.ext4.watcher import StreamRecord
+    from stream_helpers import rec as stream_record
 
     records: list[Any] = []
     with open(base, "rb") as a, open(new, "rb") as b:
@@ -135,9 +136,9 @@ def diff_records(base: Path, new: Path, *, chunk: int = 1024, start: int = 0) ->
             if not y:
                 break
             if x != y:
-                records.append(StreamRecord(start + len(records), "write", offset, len(y), y))
+                records.append(stream_record(start + len(records), "write", offset, len(y), y))
             offset += len(y)
-    records.append(StreamRecord(start + len(records), "flush"))
+    records.append(stream_record(start + len(records), "flush"))
     return records
 
 
@@ -146,11 +147,11 @@ def qemu_log(workdir: Path, image: Path, log: Path, records: list[Any]) -> None:
     makes the log (no FUSE or mount needed)."""
     cmds: list[str] = []
     for i, rec in enumerate(records):
-        if rec.kind == "write":
+        if rec.kind is RecordKind.WRITE:
             chunk = workdir / f"chunk{i}"
             chunk.write_bytes(bytes(rec.data))
             cmds += ["-c", f"write -s {chunk} {rec.offset} {len(rec.data)}"]
-        elif rec.kind == "flush":
+        elif rec.kind is RecordKind.FLUSH:
             cmds += ["-c", "flush"]
     log.write_bytes(b"")
     opts = (

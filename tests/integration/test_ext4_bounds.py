@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from ext4_recording import diff_records
 
+from blocktrace.block.source import FileSource
 from blocktrace.ext4.engine import Ext4Engine
-from blocktrace.ext4.fs import FileSource
 from blocktrace.ext4.structs import EXTENT_HEADER, INODE, SUPERBLOCK, Ext4FormatError
 from blocktrace.ext4.watcher import Watcher
 from support import ServerProcess, require, run

@@ -16,7 +16,10 @@ import pytest
 from ext4_recording import debugfs, diff_records, qemu_log
 
 from blocktrace.ext4.events import FileEvent
-from blocktrace.ext4.watcher import StreamRecord, Watcher, log_records
+from blocktrace.ext4.watcher import Watcher
+from blocktrace.logwrites.records import log_records
+from blocktrace.stream.records import Record
+from stream_helpers import rec as stream_record
 from support import require
 
 COMMANDS = """\
@@ -97,16 +100,16 @@ def test_debugfs_changes_become_events(images: tuple[Path, Path, Path]) -> None:
 def test_shuffled_sub_block_writes_are_attributed(images: tuple[Path, Path, Path]) -> None:
     """Data before metadata, in pieces smaller than a block, in any order: same events."""
     base, new, _ = images
-    pieces: list[StreamRecord] = []
+    pieces: list[Record] = []
     for rec in diff_records(base, new)[:-1]:
         assert rec.data is not None
         for off in range(0, len(rec.data), 512):
             pieces.append(
-                StreamRecord(0, "write", rec.offset + off, 512, rec.data[off : off + 512])
+                stream_record(0, "write", rec.offset + off, 512, rec.data[off : off + 512])
             )
     random.Random(7).shuffle(pieces)
-    stream = [StreamRecord(i, p.kind, p.offset, p.length, p.data) for i, p in enumerate(pieces)]
-    stream.append(StreamRecord(len(stream), "flush"))
+    stream = [stream_record(i, p.kind, p.offset, p.length, p.data) for i, p in enumerate(pieces)]
+    stream.append(stream_record(len(stream), "flush"))
     with Watcher(base) as w:
         events = list(w.feed(stream))
         stats = w.stats()["disk"]
@@ -154,11 +157,11 @@ def test_zero_and_discard_records(images: tuple[Path, Path, Path]) -> None:
             b for b in range(engine.fs.blocks_count - 1, 0, -1) if engine.owner_of(b) is None
         )
         stream = [
-            StreamRecord(0, "zero", first * bs, 2 * bs),
-            StreamRecord(1, "write", free * bs, bs, b"x" * bs),
-            StreamRecord(2, "discard", free * bs, bs),
-            StreamRecord(3, "zero", free * bs, bs),
-            StreamRecord(4, "flush"),
+            stream_record(0, "zero", first * bs, 2 * bs),
+            stream_record(1, "write", free * bs, bs, b"x" * bs),
+            stream_record(2, "discard", free * bs, bs),
+            stream_record(3, "zero", free * bs, bs),
+            stream_record(4, "flush"),
         ]
         events = list(w.feed(stream))
         assert engine.stats.pending_blocks == 1

@@ -25,12 +25,13 @@ from types import FrameType
 import pytest
 from ext4_recording import debugfs, diff_records
 
+from blocktrace.block.source import FileSource
 from blocktrace.errors import FormatError
 from blocktrace.ext4.engine import Ext4Engine
-from blocktrace.ext4.fs import FileSource
 from blocktrace.ext4.journal import Journal, recover
 from blocktrace.ext4.ownership import OwnerKind
-from blocktrace.ext4.watcher import StreamRecord, Watcher
+from blocktrace.ext4.watcher import Watcher
+from blocktrace.stream import Record, RecordKind
 from support import require, run
 
 INPUTS = 40  #: inputs per structure kind (x 6 kinds, base and stream)
@@ -151,16 +152,18 @@ def test_fuzz_write_stream(fs: tuple[Path, Path, dict[str, list[int]]], kind: st
     records = diff_records(base, new)
     for seed in range(INPUTS):
         rng = random.Random(f"stream-{kind}-{seed}")
-        fuzzed: list[StreamRecord] = []
+        fuzzed: list[Record] = []
         for rec in records:
             if rec.data is not None and rng.random() < 0.3:
-                rec = StreamRecord(rec.index, rec.kind, rec.offset, rec.length, flip(rng, rec.data))
+                rec = rec._replace(data=flip(rng, rec.data))
             fuzzed.append(rec)
         blk = rng.choice(kinds[kind])  # plus one flipped copy of a block of this kind
         with open(base, "rb") as f:
             f.seek(blk * BS)
             block = flip(rng, f.read(BS))
-        fuzzed.insert(rng.randrange(len(fuzzed)), StreamRecord(-1, "write", blk * BS, BS, block))
+        fuzzed.insert(
+            rng.randrange(len(fuzzed)), Record(-1, RecordKind.WRITE, blk * BS, BS, data=block)
+        )
         with bounded(f"stream {kind} seed {seed}"), Watcher(base) as w:
             for _ in w.feed(fuzzed):
                 pass

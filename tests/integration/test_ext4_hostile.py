@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 from ext4_recording import debugfs, diff_records
 
+from blocktrace.block.source import FileSource
 from blocktrace.errors import FormatError
 from blocktrace.ext4.engine import Ext4Engine
-from blocktrace.ext4.fs import FileSource
 from blocktrace.ext4.ownership import OwnerKind
-from blocktrace.ext4.watcher import StreamRecord, Watcher
+from blocktrace.ext4.watcher import Watcher
+from blocktrace.stream.records import Record
+from stream_helpers import rec as stream_record
 from support import require, run
 
 
@@ -50,7 +52,7 @@ def metadata_blocks(base: Path) -> list[int]:
     ]
 
 
-def survive(base: Path, records: list[StreamRecord]) -> list[str]:
+def survive(base: Path, records: list[Record]) -> list[str]:
     """Watch; only FormatError is allowed out (nothing followable); returns event kinds."""
     try:
         w = Watcher(base)
@@ -88,12 +90,12 @@ def test_hostile_write_stream(pair: tuple[Path, Path], seed: int) -> None:
                 struct.pack(">III", 0xC03B3998, rng.choice([1, 2, 5]), rng.randrange(4)) + data[12:]
             )
         records.append(
-            StreamRecord(
+            stream_record(
                 i, "write", b * 1024 + rng.choice([0, 0, 512]), 1024 - 512 * rng.randrange(2), data
             )
         )
         if rng.random() < 0.2:
-            records.append(StreamRecord(i, "flush"))
+            records.append(stream_record(i, "flush"))
     kinds = survive(base, records)
     assert kinds != ["unfollowable"]
 

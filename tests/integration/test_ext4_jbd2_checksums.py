@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 from ext4_recording import debugfs, diff_records, mkfs
 
+from blocktrace.block.source import FileSource
 from blocktrace.ext4.engine import Ext4Engine
-from blocktrace.ext4.fs import FileSource
 from blocktrace.ext4.ownership import OwnerKind
-from blocktrace.ext4.watcher import StreamRecord, Watcher
+from blocktrace.ext4.watcher import Watcher
+from blocktrace.stream.records import Record, RecordKind
+from stream_helpers import rec as stream_record
 from support import require
 
 BS = 4096
@@ -84,7 +86,7 @@ def test_recovery_rejects_corrupt_journal_blocks(
     assert (engine.read_block(301) == payload[BS:]) is replayed_301
 
 
-def _live_stream(tmp_path: Path) -> tuple[Path, list[StreamRecord], int, int]:
+def _live_stream(tmp_path: Path) -> tuple[Path, list[Record], int, int]:
     """debugfs's changes as ext4 writes them, with a real csum v3 transaction: file data home,
     the journal blocks debugfs wrote for the metadata (superblock, descriptor, logged copies,
     commit), flush, then the checkpoint.  Returns (base, stream, index of the first logged
@@ -112,10 +114,10 @@ def _live_stream(tmp_path: Path) -> tuple[Path, list[StreamRecord], int, int]:
     shutil.copy(base, journaled)
     debugfs(journaled, f"jo -c\njw -b {','.join(map(str, homes))} {tmp_path / 'meta'}\njc\n")
     jwrites = diff_records(base, journaled, chunk=BS)[:-1]  # journal order = file order
-    stream: list[StreamRecord] = []
+    stream: list[Record] = []
 
     def add(kind: str, offset: int = 0, payload: bytes | None = None) -> None:
-        stream.append(StreamRecord(len(stream), kind, offset, len(payload or b""), payload))
+        stream.append(stream_record(len(stream), kind, offset, len(payload or b""), payload))
 
     for r in data:
         add("write", r.offset, bytes(r.data))
@@ -145,15 +147,15 @@ def test_live_torn_transaction_is_reported_not_applied(tmp_path: Path, corrupt: 
         assert rec.data is not None
         torn = bytearray(rec.data)
         torn[2000] ^= 0xFF
-        stream[first_logged] = StreamRecord(rec.index, rec.kind, rec.offset, rec.length, torn)
+        stream[first_logged] = stream_record(rec.seq, rec.kind, rec.offset, rec.length, torn)
     before: list[tuple[str, str]] = []
     later: list[tuple[str, str]] = []
     with Watcher(base) as w:
         engine = w.engines[0][1]
         for rec in stream:
             got = [(e.kind, e.path) for e in w.process(rec) if e.kind != "error"]
-            (later if rec.index >= checkpoint else before).extend(got)
-            if rec.index < checkpoint and corrupt:
+            (later if rec.seq >= checkpoint else before).extend(got)
+            if rec.seq < checkpoint and corrupt:
                 assert got == [], "a torn transaction must not become events"
         later += [(e.kind, e.path) for e in w.finish()]
         assert engine.journal is not None
@@ -185,7 +187,7 @@ def test_kernel_journals_verified(
     the same changes still arrive from the checkpoint at unmount."""
     from ext4_recording import kernel_mount
 
-    from blocktrace.ext4.watcher import log_records
+    from blocktrace.logwrites.records import log_records
     from support import require_fuse_and_loop
 
     require_fuse_and_loop()
@@ -203,7 +205,7 @@ def test_kernel_journals_verified(
         jblocks = set(engine._journal_blocks.values()) - {engine._journal_blocks[0]}
         if corrupt:  # the first logged copy (a journal block without the JBD2 magic)
             for i, rec in enumerate(records):
-                if rec.kind != "write" or rec.data is None:
+                if rec.kind is not RecordKind.WRITE or rec.data is None:
                     continue
                 data = bytearray(rec.data)
                 hit = [
@@ -213,7 +215,7 @@ def test_kernel_journals_verified(
                 ]
                 if hit:
                     data[hit[0] + 2000] ^= 0xFF
-                    records[i] = StreamRecord(rec.index, rec.kind, rec.offset, rec.length, data)
+                    records[i] = stream_record(rec.seq, rec.kind, rec.offset, rec.length, data)
                     break
             else:
                 raise AssertionError("no logged journal block in the stream")

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 from ext4_recording import debugfs, diff_records
 
+from blocktrace.block.source import FileSource
 from blocktrace.ext4 import constants as C
 from blocktrace.ext4.engine import Ext4Engine
-from blocktrace.ext4.fs import FileSource
 from blocktrace.ext4.ownership import OwnerKind
-from blocktrace.ext4.watcher import StreamRecord, Watcher
+from blocktrace.ext4.watcher import Watcher
+from blocktrace.stream.records import Record
+from stream_helpers import rec as stream_record
 from support import require, run
 
 
@@ -91,11 +93,11 @@ def test_commit_reveals_events_before_home_writes(tmp_path: Path, block_size: in
         jblocks = engine._journal_blocks
         homes = [r.offset // block_size for r in meta]
         desc, commit = jbd2_transaction(jsb.s_sequence, homes, block_size, jsb.s_feature_incompat)
-        stream: list[StreamRecord] = []
+        stream: list[Record] = []
 
         def add(kind: str, offset: int = 0, payload: bytes | None = None) -> None:
             stream.append(
-                StreamRecord(len(stream), kind, offset, len(payload) if payload else 0, payload)
+                stream_record(len(stream), kind, offset, len(payload) if payload else 0, payload)
             )
 
         for r in data:  # ordered mode: data home first
@@ -117,7 +119,7 @@ def test_commit_reveals_events_before_home_writes(tmp_path: Path, block_size: in
         events = []
         for rec in stream:
             got = w.process(rec)
-            if rec.index >= checkpoint_start:
+            if rec.seq >= checkpoint_start:
                 assert got == [], "checkpoint writes must add nothing"
             events += got
         events += w.finish()

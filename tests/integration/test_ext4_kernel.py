@@ -19,7 +19,8 @@ import pytest
 from ext4_recording import PHASES, MiB, kernel_mount, mkfs
 
 from blocktrace.ext4.events import FileEvent
-from blocktrace.ext4.watcher import Watcher, log_records
+from blocktrace.ext4.watcher import Watcher
+from blocktrace.logwrites.records import log_records
 from support import require_fuse_and_loop
 
 
@@ -237,7 +238,7 @@ def test_base_taken_while_mounted_is_recovered(tmp_path: Path) -> None:
         engine = w.engines[0][1]
         assert engine.stats.recovered_transactions > 0
         assert engine.path_of(engine.ns.children[2]["early"]) == "/early"
-        records = (r for r in log_records(log) if r.index >= start)
+        records = (r for r in log_records(log) if r.seq >= start)
         events = list(w.feed(records))
     assert {(e.kind, e.path) for e in events} == {
         ("rename", "/early/g"),

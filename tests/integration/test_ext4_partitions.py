@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from ext4_recording import debugfs, diff_records
 
+from blocktrace.block.source import FileSource
 from blocktrace.errors import FormatError
-from blocktrace.ext4.fs import FileSource
 from blocktrace.ext4.partitions import discover
-from blocktrace.ext4.watcher import StreamRecord, Watcher
+from blocktrace.ext4.watcher import Watcher
+from stream_helpers import rec as stream_record
 from support import require, run
 
 MiB = 1 << 20
@@ -98,7 +99,7 @@ def test_partitions_found_and_followed(tmp_path: Path, scheme: str) -> None:
     shutil.copy(part2, changed)
     debugfs(changed, "mkdir /in-p2\n")
     records = [
-        StreamRecord(r.index, r.kind, r.offset + PARTS[1][0], r.length, r.data)
+        stream_record(r.seq, r.kind, r.offset + PARTS[1][0], r.length, r.data)
         for r in diff_records(part2, changed)
     ]
     with Watcher(disk) as w:

@@ -16,9 +16,8 @@ import pytest
 from ext4_recording import mkfs
 
 from blocktrace.errors import TargetError
-from blocktrace.trace.records import RecordKind, TraceRecord
-from blocktrace.trace.targets.base import TargetInfo
-from blocktrace.trace.targets.introspect import IntrospectTarget
+from blocktrace.stream import Record, RecordKind, TargetInfo
+from blocktrace.targets.introspect import IntrospectTarget
 from support import require
 
 
@@ -36,7 +35,7 @@ def test_attached_leaves_the_crawl_to_a_worker_thread(tmp_path: Path) -> None:
         await target.open(TargetInfo("disk", img.stat().st_size, 512, filename=str(img)))
         target.attached()
         assert target.stats() == {}, "the crawl ran on the event loop"
-        await target.deliver([TraceRecord(1, RecordKind.FLUSH, 0, 0, False, None)])
+        await target.deliver([Record(1, RecordKind.FLUSH, 0, 0, False, None)])
         assert target.stats(), "records were processed before the crawl"
         await target.close(clean=True)
 

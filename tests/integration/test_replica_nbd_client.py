@@ -19,9 +19,9 @@ import pytest
 from replica_helpers import QemuNBD, free_port, sparse
 
 from blocktrace.block.device import ExtentFlags
-from blocktrace.block.nbd import NBDDevice, parse_nbd_uri
 from blocktrace.errors import BlockDeviceError, RemoteProtocolError, UsageError
 from blocktrace.nbd.client import NBDDisconnected
+from blocktrace.nbd.device import NBDDevice, parse_nbd_uri
 from support import ServerProcess, blocktrace, require
 
 MiB = 1024 * 1024

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from ext4_recording import debugfs, diff_records, qemu_log
 
+from blocktrace.stream.records import RecordKind
 from support import BLOCKTRACE, ServerProcess, blocktrace, require, run
 
 
@@ -118,7 +119,7 @@ def test_follow_a_running_trace(tmp_path: Path) -> None:
         with ServerProcess(tmp_path, [img], ["--trace", f"log:{log}"]) as srv:
             cmds: list[str] = []
             for i, rec in enumerate(diff_records(base, changed)):
-                if rec.kind == "write":
+                if rec.kind is RecordKind.WRITE:
                     chunk = tmp_path / f"c{i}"
                     chunk.write_bytes(bytes(rec.data))
                     cmds += ["-c", f"write -s {chunk} {rec.offset} {len(rec.data)}"]

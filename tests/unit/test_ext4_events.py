@@ -8,9 +8,9 @@ import pytest
 
 from blocktrace.errors import UsageError
 from blocktrace.ext4.events import FileEvent
+from blocktrace.stream.registry import create_target
+from blocktrace.targets.introspect import IntrospectTarget
 from blocktrace.trace.options import parse_trace_spec
-from blocktrace.trace.targets import create_target
-from blocktrace.trace.targets.introspect import IntrospectTarget
 
 
 def test_json_omits_absent_fields_and_round_trips() -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from blocktrace.block.source import FileSource
 from blocktrace.ext4.engine import Ext4Engine
-from blocktrace.ext4.fs import Ext4FS, FileSource
+from blocktrace.ext4.fs import Ext4FS
 from blocktrace.ext4.ownership import OwnerKind
 from support import require, run
 

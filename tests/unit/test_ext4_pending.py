@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from blocktrace.block.source import FileSource
 from blocktrace.ext4.engine import Ext4Engine
-from blocktrace.ext4.fs import FileSource
 from support import require
 
 BS = 1024

@@ -90,22 +90,22 @@ def test_log_target_large_batches_keep_order_and_bytes(tmp_path: Path, direct: b
     order, each with its data, FUA, flush and mark entries in place."""
     import asyncio
 
-    from blocktrace.trace.records import RecordKind, TraceRecord
-    from blocktrace.trace.targets.base import TargetInfo
-    from blocktrace.trace.targets.logwrites import LogTarget
+    from blocktrace.stream.contract import TargetInfo
+    from blocktrace.stream.records import Record, RecordKind
+    from blocktrace.targets.logwrites import LogTarget
 
     rng = random.Random(7)
-    records: list[TraceRecord] = []
+    records: list[Record] = []
     for seq in range(1, 3001):
         if seq % 500 == 0:
-            records.append(TraceRecord(seq, RecordKind.FLUSH))
+            records.append(Record(seq, RecordKind.FLUSH))
         elif seq % 777 == 0:
-            records.append(TraceRecord(seq, RecordKind.MARK, name=f"m{seq}"))
+            records.append(Record(seq, RecordKind.MARK, name=f"m{seq}"))
         else:
             size = rng.choice([4096, 4096, 8192, 512 * 1024])
             off = rng.randrange(256) * 4096
             data = rng.randbytes(size)
-            records.append(TraceRecord(seq, RecordKind.WRITE, off, size, seq % 3 == 0, data))
+            records.append(Record(seq, RecordKind.WRITE, off, size, seq % 3 == 0, data))
 
     async def main() -> None:
         target = LogTarget(str(tmp_path / "t.log"), direct=direct)

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from blocktrace.errors import FormatError
 from blocktrace.replica.bitmap import DirtyBitmap
 from blocktrace.replica.meta import (
+    AttachMode,
     ReplicaMeta,
     SourceRecord,
     SplitBrainError,
-    SyncMode,
     decode_meta,
     encode_meta,
     load_meta,
@@ -128,9 +128,9 @@ def _source(gen: str = "g1", previous: str = "g0", fp: list[int] | None = None) 
 
 def test_plan_new_replica() -> None:
     src = SourceRecord("S")
-    assert plan_attach(None, None, src, "/r.img", size=1 << 20).mode is SyncMode.FULL
+    assert plan_attach(None, None, src, "/r.img", size=1 << 20).mode is AttachMode.FULL
     plan = plan_attach(None, None, src, "/r.img", size=1 << 20, sync="none")
-    assert plan.mode is SyncMode.NONE
+    assert plan.mode is AttachMode.NONE
 
 
 def test_plan_resume_clean_uses_bitmap() -> None:
@@ -138,20 +138,20 @@ def test_plan_resume_clean_uses_bitmap() -> None:
     bm.mark(0, 1)
     meta = _meta(clean=True, fingerprint=[1, 2])
     plan = plan_attach(meta, bm, _source(), "/r.img", size=1 << 20, replica_fingerprint=(1, 2))
-    assert plan.mode is SyncMode.BITMAP and str(G) in plan.reason
+    assert plan.mode is AttachMode.BITMAP and str(G) in plan.reason
     # the generation before the current one is accepted too (crash between the two saves)
     plan = plan_attach(_meta(generation="g0", clean=True), bm, _source(), "/r.img", size=1 << 20)
-    assert plan.mode is SyncMode.BITMAP
+    assert plan.mode is AttachMode.BITMAP
 
 
 def test_plan_unclean_compares_and_source_changed_compares() -> None:
     plan = plan_attach(_meta(clean=False), None, _source(), "/r.img", size=1 << 20)
-    assert plan.mode is SyncMode.COMPARE
+    assert plan.mode is AttachMode.COMPARE
     src = _source(fp=[100, 5])
     plan = plan_attach(
         _meta(clean=True), None, src, "/r.img", size=1 << 20, source_fingerprint=(100, 6)
     )
-    assert plan.mode is SyncMode.COMPARE and "source changed" in plan.reason
+    assert plan.mode is AttachMode.COMPARE and "source changed" in plan.reason
 
 
 def test_plan_refuses_other_source_unless_forced() -> None:
@@ -159,7 +159,7 @@ def test_plan_refuses_other_source_unless_forced() -> None:
     with pytest.raises(SplitBrainError, match="belongs to source OTHER"):
         plan_attach(meta, None, _source(), "/r.img", size=1 << 20)
     plan = plan_attach(meta, None, _source(), "/r.img", size=1 << 20, force=True)
-    assert plan.mode is SyncMode.FULL
+    assert plan.mode is AttachMode.FULL
 
 
 def test_plan_refuses_unknown_generation_and_out_of_band_writes() -> None:
@@ -171,7 +171,7 @@ def test_plan_refuses_unknown_generation_and_out_of_band_writes() -> None:
     plan = plan_attach(
         meta, None, _source(), "/r.img", size=1 << 20, replica_fingerprint=(10, 21), force=True
     )
-    assert plan.mode is SyncMode.COMPARE
+    assert plan.mode is AttachMode.COMPARE
 
 
 def test_rotate_generation_keeps_history() -> None:
@@ -183,7 +183,7 @@ def test_rotate_generation_keeps_history() -> None:
     assert src.replicas["/r.img"] == {"generation": gen, "previous": "g1", "fingerprint": None}
     # the rotated pair is accepted by the next attach
     meta.clean = True
-    assert plan_attach(meta, None, src, "/r.img", size=1 << 20).mode is SyncMode.BITMAP
+    assert plan_attach(meta, None, src, "/r.img", size=1 << 20).mode is AttachMode.BITMAP
 
 
 def test_source_record_roundtrip(tmp_path: Path) -> None:

@@ -13,19 +13,19 @@ from pathlib import Path
 
 from test_replica_target import SIZE, aio, same, setup
 
-from blocktrace.block.device import BlockDevice, ReadableBuffer
+from blocktrace.block.device import BlockDevice, PipelinedWrites, ReadableBuffer
 from blocktrace.block.file import FileDevice
 from blocktrace.block.filter import Filter
 from blocktrace.errors import BlockDeviceError
 from blocktrace.replica.meta import load_meta
+from blocktrace.targets.replica import LocalReplicaTarget
 from blocktrace.trace import TraceFilter, TraceOptions
 from blocktrace.trace.manager import Trace
-from blocktrace.trace.targets.replica import LocalReplicaTarget
 
 Callback = Callable[[BaseException | None], None]
 
 
-class HeldDevice(Filter):
+class HeldDevice(Filter, PipelinedWrites):
     """An NBD-like replica device: ``start_write`` sends now and completes when released;
     every send (direct or not) is logged in order."""
 

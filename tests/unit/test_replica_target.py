@@ -22,9 +22,10 @@ from blocktrace.block.file import FileDevice
 from blocktrace.block.filter import Filter
 from blocktrace.errors import BlockDeviceError, TargetError
 from blocktrace.exports import ExportRegistry, open_export
+from blocktrace.qmp.jobs import job_info
 from blocktrace.replica.meta import SourceRecord, load_meta
+from blocktrace.targets.replica import LocalReplicaTarget
 from blocktrace.trace import TraceFilter, TraceManager, TraceOptions
-from blocktrace.trace.targets.replica import LocalReplicaTarget
 
 MiB = 1024 * 1024
 SIZE = 4 * MiB
@@ -99,7 +100,7 @@ async def replicate(
     # (over 1 MiB, so that the filter records them as TRIM/ZERO rather than as data)
     await filt.trim(MiB, 1536 * 1024)
     await filt.write_zeroes(2 * MiB + 4096, 1280 * 1024)
-    info = trace.info()
+    info = job_info(trace)
     await trace.stop()
     await filt.close()
     return {**info["target"], "status": info["status"], "seq": filt.seq}

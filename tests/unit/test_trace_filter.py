@@ -22,8 +22,8 @@ import pytest
 from blocktrace.block.device import ReadableBuffer
 from blocktrace.block.memory import MemoryDevice
 from blocktrace.exports import Export, ExportRegistry
+from blocktrace.targets.memory import MemoryTarget, replay
 from blocktrace.trace import RecordKind, TraceFilter, TraceManager, TraceOptions
-from blocktrace.trace.targets.memory import MemoryTarget, replay
 
 SIZE = 256 * 1024
 

@@ -14,6 +14,9 @@ import pytest
 from blocktrace.block.memory import MemoryDevice
 from blocktrace.errors import BlockDeviceError, StateError, UsageError
 from blocktrace.exports import Export, ExportRegistry
+from blocktrace.qmp.jobs import job_info
+from blocktrace.stream.records import RECORD_OVERHEAD
+from blocktrace.targets.memory import MemoryTarget, replay
 from blocktrace.trace import (
     EventKind,
     JobStatus,
@@ -24,8 +27,6 @@ from blocktrace.trace import (
     TraceManager,
     TraceOptions,
 )
-from blocktrace.trace.records import RECORD_OVERHEAD
-from blocktrace.trace.targets.memory import MemoryTarget, replay
 
 SIZE = 1024 * 1024
 MiB = 1024 * 1024
@@ -82,9 +83,9 @@ def test_events_follow_qemu_job_life() -> None:
         seen: list[tuple[str, str]] = []
         mgr.add_listener(lambda t, e: seen.append((e.kind.value, e.status.value)))
         tr = await mgr.start("j1", "disk", MemoryTarget())
-        assert mgr.get("j1") is tr and tr.ready and tr.info()["status"] == "ready"
+        assert mgr.get("j1") is tr and tr.ready and job_info(tr)["status"] == "ready"
         tr.pause()
-        assert tr.status is JobStatus.STANDBY and tr.info()["paused"]
+        assert tr.status is JobStatus.STANDBY and job_info(tr)["paused"]
         tr.resume()
         await tr.stop()
         assert mgr.find("j1") is None and tr.status is JobStatus.NULL
@@ -250,7 +251,7 @@ def test_on_target_error_report_fails_writes_until_stopped(mode: str) -> None:
                 assert exc.errno == errno.EIO
                 errors += 1
         assert errors >= 20 and tr.error and "No space" in tr.error
-        assert tr.io_status == "nospace" and tr.info()["io-status"] == "nospace"
+        assert tr.io_status == "nospace" and job_info(tr)["io-status"] == "nospace"
         err = [e for e in events if e.kind is EventKind.ERROR]
         assert len(err) == 1 and err[0].action == "report"
         with pytest.raises(BlockDeviceError):  # the image cannot run ahead of the stream

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import errno
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntFlag
 
@@ -47,6 +48,10 @@ class Extent:
     flags: ExtentFlags
 
 
+#: ``callback(None)`` once a started write completed, ``callback(exc)`` if it failed
+WriteCallback = Callable[[BaseException | None], None]
+
+
 class BlockDevice(abc.ABC):
     """A flat, byte-addressed disk.  Subclasses set the attributes in ``__init__``."""
 
@@ -67,6 +72,18 @@ class BlockDevice(abc.ABC):
     can_extents: bool = True
     #: Every connection shares this one object, so FLUSH on one covers writes on all.
     can_multi_conn: bool = True
+    #: write, write_zeroes and trim are applied before their coroutine first suspends (a
+    #: ``pwrite`` on the loop thread): nothing else runs between the call and the change,
+    #: which the trace filter's ordering and the synchronous applier rely on.  FUA and
+    #: ``flush`` may still suspend.
+    applies_inline: bool = False
+
+    @property
+    def keeps_payloads(self) -> bool:
+        """True while a WRITE's ``bytes`` payload is kept by reference after the call returns
+        (a trace records it): the NBD server then receives large payloads into fresh ``bytes``
+        objects instead of a reused buffer that would have to be copied."""
+        return False
 
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> ReadableBuffer:
@@ -119,3 +136,17 @@ class BlockDevice(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release resources.  Called once, after the last request completed."""
+
+
+class PipelinedWrites(BlockDevice):
+    """A device that can have many writes in flight without a task each (an NBD client: one
+    send, completions from the reply handler).  A capability, declared by inheriting it."""
+
+    @abc.abstractmethod
+    async def write_many(self, items: Sequence[tuple[int, ReadableBuffer, bool]]) -> None:
+        """Several non-overlapping writes ``(offset, data, fua)``, in flight together."""
+
+    @abc.abstractmethod
+    def start_write(self, offset: int, data: ReadableBuffer, callback: WriteCallback) -> bool:
+        """Start one plain WRITE now, without a task or a future; ``callback`` reports its
+        completion.  False, with nothing started, when it cannot go this way (use ``write``)."""

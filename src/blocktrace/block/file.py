@@ -19,8 +19,15 @@ import ctypes.util
 import errno
 import os
 import stat
+from collections.abc import Sequence
 
-from blocktrace.block.device import BlockDevice, Extent, ExtentFlags, ReadableBuffer
+from blocktrace.block.device import (
+    Extent,
+    ExtentFlags,
+    PipelinedWrites,
+    ReadableBuffer,
+    WriteCallback,
+)
 from blocktrace.errors import BlockDeviceError, UsageError
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -39,8 +46,31 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-class FileDevice(BlockDevice):
+#: fsync(2) errors that mean "this file system cannot sync a directory", not "it failed"
+_NO_DIR_SYNC = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make the directory entries of ``directory`` durable (a file created or renamed in it).
+
+    A file system that cannot sync directories (EINVAL/EOPNOTSUPP from ``fsync``) is not an
+    error: there is nothing more to do there.  Any other failure raises ``OSError``, since a
+    caller that asks for this is about to promise durability.
+    """
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_DIR_SYNC:
+            raise
+    finally:
+        os.close(fd)
+
+
+class FileDevice(PipelinedWrites):
     """A raw disk image (regular file or block device) opened read-write or read-only."""
+
+    applies_inline = True
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
         self.path = os.fspath(path)
@@ -94,6 +124,24 @@ class FileDevice(BlockDevice):
                 raise OSError(errno.ENOSPC, "short write")
             view = view[n:]
             offset += n
+
+    async def write_many(self, items: Sequence[tuple[int, ReadableBuffer, bool]]) -> None:
+        for offset, data, fua in items:
+            await self.write(offset, data, fua=fua)
+
+    def start_write(self, offset: int, data: ReadableBuffer, callback: WriteCallback) -> bool:
+        """``pwrite`` now and report at once: the write is done before this returns."""
+        try:
+            self._check_writable()
+            self.pwrite_all(data, offset)
+        except OSError as exc:
+            callback(BlockDeviceError.from_oserror(exc))
+            return True
+        except BlockDeviceError as exc:
+            callback(exc)
+            return True
+        callback(None)
+        return True
 
     async def flush(self) -> None:
         if self.read_only:

@@ -12,6 +12,8 @@ from blocktrace.errors import BlockDeviceError
 class MemoryDevice(BlockDevice):
     """``size`` bytes of RAM, initially zero.  Flush is a no-op (nothing is ever durable)."""
 
+    applies_inline = True
+
     def __init__(self, size: int, *, read_only: bool = False, data: bytes | None = None) -> None:
         self.size = size
         self.read_only = read_only

@@ -17,7 +17,7 @@ import click
 from blocktrace.crashcheck.record import ENV_JOB, ENV_SOCKET, MKFS
 from blocktrace.crashcheck.record import record as do_record
 from blocktrace.errors import UsageError
-from blocktrace.trace.options import parse_size
+from blocktrace.stream.schema import parse_size
 
 
 @click.command(context_settings={"ignore_unknown_options": False})

@@ -15,7 +15,8 @@ import click
 from blocktrace.errors import UsageError
 from blocktrace.exports import default_export_name
 from blocktrace.service import DEFAULT_SOCKET, Service, ServiceConfig, parse_listen, run
-from blocktrace.trace.startup import install_traces
+from blocktrace.stream.registry import targets
+from blocktrace.trace.options import TraceSpec, parse_trace_spec
 
 
 def parse_image_arg(arg: str) -> tuple[str, str]:
@@ -54,7 +55,54 @@ def build_config(
     )
 
 
-@click.command()
+def targets_epilog() -> str:
+    """``--trace`` target types and their options, from the target registry (the schemas)."""
+    lines = ["Trace targets (--trace [EXPORT=]TYPE:ARG[,OPTION=VALUE...]):"]
+    for ttype in targets():
+        lines += ["", "\b", *ttype.usage().splitlines()]
+    return "\n".join(lines)
+
+
+log = logging.getLogger("blocktrace.trace")
+
+
+def install_traces(service: Service, specs: tuple[str, ...] | list[str]) -> list[TraceSpec]:
+    """Parse ``--trace`` values and register a startup hook that starts them."""
+    parsed = [parse_trace_spec(s) for s in specs]
+    ids = [p.job_id for p in parsed if p.job_id]
+    if len(ids) != len(set(ids)):
+        raise UsageError("--trace: duplicate job-id")
+    if not parsed:
+        return parsed
+
+    async def start_traces(svc: Service) -> None:
+        default = svc.registry.default
+        used = set(ids)
+        n = 0
+        for spec in parsed:
+            export = spec.export or (default.name if default is not None else "")
+            if export not in svc.registry:
+                raise UsageError(f"--trace: no export named {export!r}")
+            job_id = spec.job_id
+            if not job_id:
+                while f"trace{n}" in used:
+                    n += 1
+                job_id = f"trace{n}"
+            used.add(job_id)
+            trace = await svc.traces.start(job_id, export, spec.target, spec.options)
+            log.info(
+                "trace %s: %s -> %s (%s)",
+                job_id,
+                export,
+                trace.target.name,
+                ", ".join(f"{k}={v}" for k, v in spec.options.to_dict().items()),
+            )
+
+    service.startup_hooks.append(start_traces)
+    return parsed
+
+
+@click.command(epilog=targets_epilog())
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE [NAME=IMAGE]...")
 @click.option(
     "--socket",
@@ -75,11 +123,9 @@ def build_config(
     "traces",
     multiple=True,
     metavar="[EXPORT=]TYPE:ARG[,OPT=VAL...]",
-    help="Trace an export from the start; TYPE:ARG is log:PATH (dm-log-writes log), "
-    "replica:PATH (raw image), nbd:URI (remote export) or introspect:PATH (ext4 events as "
-    "JSON lines).  Options: sync=none|full, copy-mode=background|write-blocking, "
-    "on-target-error=report|break, queue-size=64M, sector-size=512, job-id=ID, force=on "
-    "(replace an existing log or events file); repeatable.  "
+    help="Trace an export from the start; TYPE:ARG and the target's options are listed "
+    "below.  Trace options: sync=none|full, copy-mode=background|write-blocking, "
+    "on-target-error=report|break, queue-size=64M, job-id=ID; repeatable.  "
     "See docs/trace.md.",
 )
 @click.option(

@@ -63,7 +63,8 @@ def watch(
     """
     import os
 
-    from blocktrace.ext4.watcher import Watcher, follow_log_records, log_records
+    from blocktrace.ext4.watcher import Watcher
+    from blocktrace.logwrites.records import follow_log_records, log_records
 
     for path, what in ((base_image, "base image"), (log, "log")):
         if not os.path.isfile(path) and not (follow and path == log):

@@ -26,7 +26,8 @@ def annotate_ext4(results: list[PointResult], base: str, log: str) -> str | None
     failing = [r for r in results if not r.passed]
     if not failing:
         return None
-    from blocktrace.ext4.watcher import Watcher, log_records
+    from blocktrace.ext4.watcher import Watcher
+    from blocktrace.logwrites.records import log_records
 
     by_record: dict[int, set[str]] = {}
     errors: list[tuple[int, str]] = []

@@ -21,7 +21,6 @@ introspection engine refills per record, so no single record can make a settle r
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -70,28 +69,6 @@ class ByteSource(Protocol):
     length: int
 
     def pread(self, offset: int, length: int) -> bytes: ...
-
-
-class FileSource:
-    """A raw image file (or a slice of it, for a partition); reads past the end give zeroes."""
-
-    def __init__(
-        self, path: str | os.PathLike[str], offset: int = 0, length: int | None = None
-    ) -> None:
-        self._fd = os.open(path, os.O_RDONLY)
-        self.offset = offset
-        total = os.lseek(self._fd, 0, os.SEEK_END)  # also right for block devices
-        self.length = max(0, total - offset) if length is None else length
-
-    def pread(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length <= 0:
-            return b""
-        avail = max(0, min(length, self.length - offset))
-        data = os.pread(self._fd, avail, self.offset + offset) if avail else b""
-        return data + bytes(length - len(data)) if len(data) < length else data
-
-    def close(self) -> None:
-        os.close(self._fd)
 
 
 class SourceBlocks:

@@ -3,11 +3,13 @@
 :class:`Watcher` finds the file systems on the base image (:mod:`.partitions`), gives each ext4
 one an :class:`~blocktrace.ext4.engine.Ext4Engine`, and routes every record of the stream to
 the engines whose partition it touches (offsets made partition-relative).  The stream is a
-sequence of :class:`StreamRecord` values; adapters make them from a dm-log-writes log
-(:func:`log_records`) or from the trace engine's ``TraceRecord`` objects
-(:func:`from_trace_record`), so the same watcher follows a recorded log and a live trace.
+sequence of the stream's one record type, :class:`~blocktrace.stream.records.Record`, from a
+dm-log-writes log (:func:`blocktrace.logwrites.records.log_records`) or from a live trace
+(the ``introspect`` target), so the same watcher follows a recorded log and a live trace.
 
 Example::
+
+    from blocktrace.logwrites.records import log_records
 
     with Watcher("base.img") as w:
         for event in w.feed(log_records("trace.log")):
@@ -16,109 +18,19 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import os
-import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+from blocktrace.block.source import FileSource
 from blocktrace.errors import FormatError
 from blocktrace.ext4.engine import DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_BYTES, Ext4Engine
 from blocktrace.ext4.events import FileEvent
-from blocktrace.ext4.fs import FileSource
 from blocktrace.ext4.partitions import Partition, discover, slice_source
 from blocktrace.ext4.structs import Ext4FormatError
-from blocktrace.logwrites.format import LogFlag
+from blocktrace.stream.records import Record, RecordKind
 
-WRITE, ZERO, DISCARD, FLUSH, MARK = "write", "zero", "discard", "flush", "mark"
-#: plain ints: ``int & IntFlag`` goes through enum's Python ``__and__`` (per record)
-_FUA, _FLUSH, _DISCARD, _MARK = (
-    int(f) for f in (LogFlag.FUA, LogFlag.FLUSH, LogFlag.DISCARD, LogFlag.MARK)
-)
-
-
-@dataclass(frozen=True, slots=True)
-class StreamRecord:
-    """One record of a write stream, whatever produced it."""
-
-    index: int  #: record number reported in events (log entry index, trace sequence number)
-    kind: str  #: write | zero | discard | flush | mark
-    offset: int = 0
-    length: int = 0
-    data: bytes | memoryview | None = None
-    fua: bool = False
-
-
-def log_records(path: str | os.PathLike[str], *, verify: bool = True) -> Iterator[StreamRecord]:
-    """The records of a dm-log-writes log (kernel, QEMU blklogwrites or blocktrace)."""
-    from blocktrace.logwrites.reader import LogReader
-
-    with LogReader(path, verify=verify) as reader:
-        for entry in reader.entries(with_data=True):
-            yield from _entry_records(entry)
-
-
-def follow_log_records(
-    path: str | os.PathLike[str],
-    *,
-    verify: bool = True,
-    poll: float = 0.2,
-    stop: Callable[[], bool] | None = None,
-) -> Iterator[StreamRecord]:
-    """Like :func:`log_records`, for a log still being written (``tail -f``): yields entries as
-    the log's super block counts them (a writer counts entries when it syncs, i.e. at the
-    guest's flushes), until the ``dm-log-writes-end`` mark or until ``stop()`` is true.
-
-    Each refresh re-reads the super block and walks the entry headers from the start (the
-    reader's public API), so a refresh costs O(entries); it happens only when the count grew.
-    A log without a super block yet (QEMU writes it at the first flush) is waited for.
-    """
-    from blocktrace.logwrites.format import BadSuperBlock
-    from blocktrace.logwrites.reader import LogReader
-    from blocktrace.logwrites.writer import END_MARK
-
-    done = 0
-    while True:
-        reader: LogReader | None = None
-        if os.path.exists(path):
-            with contextlib.suppress(BadSuperBlock):  # no super block yet: wait
-                reader = LogReader(path, verify=verify)
-        if reader is not None:
-            with reader:
-                if reader.nr_entries > done:
-                    for entry in reader.entries(done, with_data=True):
-                        yield from _entry_records(entry)
-                        done = entry.index + 1
-                        if entry.mark == END_MARK:
-                            return
-        if stop is not None and stop():
-            return
-        time.sleep(poll)
-
-
-def _entry_records(e: Any) -> Iterator[StreamRecord]:
-    header = e.header
-    flags = header.flags
-    if flags & _MARK:
-        yield StreamRecord(e.index, MARK)
-        return
-    if header.nr_sectors:
-        if flags & _DISCARD:
-            kind = ZERO if e.is_zeroes else DISCARD
-            yield StreamRecord(e.index, kind, e.target_offset, e.length)
-        else:
-            yield StreamRecord(
-                e.index, WRITE, e.target_offset, e.length, e.read_data(), bool(flags & _FUA)
-            )
-    if flags & _FLUSH:
-        yield StreamRecord(e.index, FLUSH)
-
-
-def from_trace_record(rec: Any) -> StreamRecord:
-    """Adapt a :class:`blocktrace.trace.records.TraceRecord` (duck-typed to avoid the import)."""
-    kind = {"write": WRITE, "zero": ZERO, "trim": DISCARD, "flush": FLUSH}.get(rec.kind.value, MARK)
-    return StreamRecord(rec.seq, kind, rec.offset, rec.length, rec.data, rec.fua)
+WRITE, ZERO, TRIM, FLUSH = RecordKind.WRITE, RecordKind.ZERO, RecordKind.TRIM, RecordKind.FLUSH
 
 
 class Watcher:
@@ -176,26 +88,27 @@ class Watcher:
             if lo < hi:
                 yield lo, hi, engine
 
-    def process(self, rec: StreamRecord) -> list[FileEvent]:
-        """Feed one record; returns the events it revealed."""
+    def process(self, rec: Record) -> list[FileEvent]:
+        """Feed one record; returns the events it revealed (reported under ``rec.seq``)."""
         out = self.errors
         self.errors = []
-        self.last_record = rec.index
-        if rec.kind == WRITE and rec.data is not None:
+        index = self.last_record = rec.seq
+        kind = rec.kind
+        if kind is WRITE and rec.data is not None:
             mv = memoryview(rec.data)
             for lo, hi, engine in self._pieces(rec.offset, len(mv)):
                 start = lo - rec.offset
                 part_off = lo - self._offset_of(engine)
-                out += engine.write(rec.index, part_off, mv[start : start + hi - lo])
-        elif rec.kind == ZERO:
+                out += engine.write(index, part_off, mv[start : start + hi - lo])
+        elif kind is ZERO:
             for lo, hi, engine in self._pieces(rec.offset, rec.length):
-                out += engine.zero(rec.index, lo - self._offset_of(engine), hi - lo)
-        elif rec.kind == DISCARD:
+                out += engine.zero(index, lo - self._offset_of(engine), hi - lo)
+        elif kind is TRIM:
             for lo, hi, engine in self._pieces(rec.offset, rec.length):
-                out += engine.discard(rec.index, lo - self._offset_of(engine), hi - lo)
-        elif rec.kind == FLUSH:
+                out += engine.discard(index, lo - self._offset_of(engine), hi - lo)
+        elif kind is FLUSH:
             for _, engine in self.engines:
-                out += engine.flush(rec.index)
+                out += engine.flush(index)
         return out
 
     def _offset_of(self, engine: Ext4Engine) -> int:
@@ -212,7 +125,7 @@ class Watcher:
             out += engine.finish(self.last_record)
         return out
 
-    def feed(self, records: Iterable[StreamRecord], *, finish: bool = True) -> Iterator[FileEvent]:
+    def feed(self, records: Iterable[Record], *, finish: bool = True) -> Iterator[FileEvent]:
         for rec in records:
             yield from self.process(rec)
         if finish:

@@ -19,7 +19,6 @@ entry and durability logic stays readable and the I/O tricks stay in one place:
   they go out as one large write.
 * :data:`fast_crc32` is libdeflate's CRC-32 through ctypes where installed: the same CRC as
   zlib's, 3-10x faster and computed without the GIL; it is checked against zlib at load time.
-* :func:`fsync_dir` makes a new log's directory entry durable.
 
 Errors are raised as ``OSError``; the writer turns them into its sticky failed state.
 """
@@ -381,20 +380,6 @@ def advance(bufs: list[Buffer], n: int) -> list[Buffer]:
     return out
 
 
-def fsync_dir(path: str) -> None:
-    """Make a new file's directory entry durable (best effort: some filesystems refuse)."""
-    try:
-        dfd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
 __all__ = [
     "MAX_IOV",
     "PACK_BYTES",
@@ -406,6 +391,5 @@ __all__ = [
     "advance",
     "bytes_address",
     "fast_crc32",
-    "fsync_dir",
     "load_fast_crc32",
 ]

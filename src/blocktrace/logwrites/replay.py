@@ -4,10 +4,17 @@ Design: entry *selection* is separated from *applying*.  :func:`select_entries` 
 xfstests' ``replay-log`` walk exactly (``--start-entry``/``--start-mark`` positioning, then
 ``--limit``/``--next-flush``/``--next-fua``/``--end-mark`` stop tests, each inclusive of the
 entry that triggers it, including replay-log's quirk that ``--end-mark`` disables the FLUSH/FUA
-stops); the appliers (:class:`FileTarget`, :func:`replay_to_device`) only turn entries into I/O.
+stops); applying is the stream's one applier (:mod:`blocktrace.stream.apply`) on the log's
+records (:mod:`blocktrace.logwrites.records`): synchronously on a file or block device
+(:func:`replay`, a :class:`~blocktrace.block.file.FileDevice`), awaited on any
+:class:`BlockDevice` (:func:`replay_to_device`).  A log is untrusted input: every entry's range
+is admitted by :func:`check_entry_bounds` before anything is applied (the target is never
+written outside nor grown unless ``grow``), and a WRITE's payload reaches the applier as one
+record per piece of at most ``CHUNK_BYTES`` (:func:`entry_data_records`), so memory stays
+bounded whatever an entry claims.
 
-Deliberate difference from replay-log: a DISCARD always makes its range read as zeroes (hole
-punch or zero range on files, BLKZEROOUT on block devices, ``write_zeroes`` on a BlockDevice),
+Deliberate difference from replay-log: a DISCARD always makes its range read as zeroes (the
+applier's ``write_zeroes``: hole punch or zero range, on files and block devices alike),
 whatever its size, because blocktrace logs WRITE_ZEROES as discards and every blocktrace backend
 reads trimmed ranges back as zeroes.  replay-log zero-fills on regular files too but skips
 discards over 128 MiB (blocktrace's writer never emits those) and uses BLKDISCARD on devices.
@@ -17,32 +24,26 @@ Also, an empty log replays nothing successfully, where replay-log fails "Invalid
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import shutil
 import stat
-import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
 from blocktrace.block.device import BlockDevice
-from blocktrace.block.file import (
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
-    FALLOC_FL_ZERO_RANGE,
-    fallocate,
-)
-from blocktrace.errors import BlocktraceError, UsageError
+from blocktrace.block.file import FileDevice
+from blocktrace.errors import BlockDeviceError, UsageError
 from blocktrace.logwrites.format import LogFlag, LogFormatError
 from blocktrace.logwrites.reader import LogEntry, LogReader, file_kind
+from blocktrace.logwrites.records import entry_records
 from blocktrace.outfile import open_output, output_mode
+from blocktrace.stream.apply import apply_inline, apply_record
+from blocktrace.stream.records import Record, RecordKind
 
 #: replay-log truncates ``--start-mark``/``--end-mark`` to ``4097 - sizeof(entry)`` characters.
 MARK_ARG_MAX = 4097 - 40
-_BLKZEROOUT = 0x127F
-_ZERO_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,13 +175,12 @@ class BadEntry(LogFormatError):
     The message names the entry, its byte offset in the log and what is wrong, in one line."""
 
 
-class ReplayIOError(BlocktraceError):
+class ReplayIOError(BlockDeviceError):
     """Applying an entry failed on the target (EFBIG, ENOSPC, EIO...): one line naming the
-    entry; ``errno`` says why."""
+    entry; ``errno`` says why (EOVERFLOW for an offset no system call takes)."""
 
-    def __init__(self, message: str, errno: int | None) -> None:
-        super().__init__(message)
-        self.errno = errno
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(errno, message)
 
 
 def check_entry_bounds(entry: LogEntry, target_size: int, *, grow: bool = False) -> None:
@@ -205,92 +205,34 @@ def check_entry_bounds(entry: LogEntry, target_size: int, *, grow: bool = False)
         raise BadEntry(problem, entry=entry.index, offset=entry.offset, path=entry.log_path)
 
 
-def _open_target_fd(path: str) -> tuple[int, os.stat_result]:
-    """Open a replay target for writing without blocking, and refuse what is not an image.
+def open_target(path: str | os.PathLike[str]) -> FileDevice:
+    """The replay target, an existing file or block device, as the stream's block device.
 
-    O_NONBLOCK, then ``fstat``, before anything is written: a FIFO would block the open and a
-    character device (``/dev/zero``) accepts writes it does not keep.  Only regular files and
-    block devices (loop devices, real disks) are replay targets.
+    Only regular files and block devices (loop devices, real disks) are replay targets: a
+    character device (``/dev/zero``) accepts writes it does not keep, and a FIFO would take
+    the data away.  The open does not block on a FIFO (``O_RDWR``), and the type is checked
+    on the opened descriptor (``fstat``) before anything is written.
     """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        raise UsageError(f"cannot open replay target {path}: {exc.strerror}") from exc
-    st = os.fstat(fd)
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        os.close(fd)
+        device = FileDevice(path)
+    except UsageError as exc:
+        raise UsageError(f"cannot open replay target {os.fspath(path)}: {exc}") from None
+    mode = os.fstat(device.fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(device.fd)
         raise UsageError(
-            f"replay target {path} is {file_kind(st.st_mode)}, not a regular file or block device"
+            f"replay target {os.fspath(path)} is {file_kind(mode)}, "
+            "not a regular file or block device"
         )
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-    return fd, st
+    return device
 
 
-class FileTarget:
-    """Apply entries to a regular file or block device with ``pwrite``/hole punching.
-
-    Callers check every range first (:func:`check_entry_bounds` against :attr:`size`); these
-    methods trust their arguments."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        self.fd, st = _open_target_fd(self.path)
-        self.is_block = stat.S_ISBLK(st.st_mode)
-        self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block else st.st_size
-
-    @property
-    def can_grow(self) -> bool:
-        return not self.is_block
-
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            if n <= 0:  # a device that takes nothing would otherwise loop forever
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            view = view[n:]
-            offset += n
-        self.size = max(self.size, offset)
-
-    def zero(self, offset: int, length: int) -> None:
-        """Make ``[offset, offset+length)`` read as zeroes, extending a file like zero-fill."""
-        if self.is_block:
-            try:
-                fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
-                return
-            except OSError:
-                pass
-        else:
-            size = os.fstat(self.fd).st_size
-            for mode in (
-                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
-            ):
-                try:
-                    fallocate(self.fd, mode, offset, length)
-                except OSError as exc:
-                    if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
-                        continue
-                    raise
-                if offset + length > size:
-                    os.ftruncate(self.fd, offset + length)
-                    self.size = offset + length
-                return
-        # no hole punching here: write zeroes (the range was checked against the target)
-        zero = bytes(min(length, _ZERO_CHUNK))
-        end = offset + length
-        while offset < end:
-            n = min(len(zero), end - offset)
-            self.write(offset, zero[:n])
-            offset += n
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+def _close_target(device: FileDevice) -> None:
+    """Make the replayed image durable (``fsync``), then close it."""
+    try:
+        os.fsync(device.fd)
+    finally:
+        os.close(device.fd)
 
 
 Progress = Callable[[LogEntry], None]
@@ -313,22 +255,24 @@ def replay(
     reader = log if isinstance(log, LogReader) else LogReader(log)
     result = ReplayResult()
     try:
-        target = FileTarget(image)
+        device = open_target(image)
     except BaseException:
         if not isinstance(log, LogReader):
             reader.close()
         raise
+    size = device.size
+    can_grow = not device.is_block_device
     try:
         for entry in select_entries(reader, opts, result):
-            if _admit(entry, target.size, opts, result, can_grow=target.can_grow):
-                with _io_errors(entry, target.path):
-                    _apply_sync(target, entry, opts, result)
+            if _admit(entry, size, opts, result, can_grow=can_grow):
+                with _io_errors(entry, device.path):
+                    size = _apply_sync(device, entry, opts, result, size)
             if progress is not None:
                 progress(entry)
     finally:
         try:
-            with _io_errors(None, target.path):
-                target.close()
+            with _io_errors(None, device.path):
+                _close_target(device)
         finally:
             if not isinstance(log, LogReader):
                 reader.close()
@@ -357,34 +301,56 @@ def _admit(
 
 @contextmanager
 def _io_errors(entry: LogEntry | None, path: str) -> Iterator[None]:
-    """Turn an ``OSError``/``OverflowError`` from the target into one line naming the entry."""
+    """Turn an I/O error from the target (the device's ``BlockDeviceError``, an ``OSError``
+    or ``OverflowError``) into one line naming the entry, keeping its errno."""
     where = f"entry {entry.index} (log byte {entry.offset}): " if entry is not None else ""
     try:
         yield
+    except BlockDeviceError as exc:
+        cause = exc.__cause__
+        why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(exc)
+        raise ReplayIOError(f"replay target {path}: {where}{why}", exc.errno) from exc
     except OSError as exc:
         raise ReplayIOError(
-            f"replay target {path}: {where}{exc.strerror or exc}", exc.errno
+            f"replay target {path}: {where}{exc.strerror or exc}", exc.errno or errno.EIO
         ) from exc
     except OverflowError as exc:
-        raise ReplayIOError(f"replay target {path}: {where}{exc}", None) from exc
+        raise ReplayIOError(f"replay target {path}: {where}{exc}", errno.EOVERFLOW) from exc
+
+
+def entry_data_records(entry: LogEntry) -> Iterator[Record]:
+    """The data records of one entry, a WRITE's payload streamed: one WRITE record per piece
+    of at most :data:`~blocktrace.logwrites.reader.CHUNK_BYTES` (whatever size the entry
+    claims, memory stays bounded); a DISCARD is its one ZERO or TRIM record."""
+    if entry.is_discard:
+        yield from (rec for rec in entry_records(entry) if rec.kind.is_data)
+        return
+    base = entry.target_offset
+    fua = bool(entry.flags & LogFlag.FUA)
+    for off, piece in entry.data_chunks():
+        data = piece if isinstance(piece, bytes) else bytes(piece)
+        yield Record(entry.index, RecordKind.WRITE, base + off, len(data), fua, data)
 
 
 def _apply_sync(
-    target: FileTarget, entry: LogEntry, opts: ReplayOptions, result: ReplayResult
-) -> None:
-    if not entry.is_data:
-        return
+    device: FileDevice, entry: LogEntry, opts: ReplayOptions, result: ReplayResult, size: int
+) -> int:
+    """One entry through the stream's applier, synchronously (a file applies inline), its
+    range already admitted; returns the target's size after it (a file grows only when
+    ``grow`` admitted a range past its end)."""
+    if not entry.is_data or (entry.is_discard and opts.no_discard):
+        return size
+    for rec in entry_data_records(entry):
+        apply_inline(device, rec)
+    end = entry.target_offset + entry.length
     if entry.is_discard:
-        if opts.no_discard:
-            return
-        target.zero(entry.target_offset, entry.length)
+        if end > size:  # zeroes past the end of a growing file: extend it, like zero-fill
+            os.ftruncate(device.fd, end)
         result.bytes_zeroed += entry.length
     else:
-        base = entry.target_offset
-        for off, piece in entry.data_chunks(reuse=True):  # written at once: reuse is safe
-            target.write(base + off, piece)
         result.bytes_written += entry.length
     result.applied += 1
+    return max(size, end)
 
 
 async def replay_to_device(
@@ -403,12 +369,11 @@ async def replay_to_device(
                 continue
             if not _admit(entry, device.size, opts, result, can_grow=False):
                 continue
+            for rec in entry_data_records(entry):
+                await apply_record(device, rec, fua=False)
             if entry.is_discard:
-                await device.write_zeroes(entry.target_offset, entry.length, may_trim=True)
                 result.bytes_zeroed += entry.length
             else:
-                for off, piece in entry.data_chunks():
-                    await device.write(entry.target_offset + off, piece)
                 result.bytes_written += entry.length
             result.applied += 1
         await device.flush()
@@ -466,14 +431,15 @@ def count_records(log: str | os.PathLike[str]) -> int:
 
 __all__ = [
     "BadEntry",
-    "FileTarget",
     "ReplayIOError",
     "ReplayOptions",
     "ReplayResult",
     "check_entry_bounds",
     "count_records",
     "entries_for_records",
+    "entry_data_records",
     "find",
+    "open_target",
     "replay",
     "replay_records",
     "replay_to_device",

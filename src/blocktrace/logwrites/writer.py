@@ -61,11 +61,11 @@ from dataclasses import dataclass
 from typing import Literal
 from zlib import crc32
 
+from blocktrace.block.file import fsync_dir
 from blocktrace.errors import StateError, TargetError, UsageError
 from blocktrace.logwrites.fileio import MAX_IOV as _MAX_IOV
 from blocktrace.logwrites.fileio import Buffer, LogFile, OpenHeader, PackBuffer
 from blocktrace.logwrites.fileio import fast_crc32 as _fast_crc32
-from blocktrace.logwrites.fileio import fsync_dir as _fsync_dir
 from blocktrace.logwrites.format import (
     _CRC_FIELD,
     REPLAY_LOG_MAX_ZERO_SIZE,
@@ -100,8 +100,7 @@ class LogWriteError(TargetError):
     """Writing the log failed; ``errno`` (ENOSPC, EIO...) says why.  Sticky per writer."""
 
     def __init__(self, target: str, message: str, errno: int) -> None:
-        super().__init__(target, message)
-        self.errno = errno
+        super().__init__(target, message, errno)
 
 
 @dataclass(slots=True)
@@ -226,7 +225,7 @@ class LogWriter:
             )
             os.pwrite(fd, self._super_bytes(0), 0)
             os.fdatasync(fd)
-            _fsync_dir(p)
+            fsync_dir(os.path.dirname(os.path.abspath(p)) or ".")
         except OSError as exc:
             os.close(fd)
             raise TargetError(p, f"cannot create log: {exc.strerror}") from exc

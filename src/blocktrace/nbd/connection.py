@@ -358,7 +358,11 @@ class NBDConnection(asyncio.BufferedProtocol):
                 if end - pos < total:
                     if total > len(self._buf):
                         # Large WRITE: give it its own buffer the loop fills directly.
-                        if OWNED_PAYLOADS and getattr(self._device, "keeps_payloads", False):
+                        if (
+                            OWNED_PAYLOADS
+                            and self._device is not None
+                            and self._device.keeps_payloads
+                        ):
                             self._payload, self._payload_view = owned_payload(length)
                         else:
                             spare, self._spare = self._spare, None

@@ -33,6 +33,8 @@ class ServiceAPI(Protocol):
     """What the QMP layer needs from the running server (:class:`blocktrace.service.Service`)."""
 
     registry: ExportRegistry
+    #: the server's traces (QMP's block jobs)
+    traces: TraceManager
 
     def add_export(
         self, name: str, path: str, *, read_only: bool = False, description: str = ""
@@ -50,9 +52,7 @@ class Control:
         from blocktrace.qmp.jobs import JobRegistry  # jobs imports this module's types
 
         if trace_manager is None:
-            trace_manager = getattr(service, "traces", None)
-        if trace_manager is None:
-            raise TypeError("the service has no trace manager ('traces')")
+            trace_manager = service.traces
 
         self.service = service
         #: serialises commands that change exports or jobs (no half-applied races)

@@ -17,9 +17,9 @@ and closed), then ``BLOCK_JOB_COMPLETED`` (the trace was ready: the stream is co
 Races: commands that create or end jobs, or add or remove exports, hold :attr:`Control.lock`,
 so two ``block-trace`` with one job id, or a cancel racing a start, are serialised: the
 second gets QEMU's error (``Job ID 'x' already in use``) or sees the finished start, never a
-half-made job.  Target types (``log``, ``replica``, ``nbd``, ``introspect``): the schema of
-each lives in :data:`TARGET_VARIANTS`, the constructor in ``blocktrace.trace.targets``; a
-target that cannot be opened fails the command with a GenericError saying why.
+half-made job.  Target types: ``BlockTraceTarget`` is generated from the target registry
+(:mod:`blocktrace.stream.registry`), one variant per type with the members its schema
+declares; a target that cannot be opened fails the command with a GenericError saying why.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 from blocktrace.errors import BlocktraceError, StateError
 from blocktrace.qmp import errors
-from blocktrace.qmp.commands import Bool, CommandTable, Enum, Int, Member, Str, Union
+from blocktrace.qmp.commands import Bool, CommandTable, Enum, Int, Member, Str, Type, Union
+from blocktrace.stream.contract import StateReporter
+from blocktrace.stream.registry import TargetRegistry, targets
+from blocktrace.stream.schema import Choice, Flag, Integer, Option, Seconds, TargetType
 from blocktrace.trace import EventKind, JobStatus, Trace, TraceEvent, TraceManager, TraceOptions
 
 if TYPE_CHECKING:
@@ -42,67 +45,41 @@ MirrorSyncMode = Enum("MirrorSyncMode", ("full", "none"))
 MirrorCopyMode = Enum("MirrorCopyMode", ("background", "write-blocking"))
 TraceOnTargetError = Enum("BlockTraceOnTargetError", ("report", "break"))
 
-#: options shared by the replica target types (docs/replica.md)
-REPLICA_MEMBERS: tuple[Member, ...] = (
-    Member("meta", Str(), optional=True, doc="the replica metadata file (default: docs)"),
-    Member("force", Bool(), optional=True, doc="overwrite a diverged or foreign replica"),
-    Member(
-        "on-disconnect",
-        Enum("BlockTraceReplicaOnDisconnect", ("degrade", "fail")),
-        optional=True,
-        doc="degrade (default): track dirty regions and reconnect; fail: fail the trace",
-    ),
-    Member("granularity", Int(512, 1 << 30, kind="uint32"), optional=True, doc="bitmap unit"),
-    Member("reconnect-max", Int(1, 3600, kind="uint32"), optional=True, doc="backoff cap, s"),
-)
 
-#: target type -> its members (besides ``type``).  Add a target type here and in
-#: ``blocktrace.trace.targets.TARGET_TYPES``.
-TARGET_VARIANTS: dict[str, tuple[Member, ...]] = {
-    "log": (
-        Member("filename", Str(), doc="the dm-log-writes log file (created; see force)"),
-        Member(
-            "sector-size",
-            Int(512, 65536, kind="uint32"),
-            optional=True,
-            doc="log sector size; default: the export's block size (at least 512)",
-        ),
-        Member(
-            "zeroes",
-            Enum("BlockTraceLogZeroes", ("discard", "data")),
-            optional=True,
-            doc="how WRITE_ZEROES is logged: a DISCARD entry (default) or zero data",
-        ),
-        Member("force", Bool(), optional=True, doc="overwrite an existing file (not a symlink)"),
-    ),
-    "replica": (
-        Member("filename", Str(), doc="a raw image kept identical to the export"),
-        *REPLICA_MEMBERS,
-    ),
-    "nbd": (Member("uri", Str(), doc="an NBD URI kept identical to the export"), *REPLICA_MEMBERS),
-    "introspect": (
-        Member("filename", Str(), doc="file-level events as JSON lines (docs/introspection.md)"),
-        Member(
-            "max-pending",
-            Int(0, (1 << 63) - 1, kind="uint64"),
-            optional=True,
-            doc="data blocks held while their owner is unknown",
-        ),
-        Member(
-            "max-pending-bytes",
-            Int(0, (1 << 63) - 1, kind="uint64"),
-            optional=True,
-            doc="bytes of such data kept for attribution",
-        ),
-        Member("force", Bool(), optional=True, doc="overwrite an existing file (not a symlink)"),
-    ),
-}
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("-"))
 
-BlockTraceTarget = Union(
-    "BlockTraceTarget",
-    Member("type", Enum("BlockTraceTargetType", tuple(TARGET_VARIANTS))),
-    TARGET_VARIANTS,
-)
+
+def option_member(ttype: TargetType, opt: Option) -> Member:
+    """A target option as a QMP union member: its JSON type and range come from the schema,
+    so QMP refuses what the schema's type refuses, with QEMU's sentences."""
+    t = opt.type
+    qtype: Type
+    if isinstance(t, Choice):
+        qtype = Enum(f"BlockTrace{_camel(ttype.name)}{_camel(opt.name)}", t.values)
+    elif isinstance(t, Flag):
+        qtype = Bool()
+    elif isinstance(t, Integer):
+        qtype = Int(t.minimum, t.maximum, kind=t.kind)
+    elif isinstance(t, Seconds):
+        qtype = Int(t.minimum, t.maximum, kind="uint32")
+    else:
+        qtype = Str()
+    optional = not (opt.main or opt.required)
+    return Member(opt.name, qtype, optional=optional, doc=opt.doc)
+
+
+def target_union(registry: TargetRegistry) -> Union:
+    """``BlockTraceTarget``: one variant per registered target type."""
+    variants = {t.name: tuple(option_member(t, o) for o in t.options) for t in registry}
+    return Union(
+        "BlockTraceTarget",
+        Member("type", Enum("BlockTraceTargetType", tuple(variants))),
+        variants,
+    )
+
+
+BlockTraceTarget = target_union(targets())
 
 
 class JobRegistry:
@@ -129,10 +106,7 @@ class JobRegistry:
         return trace
 
     def info(self, trace: Trace) -> dict[str, Any]:
-        info = trace.info()
-        info["device"] = trace.job_id  # QEMU: "device" is the job id
-        info["export"] = trace.export.name
-        return info
+        return job_info(trace)
 
     def stop_in_background(self, trace: Trace) -> None:
         task = asyncio.get_running_loop().create_task(trace.stop(), name=f"stop:{trace.job_id}")
@@ -151,15 +125,15 @@ class JobRegistry:
     def watch_target(self, trace: Trace) -> None:
         """Replica targets report connection/sync state changes: QMP event
         ``BLOCK_TRACE_REPLICA_STATE`` {device, state, error?} (docs/replica.md)."""
-        watch = getattr(trace.target, "add_listener", None)
-        if watch is None:
+        target = trace.target
+        if not isinstance(target, StateReporter):
             return
 
         def on_state(_target: Any, state: str, details: dict[str, Any]) -> None:
             data = {"device": trace.job_id, "state": state, **details}
             self.ctx.emit("BLOCK_TRACE_REPLICA_STATE", data)
 
-        watch(on_state)
+        target.add_listener(on_state)
 
     def _on_trace_event(self, trace: Trace, event: TraceEvent) -> None:
         """Translate and broadcast, in QEMU's order: QEMU announces the end of a job
@@ -185,6 +159,36 @@ class JobRegistry:
                 self.ctx.emit(*event_message(trace, held))
             return
         self.ctx.emit(*event_message(trace, event))
+
+
+def job_info(trace: Trace) -> dict[str, Any]:
+    """A trace as a ``query-block-jobs`` element: QEMU's fields, then the trace's (``device``
+    is the job id, as in QEMU; the traced export is ``export``)."""
+    st = trace.stats()
+    return {
+        "type": "trace",
+        "device": trace.job_id,
+        "len": st.len,
+        "offset": st.offset,
+        "busy": trace.delivery.busy,
+        "paused": trace.paused,
+        "speed": 0,
+        "io-status": trace.io_status,
+        "ready": trace.ready,
+        "status": trace.status.value,
+        "auto-finalize": True,
+        "auto-dismiss": True,
+        **({"error": trace.error} if trace.error else {}),
+        "entries": st.entries,
+        "bytes": st.bytes,
+        "queued-bytes": st.queued_bytes,
+        "queued-records": st.queued_records,
+        "delivered-records": st.delivered_records,
+        "durable-records": st.durable_records,
+        "target": trace.target.describe(),
+        **trace.options.to_dict(),
+        "export": trace.export.name,
+    }
 
 
 def event_message(trace: Trace, event: TraceEvent) -> tuple[str, dict[str, Any]]:

@@ -40,7 +40,7 @@ from blocktrace.qmp.protocol import (
     render_event,
     render_return,
 )
-from blocktrace.service import _bind_unix as bind_unix
+from blocktrace.sockets import bind_unix
 
 log = logging.getLogger(__name__)
 

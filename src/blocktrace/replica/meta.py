@@ -38,6 +38,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from blocktrace.block.file import fsync_dir
 from blocktrace.errors import FormatError, TargetError, UsageError
 from blocktrace.replica.bitmap import DEFAULT_GRANULARITY, DirtyBitmap
 
@@ -56,7 +57,7 @@ class SplitBrainError(TargetError):
     """The replica belongs to another source or diverged from this one; it is not touched."""
 
 
-class SyncMode(Enum):
+class AttachMode(Enum):
     """How much of the device an attach must copy before streaming alone keeps it equal."""
 
     NONE = "none"  #: nothing: the operator says both start from the same base
@@ -67,7 +68,7 @@ class SyncMode(Enum):
 
 @dataclass
 class AttachPlan:
-    mode: SyncMode
+    mode: AttachMode
     reason: str
 
 
@@ -98,14 +99,6 @@ class ReplicaMeta:
             return cls(**kw)
         except TypeError as exc:
             raise FormatError(f"replica metadata has bad fields: {exc}") from None
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes, tmp_suffix: str = ".tmp") -> None:
@@ -246,23 +239,23 @@ def plan_attach(
     """
     if meta is None:
         if sync == "none":
-            return AttachPlan(SyncMode.NONE, "new replica, sync=none: same base assumed")
-        return AttachPlan(SyncMode.FULL, "new replica: no metadata")
+            return AttachPlan(AttachMode.NONE, "new replica, sync=none: same base assumed")
+        return AttachPlan(AttachMode.FULL, "new replica: no metadata")
     if meta.source_id != source.source_id:
         if force:
-            return AttachPlan(SyncMode.FULL, f"forced over source {meta.source_id}")
+            return AttachPlan(AttachMode.FULL, f"forced over source {meta.source_id}")
         raise SplitBrainError(
             key,
             f"replica belongs to source {meta.source_id}, not {source.source_id}: "
             "refusing to overwrite it (force=on overwrites)",
         )
     if meta.size != size:
-        return AttachPlan(SyncMode.FULL, f"source size changed ({meta.size} -> {size})")
+        return AttachPlan(AttachMode.FULL, f"source size changed ({meta.size} -> {size})")
     rec = source.replicas.get(key)
     known = {rec.get("generation"), rec.get("previous")} - {None} if rec else set()
     if meta.generation not in known:
         if force:
-            return AttachPlan(SyncMode.COMPARE, "forced over a diverged replica")
+            return AttachPlan(AttachMode.COMPARE, "forced over a diverged replica")
         expect = rec.get("generation") if rec else "none recorded"
         raise SplitBrainError(
             key,
@@ -277,14 +270,14 @@ def plan_attach(
         and tuple(meta.fingerprint) != tuple(replica_fingerprint)
     ):
         if force:
-            return AttachPlan(SyncMode.COMPARE, "forced over a replica modified out of band")
+            return AttachPlan(AttachMode.COMPARE, "forced over a replica modified out of band")
         raise SplitBrainError(
             key,
             "replica was modified after it was last detached cleanly "
             "(split brain); refusing to overwrite it (force=on overwrites)",
         )
     if not meta.clean:
-        mode = SyncMode.BITMAP if sync == "none" else SyncMode.COMPARE
+        mode = AttachMode.BITMAP if sync == "none" else AttachMode.COMPARE
         return AttachPlan(mode, "last session did not close cleanly")
     rec_fp = rec.get("fingerprint") if rec else None
     if (
@@ -293,9 +286,9 @@ def plan_attach(
         and tuple(rec_fp) != tuple(source_fingerprint)
         and sync != "none"
     ):
-        return AttachPlan(SyncMode.COMPARE, "source changed while no replica was attached")
+        return AttachPlan(AttachMode.COMPARE, "source changed while no replica was attached")
     dirty = bitmap.dirty_bytes() if bitmap is not None else 0
-    return AttachPlan(SyncMode.BITMAP, f"resume: {dirty} dirty bytes")
+    return AttachPlan(AttachMode.BITMAP, f"resume: {dirty} dirty bytes")
 
 
 def rotate_generation(meta: ReplicaMeta, source: SourceRecord, key: str) -> str:

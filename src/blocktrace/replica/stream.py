@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from blocktrace.block.device import BlockDevice, ReadableBuffer
-from blocktrace.block.file import FileDevice
-from blocktrace.errors import BlockDeviceError, TargetError
+from blocktrace.block.device import BlockDevice, PipelinedWrites
+from blocktrace.errors import TargetError
 from blocktrace.replica.bitmap import DirtyBitmap
-from blocktrace.trace.records import RecordKind, TraceRecord
+from blocktrace.stream.apply import apply_group
+from blocktrace.stream.contract import DirectWrites, Done
+from blocktrace.stream.records import Record, RecordKind
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +37,8 @@ log = logging.getLogger(__name__)
 MAX_GROUP = 256
 MAX_GROUP_TASKS = 32
 
-Done = Callable[[BaseException | None], None]
 
-
-def _file_start_write(dev: FileDevice) -> Callable[[int, ReadableBuffer, Done], bool]:
-    """``start_write`` for a local image: ``pwrite`` now, and report at once (the write is
-    done before this returns, as :class:`FileDevice` writes always are)."""
-
-    def start(offset: int, data: ReadableBuffer, callback: Done) -> bool:
-        try:
-            dev.pwrite_all(data, offset)
-        except OSError as exc:
-            callback(BlockDeviceError.from_oserror(exc))
-            return True
-        callback(None)
-        return True
-
-    return start
-
-
-class StreamApplier:
+class StreamApplier(DirectWrites):
     """Stream application for :class:`~blocktrace.replica.target.ReplicaTarget`."""
 
     name: str
@@ -72,12 +55,12 @@ class StreamApplier:
     _direct: int = 0
     _direct_idle: asyncio.Future[None] | None = None
 
-    def _fail(self, exc: BaseException, records: Sequence[TraceRecord]) -> None:
+    def _fail(self, exc: BaseException, records: Sequence[Record]) -> None:
         raise NotImplementedError
 
     # -- the write-blocking fast path -----------------------------------------------------------
 
-    def start_direct(self, rec: TraceRecord, done: Done) -> bool:
+    def start_direct(self, rec: Record, done: Done) -> bool:
         """Send WRITE ``rec`` to the replica now; ``done(None)`` once the replica holds it (or
         it failed and was marked dirty: degraded), ``done(exc)`` if the trace must fail
         (``on-disconnect=fail``).  False, with nothing done, when this path does not apply:
@@ -87,11 +70,8 @@ class StreamApplier:
         nothing is sent after it before it completes (lock free now, :meth:`_quiesce` later).
         """
         dev = self.device
-        start = getattr(dev, "start_write", None)
-        if isinstance(dev, FileDevice):
-            start = _file_start_write(dev)
         if (
-            start is None
+            not isinstance(dev, PipelinedWrites)
             or rec.kind is not RecordKind.WRITE
             or rec.fua
             or rec.data is None
@@ -125,7 +105,7 @@ class StreamApplier:
 
         self._direct += 1
         try:
-            sent = start(rec.offset, rec.data, finished)
+            sent = dev.start_write(rec.offset, rec.data, finished)
         except Exception as exc:  # the connection was already gone: nothing was sent
             finished(exc)
             return True
@@ -143,11 +123,12 @@ class StreamApplier:
 
     # -- batches ---------------------------------------------------------------------------------
 
-    async def _apply(self, records: Sequence[TraceRecord]) -> None:
-        group: list[TraceRecord] = []
+    async def _apply(self, records: Sequence[Record]) -> None:
+        group: list[Record] = []
         blocks: set[int] = set()  # 4 KiB blocks the group touches: a cheap overlap test
-        inline = isinstance(self.device, FileDevice)  # applied one by one: no tasks
-        max_group = MAX_GROUP if inline or hasattr(self.device, "write_many") else MAX_GROUP_TASKS
+        dev = self.device
+        pipelined = dev is not None and (dev.applies_inline or isinstance(dev, PipelinedWrites))
+        max_group = MAX_GROUP if pipelined else MAX_GROUP_TASKS
         for i, rec in enumerate(records):
             if self.device is None:  # degraded: only remember what the replica lacks
                 self._skip(records[i:])
@@ -201,53 +182,23 @@ class StreamApplier:
         if group and not await self._run_group(group):
             return
 
-    async def _run_group(self, group: list[TraceRecord]) -> bool:
+    async def _run_group(self, group: list[Record]) -> bool:
         """Apply non-overlapping records concurrently; False if the replica failed."""
         dev = self.device
         assert dev is not None
         self._unflushed.mark_many([(r.offset, r.length) for r in group])
-        write_many = getattr(dev, "write_many", None)
-        if len(group) == 1 or isinstance(dev, FileDevice):
-            # a local image applies each write before its coroutine returns: in order, and
-            # concurrency would only add tasks
-            try:
-                for rec in group:
-                    await self._apply_one(dev, rec)
-            except Exception as exc:
-                self._fail(exc, group)
-                return False
-        elif write_many is not None and all(r.kind is RecordKind.WRITE for r in group):
-            try:  # one send for the whole group (NBD): no task per record
-                await write_many([(r.offset, r.data, r.fua) for r in group])
-            except Exception as exc:
-                self._fail(exc, group)
-                return False
-        else:
-            results = await asyncio.gather(
-                *(self._apply_one(dev, rec) for rec in group), return_exceptions=True
-            )
-            for res in results:
-                if isinstance(res, BaseException):
-                    self._fail(res, group)
-                    return False
+        try:
+            await apply_group(dev, group)
+        except Exception as exc:
+            self._fail(exc, group)
+            return False
         # a group holds data records only (FLUSH and MARK never join one)
         self.applied_seq = group[-1].seq
         self.applied_records += len(group)
         self._unflushed_ops += len(group)
         return True
 
-    @staticmethod
-    async def _apply_one(dev: BlockDevice, rec: TraceRecord) -> None:
-        if rec.kind is RecordKind.WRITE:
-            assert rec.data is not None
-            await dev.write(rec.offset, rec.data, fua=rec.fua)
-        elif rec.kind is RecordKind.ZERO:
-            await dev.write_zeroes(rec.offset, rec.length, fua=rec.fua)
-        elif rec.kind is RecordKind.TRIM:
-            # Our sources read trimmed ranges back as zeroes: so must the replica.
-            await dev.write_zeroes(rec.offset, rec.length, may_trim=True, fua=rec.fua)
-
-    def _applied(self, rec: TraceRecord) -> None:
+    def _applied(self, rec: Record) -> None:
         self.applied_seq = rec.seq
         self.applied_records += 1
         if rec.kind is not RecordKind.FLUSH:
@@ -257,7 +208,7 @@ class StreamApplier:
         self._unflushed.clear_all()
         self._unflushed_ops = 0
 
-    def _skip(self, records: Sequence[TraceRecord]) -> None:
+    def _skip(self, records: Sequence[Record]) -> None:
         for rec in records:
             if rec.kind.is_data:
                 self._dirty.mark(rec.offset, rec.length)

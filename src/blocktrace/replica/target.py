@@ -1,6 +1,6 @@
 """The replica engine: a trace target that keeps a second block device equal to the source.
 
-Shared by ``trace/targets/replica.py`` (a local raw image) and ``trace/targets/nbd.py`` (any NBD
+Shared by ``targets/replica.py`` (a local raw image) and ``targets/nbd.py`` (any NBD
 export); a subclass only says how to open the replica device and how to fingerprint it.
 
 Design (DRBD's, ``peers.md`` section 3, in user space):
@@ -37,7 +37,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +47,11 @@ from blocktrace.replica.bitmap import DEFAULT_GRANULARITY, DirtyBitmap
 from blocktrace.replica.copy import CopyStats, SourceReadError, copy_region
 from blocktrace.replica.meta import (
     SOURCE_SUFFIX,
+    AttachMode,
     AttachPlan,
     Fingerprint,
     ReplicaMeta,
     SourceRecord,
-    SyncMode,
     atomic_write,
     encode_meta,
     file_fingerprint,
@@ -61,8 +61,8 @@ from blocktrace.replica.meta import (
     rotate_generation,
 )
 from blocktrace.replica.stream import StreamApplier
-from blocktrace.trace.records import TraceRecord
-from blocktrace.trace.targets.base import Target, TargetInfo
+from blocktrace.stream.contract import StateListener, StateReporter, Target, TargetInfo
+from blocktrace.stream.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,10 @@ BACKOFF_MIN = 0.05
 #: metadata is rewritten at most this often while streaming (always on state changes)
 SAVE_INTERVAL = 1.0
 
-Listener = Callable[["ReplicaTarget", str, dict[str, Any]], None]
+Listener = StateListener
 
 
-class ReplicaTarget(StreamApplier, Target):
+class ReplicaTarget(StreamApplier, StateReporter, Target):
     """A trace target that applies the stream to a replica device (see module docstring)."""
 
     #: ``replica`` or ``nbd``: the QMP target type
@@ -109,7 +109,7 @@ class ReplicaTarget(StreamApplier, Target):
         self.source_path: str | None = None
         self.meta: ReplicaMeta | None = None
         self.plan_reason = ""
-        self.sync_mode = SyncMode.NONE
+        self.sync_mode = AttachMode.NONE
         self.last_error: str | None = None
         self.reconnects = 0
         self.applied_seq = 0
@@ -178,9 +178,11 @@ class ReplicaTarget(StreamApplier, Target):
         """The replica equals the source as of ``applied_seq`` (no copy pending, connected)."""
         return self.state == "ready"
 
-    def describe(self) -> dict[str, Any]:
+    def settings(self) -> dict[str, Any]:
+        return {"type": self.kind, **super().settings()}
+
+    def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "type": self.kind,
             "state": self.state,
             "consistent": self.consistent,
             "applied-seq": self.applied_seq,
@@ -207,14 +209,13 @@ class ReplicaTarget(StreamApplier, Target):
     # -- Target interface -----------------------------------------------------------------------
 
     async def open(self, info: TargetInfo) -> None:
-        source = getattr(info, "device", None)
+        source = info.device
         if source is None:
             raise TargetError(self.name, "replica targets need the source device to read from")
         self.source = source
-        filename = getattr(info, "filename", "") or ""
+        filename = info.filename
         self.source_path = filename or None
-        raw_sync = getattr(info, "sync", None)
-        sync = str(getattr(raw_sync, "value", raw_sync) or "full")
+        sync = info.sync.value
         self.size = info.size
         if self.meta_path is None:
             self.meta_path = self.default_meta_path()
@@ -256,8 +257,8 @@ class ReplicaTarget(StreamApplier, Target):
             if problem:
                 await self.device.close()
                 raise TargetError(self.name, problem)
-        if meta is not None and not exists and plan.mode is not SyncMode.FULL:
-            plan = AttachPlan(SyncMode.FULL, "the replica image was missing: full copy")
+        if meta is not None and not exists and plan.mode is not AttachMode.FULL:
+            plan = AttachPlan(AttachMode.FULL, "the replica image was missing: full copy")
         g = self.granularity
         if meta is None or meta.source_id != self._source_record.source_id or bitmap is None:
             meta = ReplicaMeta(
@@ -277,11 +278,11 @@ class ReplicaTarget(StreamApplier, Target):
         self._unflushed = DirtyBitmap(self.size, g)
         self._compare = DirtyBitmap(self.size, g)
         self.sync_mode, self.plan_reason = plan.mode, plan.reason
-        if plan.mode is SyncMode.FULL:
+        if plan.mode is AttachMode.FULL:
             self._dirty.mark(0, self.size)
-        elif plan.mode is SyncMode.COMPARE:
+        elif plan.mode is AttachMode.COMPARE:
             self._compare.mark(0, self.size)
-        elif plan.mode is SyncMode.NONE:
+        elif plan.mode is AttachMode.NONE:
             self._dirty.clear_all()
         log.info("%s: attach plan %s (%s)", self.name, plan.mode.value, plan.reason)
         rotate_generation(meta, self._source_record, self.key)
@@ -306,7 +307,7 @@ class ReplicaTarget(StreamApplier, Target):
                 self._run_worker(), name=f"replica:{self.name}"
             )
 
-    async def deliver(self, records: Sequence[TraceRecord]) -> None:
+    async def deliver(self, records: Sequence[Record]) -> None:
         async with self._lock:
             await self._quiesce()
             self._check_fatal()
@@ -375,7 +376,7 @@ class ReplicaTarget(StreamApplier, Target):
         if self._fatal is not None:
             raise TargetError(self.name, str(self._fatal)) from self._fatal
 
-    def _fail(self, exc: BaseException, records: Sequence[TraceRecord]) -> None:
+    def _fail(self, exc: BaseException, records: Sequence[Record]) -> None:
         """The replica failed while applying ``records``: they (and anything unflushed) are
         dirty now.  With ``on-disconnect=fail`` the trace fails instead."""
         self._skip(records)

@@ -9,14 +9,17 @@ Public API (see docs/trace.md, section API)::
     await trace.mark("before-upgrade")
     await trace.stop()
 
-Modules: :mod:`.records` (TraceRecord), :mod:`.options` (TraceOptions, ``--trace`` parsing),
-:mod:`.filter` (TraceFilter, the funnel), :mod:`.ordering` (range lock), :mod:`.delivery`
-(queues, copy modes), :mod:`.manager` (Trace, TraceManager, job states and events),
-:mod:`.targets` (Target protocol and the factory).
+Modules: :mod:`.options` (TraceOptions, ``--trace`` parsing), :mod:`.filter` (TraceFilter,
+the funnel), :mod:`.ordering` (range lock), :mod:`.delivery` (queues, copy modes),
+:mod:`.manager` (Trace, TraceManager, job states and events).  Records, the target contract
+and the target registry are the stream's (:mod:`blocktrace.stream`); the target types live in
+:mod:`blocktrace.targets`.
 """
 
 from __future__ import annotations
 
+from blocktrace.stream import Record, RecordKind, SyncMode, Target, TargetInfo
+from blocktrace.stream.registry import create_target
 from blocktrace.trace.filter import TraceFilter
 from blocktrace.trace.manager import (
     EventKind,
@@ -29,19 +32,17 @@ from blocktrace.trace.manager import (
 from blocktrace.trace.options import (
     CopyMode,
     OnTargetError,
-    SyncMode,
     TraceOptions,
     TraceSpec,
     parse_trace_spec,
 )
-from blocktrace.trace.records import RecordKind, TraceRecord
-from blocktrace.trace.targets import Target, TargetInfo, create_target
 
 __all__ = [
     "CopyMode",
     "EventKind",
     "JobStatus",
     "OnTargetError",
+    "Record",
     "RecordKind",
     "SyncMode",
     "Target",
@@ -51,7 +52,6 @@ __all__ = [
     "TraceFilter",
     "TraceManager",
     "TraceOptions",
-    "TraceRecord",
     "TraceSpec",
     "TraceStats",
     "create_target",

@@ -29,8 +29,8 @@ from collections import deque
 from collections.abc import Callable
 
 from blocktrace.errors import BlocktraceError, TargetError
-from blocktrace.trace.records import RECORD_OVERHEAD, TraceRecord
-from blocktrace.trace.targets.base import Target
+from blocktrace.stream.contract import DirectWrites, Target
+from blocktrace.stream.records import RECORD_OVERHEAD, Record
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,10 @@ def keep_heap(nbytes: int) -> None:
 
 
 #: ``target.start_direct(record, done) -> bool`` (see :meth:`Delivery._try_direct`)
-StartDirect = Callable[[TraceRecord, Callable[[BaseException | None], None]], bool]
+StartDirect = Callable[[Record, Callable[[BaseException | None], None]], bool]
 
 
-def record_cost(record: TraceRecord) -> int:
+def record_cost(record: Record) -> int:
     return record.nbytes + RECORD_OVERHEAD
 
 
@@ -89,7 +89,7 @@ class Delivery:
         self.queue_size = queue_size
         keep_heap(queue_size + 32 * 1024 * 1024)
         self._on_failure = on_failure
-        self._queue: deque[TraceRecord] = deque()
+        self._queue: deque[Record] = deque()
         self.queued_bytes = 0  # payload + overhead of records in the queue
         self._reserved = 0  # space promised to writers that have not queued yet
         self._space_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
@@ -109,7 +109,9 @@ class Delivery:
         self.error: BaseException | None = None
         self._task: asyncio.Task[None] | None = None
         #: the target's write-blocking fast path, if it offers one (see :meth:`_try_direct`)
-        self._start_direct: StartDirect | None = getattr(target, "start_direct", None)
+        self._start_direct: StartDirect | None = (
+            target.start_direct if isinstance(target, DirectWrites) else None
+        )
         self._direct = 0  # records handed to the fast path, not yet held
 
     # -- producer side (the filter) ----------------------------------------------------------
@@ -150,7 +152,7 @@ class Delivery:
         self._reserved -= nbytes
         self._grant_space()
 
-    def put(self, record: TraceRecord, reserved: int = 0) -> int:
+    def put(self, record: Record, reserved: int = 0) -> int:
         """Queue ``record`` (synchronously); returns its position.  ``reserved`` is the space
         its producer reserved, now turned into queued bytes."""
         self._reserved -= reserved

@@ -38,13 +38,11 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from blocktrace.block.device import BlockDevice, ExtentFlags, ReadableBuffer
-from blocktrace.block.file import FileDevice
 from blocktrace.block.filter import Filter
-from blocktrace.block.memory import MemoryDevice
 from blocktrace.errors import BlockDeviceError, TargetError
+from blocktrace.stream.records import RECORD_OVERHEAD, Record, RecordKind
 from blocktrace.trace.delivery import Delivery
 from blocktrace.trace.ordering import RangeLock
-from blocktrace.trace.records import RECORD_OVERHEAD, RecordKind, TraceRecord
 
 WRITE = RecordKind.WRITE
 ZERO = RecordKind.ZERO
@@ -89,9 +87,7 @@ class TraceFilter(Filter):
     def __init__(self, child: BlockDevice, *, inline: bool | None = None) -> None:
         super().__init__(child)
         if inline is None:
-            inline = isinstance(child, FileDevice | MemoryDevice) or bool(
-                getattr(child, "applies_inline", False)
-            )
+            inline = child.applies_inline
         #: the child applies an operation before its coroutine first suspends
         self.inline = inline
         #: sequence number of the last record made (shared by all traces on this export)
@@ -141,7 +137,7 @@ class TraceFilter(Filter):
                         raise
                     self.seq += 1
                     payload = data if type(data) is bytes else bytes(data)
-                    rec = TraceRecord(self.seq, WRITE, offset, n, fua, payload)
+                    rec = Record(self.seq, WRITE, offset, n, fua, payload)
                     positions = [(sink, sink.delivery.put(rec, cost)) for sink in sinks]
                     if fua:
                         await self.child.flush()
@@ -193,7 +189,7 @@ class TraceFilter(Filter):
             if sink.blocked_error is not None:
                 raise sink.blocked_error
         self.seq += 1
-        record = TraceRecord(self.seq, RecordKind.FLUSH)
+        record = Record(self.seq, RecordKind.FLUSH)
         positions = [(sink, sink.delivery.put(record)) for sink in sinks]
         await self.child.flush()
         await self._wait(positions, durable=True)
@@ -290,7 +286,7 @@ class TraceFilter(Filter):
         return False
 
     def _put(
-        self, sinks: tuple[TraceSink, ...], records: list[TraceRecord], cost: int
+        self, sinks: tuple[TraceSink, ...], records: list[Record], cost: int
     ) -> list[tuple[TraceSink, int]]:
         positions = []
         for sink in sinks:
@@ -338,21 +334,19 @@ class TraceFilter(Filter):
 
     async def _records(
         self, kind: RecordKind, offset: int, length: int, data: ReadableBuffer | None, fua: bool
-    ) -> list[TraceRecord]:
+    ) -> list[Record]:
         """The records for an applied operation, FUA on the last; unaligned parts carry the
         image's bytes.  Reads of a local child complete inline: this does not suspend either.
         """
         records = await self._unflagged_records(kind, offset, length, data)
         if fua:
             last = records[-1]
-            records[-1] = TraceRecord(
-                last.seq, last.kind, last.offset, last.length, True, last.data
-            )
+            records[-1] = Record(last.seq, last.kind, last.offset, last.length, True, last.data)
         return records
 
     async def _unflagged_records(
         self, kind: RecordKind, offset: int, length: int, data: ReadableBuffer | None
-    ) -> list[TraceRecord]:
+    ) -> list[Record]:
         start, end = self._envelope(offset, length)
         if kind is WRITE:
             if start == offset and end == offset + length:
@@ -361,29 +355,29 @@ class TraceFilter(Filter):
             else:
                 payload = bytes(await self.child.read(start, end - start))
             self.seq += 1
-            return [TraceRecord(self.seq, WRITE, start, end - start, data=payload)]
+            return [Record(self.seq, WRITE, start, end - start, data=payload)]
         # ZERO / TRIM: aligned middle without data, unaligned edges as writes of what's there
         a = self.alignment
         mid_start = -(-offset // a) * a
         mid_end = (offset + length) // a * a
-        records: list[TraceRecord] = []
+        records: list[Record] = []
         aligned = start == offset and end == offset + length
         if mid_start >= mid_end or (not aligned and end - start <= SMALL_UNALIGNED):
             # small and unaligned: one WRITE of what the range holds now, so one operation is
             # one record; aligned zeroes and trims always stay payload-free records
             payload = bytes(await self.child.read(start, end - start))
             self.seq += 1
-            return [TraceRecord(self.seq, WRITE, start, end - start, data=payload)]
+            return [Record(self.seq, WRITE, start, end - start, data=payload)]
         if start < mid_start:
             head = bytes(await self.child.read(start, mid_start - start))
             self.seq += 1
-            records.append(TraceRecord(self.seq, WRITE, start, len(head), data=head))
+            records.append(Record(self.seq, WRITE, start, len(head), data=head))
         self.seq += 1
-        records.append(TraceRecord(self.seq, kind, mid_start, mid_end - mid_start))
+        records.append(Record(self.seq, kind, mid_start, mid_end - mid_start))
         if mid_end < end:
             tail = bytes(await self.child.read(mid_end, end - mid_end))
             self.seq += 1
-            records.append(TraceRecord(self.seq, WRITE, mid_end, len(tail), data=tail))
+            records.append(Record(self.seq, WRITE, mid_end, len(tail), data=tail))
         return records
 
     # -- control: attach, detach, marks, sync=full copy ----------------------------------------
@@ -439,7 +433,7 @@ class TraceFilter(Filter):
     def put_mark(self, sink: TraceSink, name: str) -> int:
         """Append a MARK record to one trace's stream; returns its position there."""
         self.seq += 1
-        return sink.delivery.put(TraceRecord(self.seq, RecordKind.MARK, name=name))
+        return sink.delivery.put(Record(self.seq, RecordKind.MARK, name=name))
 
     async def copy_chunk(self, sink: TraceSink, offset: int, length: int) -> int:
         """Record ``[offset, offset+length)`` as it is now into ``sink`` (``sync=full``).
@@ -488,16 +482,14 @@ class TraceFilter(Filter):
                 for zero, s, e in _zero_runs(data, a):
                     self.seq += 1
                     if zero:
-                        delivery.put(TraceRecord(self.seq, ZERO, start + s, e - s, copy=True))
+                        delivery.put(Record(self.seq, ZERO, start + s, e - s, copy=True))
                     else:
-                        rec = TraceRecord(
-                            self.seq, WRITE, start + s, e - s, data=data[s:e], copy=True
-                        )
+                        rec = Record(self.seq, WRITE, start + s, e - s, data=data[s:e], copy=True)
                         delivery.put(rec)
                         nbytes += e - s
             else:
                 self.seq += 1
-                delivery.put(TraceRecord(self.seq, kind, start, n, copy=True))
+                delivery.put(Record(self.seq, kind, start, n, copy=True))
         return nbytes
 
 

@@ -32,17 +32,39 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from blocktrace.errors import BlockDeviceError, StateError, UsageError
+from blocktrace.block.device import BlockDevice
+from blocktrace.errors import BlockDeviceError, StateError, TargetError, UsageError
+from blocktrace.stream.contract import SyncMode, Target, TargetInfo
+from blocktrace.stream.records import RECORD_OVERHEAD
+from blocktrace.stream.registry import create_target
 from blocktrace.trace.delivery import Delivery
 from blocktrace.trace.filter import COPY_CHUNK, TraceFilter
-from blocktrace.trace.options import CopyMode, OnTargetError, SyncMode, TraceOptions
-from blocktrace.trace.records import RECORD_OVERHEAD
-from blocktrace.trace.targets import Target, TargetInfo, create_target
+from blocktrace.trace.options import CopyMode, OnTargetError, TraceOptions
 
-if TYPE_CHECKING:  # exports imports the trace filter: no import cycle at run time
-    from blocktrace.exports import Export, ExportRegistry
+
+class Export(Protocol):
+    """What a trace needs of an export (:class:`blocktrace.exports.Export` is one): declared
+    here so the trace layer does not import the export layer built on top of it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def device(self) -> BlockDevice: ...
+
+    @property
+    def filename(self) -> str: ...
+
+
+class ExportRegistry(Protocol):
+    """Export lookup by name (:class:`blocktrace.exports.ExportRegistry`)."""
+
+    def get(self, name: str) -> Export | None: ...
+
+    def __iter__(self) -> Iterator[Export]: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -198,33 +220,6 @@ class Trace:
             sync_done=self._sync_done,
         )
 
-    def info(self) -> dict[str, Any]:
-        """This trace as a ``query-block-jobs`` element: QEMU's fields, then the trace's."""
-        st = self.stats()
-        return {
-            "type": "trace",
-            "device": self.export.name,
-            "len": st.len,
-            "offset": st.offset,
-            "busy": self.delivery.busy,
-            "paused": self.paused,
-            "speed": 0,
-            "io-status": self.io_status,
-            "ready": self.ready,
-            "status": self.status.value,
-            "auto-finalize": True,
-            "auto-dismiss": True,
-            **({"error": self.error} if self.error else {}),
-            "entries": st.entries,
-            "bytes": st.bytes,
-            "queued-bytes": st.queued_bytes,
-            "queued-records": st.queued_records,
-            "delivered-records": st.delivered_records,
-            "durable-records": st.durable_records,
-            "target": self.target.describe(),
-            **self.options.to_dict(),
-        }
-
     async def mark(self, name: str) -> int:
         """Put mark ``name`` into the stream; returns once the target holds it (at once while
         the trace is paused).  Returns the mark's position (entry number, from 1)."""
@@ -340,7 +335,7 @@ class Trace:
     def _target_failed(self, exc: BaseException) -> None:
         """Called by the delivery worker, once, when the target raised."""
         self.error = str(exc) or type(exc).__name__
-        code = getattr(exc, "errno", None) or getattr(exc.__cause__, "errno", None)
+        code = exc.errno if isinstance(exc, TargetError | BlockDeviceError) else None
         self.io_status = "nospace" if code == errno.ENOSPC else "failed"
         if self.breaks_on_error:
             self.filter.detach_now(self)  # clients carry on; the stream ends here
@@ -468,7 +463,7 @@ class TraceManager:
                 job_id=job_id,
                 device=filt,
                 filename=exp.filename,
-                sync=options.sync.value,
+                sync=options.sync,
                 served=tuple(e.filename for e in self.exports if e.filename),
             )
             await tgt.open(info)

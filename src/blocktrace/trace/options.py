@@ -13,13 +13,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from blocktrace.errors import UsageError
+from blocktrace.stream.contract import SyncMode
+from blocktrace.stream.registry import targets
+from blocktrace.stream.schema import parse_size
 
 MiB = 1024 * 1024
-
-
-class SyncMode(enum.Enum):
-    NONE = "none"  #: the stream holds only operations after the start; base = image at start
-    FULL = "full"  #: the stream starts with the whole device; base = an all-zero image
 
 
 class CopyMode(enum.Enum):
@@ -96,25 +94,6 @@ def _set_option(opts: TraceOptions, key: str, value: Any) -> TraceOptions:
     raise UsageError(f"unknown trace option {key!r}")
 
 
-def parse_size(value: Any, what: str = "size") -> int:
-    """``65536``, ``64K``, ``64M``, ``1G`` (binary units) -> bytes."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)):
-        if text.endswith(suffix):
-            text, mult = text[:-1], m
-            break
-    try:
-        n = int(text) * mult
-    except ValueError:
-        raise UsageError(f"{what}: not a size: {value!r}") from None
-    if n < 0:
-        raise UsageError(f"{what}: negative size {value!r}")
-    return n
-
-
 @dataclass(frozen=True, slots=True)
 class TraceSpec:
     """A parsed ``--trace`` argument: which export, which target, which options."""
@@ -125,15 +104,6 @@ class TraceSpec:
     options: TraceOptions
     #: ``job-id=`` if given (else the caller picks one)
     job_id: str = ""
-
-
-#: target type -> name of its main argument in the QMP target object
-_TARGET_MAIN_ARG = {
-    "log": "filename",
-    "replica": "filename",
-    "nbd": "uri",
-    "introspect": "filename",
-}
 
 
 def parse_trace_spec(text: str) -> TraceSpec:
@@ -150,10 +120,11 @@ def parse_trace_spec(text: str) -> TraceSpec:
     ttype, colon, arg = parts[0].partition(":")
     if not colon or not ttype or not arg:
         raise UsageError(f"--trace {text!r}: expected EXPORT=TYPE:ARG[,option=value...]")
-    main = _TARGET_MAIN_ARG.get(ttype)
-    if main is None:
+    registry = targets()
+    if ttype not in registry:
         raise UsageError(f"--trace {text!r}: unknown target type {ttype!r}")
-    target: dict[str, Any] = {"type": ttype, main: arg}
+    ttype_decl = registry.get(ttype)
+    target: dict[str, Any] = {"type": ttype, ttype_decl.main.name: arg}
     trace_opts: dict[str, Any] = {}
     job_id = ""
     for part in parts[1:]:
@@ -166,6 +137,7 @@ def parse_trace_spec(text: str) -> TraceSpec:
             trace_opts[key] = value
         else:
             target[key] = value
+    ttype_decl.parse(target)  # the target's schema: a typo is an error before anything opens
     return TraceSpec(export, target, TraceOptions.from_dict(trace_opts), job_id)
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from blocktrace.block.device import BlockDevice
-from blocktrace.block.nbd import NBDDevice, parse_nbd_uri
-from blocktrace.errors import UsageError
+from blocktrace.nbd.device import NBDDevice, parse_nbd_uri
 from blocktrace.replica.target import ReplicaTarget
-from blocktrace.trace.targets.replica import common_options
+from blocktrace.stream.schema import Option, TargetType, Text
+from blocktrace.targets.replica import REPLICA_OPTIONS, replica_keywords
 
 
 class NBDReplicaTarget(ReplicaTarget):
@@ -29,15 +29,20 @@ class NBDReplicaTarget(ReplicaTarget):
         self.uri = uri
         super().__init__(f"nbd:{uri}", uri, **kw)
 
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> NBDReplicaTarget:
-        uri = spec.get("uri")
-        if not isinstance(uri, str) or not uri:
-            raise UsageError("nbd target needs a 'uri'")
-        return cls(uri, **common_options(spec, "uri", "nbd"))
-
     async def open_device(self) -> BlockDevice:
         return await NBDDevice.open(self.uri, timeout=5)
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "uri": self.uri}
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "uri": self.uri}
+
+
+TARGET_TYPE = TargetType(
+    name="nbd",
+    doc="any NBD export kept identical to the export (docs/replica.md)",
+    order=30,
+    options=(
+        Option("uri", Text("URI"), "an NBD URI kept identical to the export", main=True),
+        *REPLICA_OPTIONS,
+    ),
+    factory=lambda v: NBDReplicaTarget(v["uri"], **replica_keywords(v)),
+)

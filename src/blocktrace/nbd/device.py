@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from blocktrace.block.device import BlockDevice, Extent, ExtentFlags, ReadableBuffer
+from blocktrace.block.device import (
+    Extent,
+    ExtentFlags,
+    PipelinedWrites,
+    ReadableBuffer,
+    WriteCallback,
+)
 from blocktrace.errors import BlockDeviceError, UsageError
 from blocktrace.nbd.client import NBDClient
 from blocktrace.nbd.constants import TransmissionFlag as TF
@@ -74,7 +80,7 @@ def is_nbd_uri(text: str) -> bool:
     return text.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://"))
 
 
-class NBDDevice(BlockDevice):
+class NBDDevice(PipelinedWrites):
     """A remote export.  ``dev = NBDDevice(uri); await dev.connect()``, or
     ``await NBDDevice.open(uri)``."""
 
@@ -165,9 +171,7 @@ class NBDDevice(BlockDevice):
             return
         await self._client().write_many(items)
 
-    def start_write(
-        self, offset: int, data: ReadableBuffer, callback: Callable[[BaseException | None], None]
-    ) -> bool:
+    def start_write(self, offset: int, data: ReadableBuffer, callback: WriteCallback) -> bool:
         """Send one plain WRITE now, without a task or a future; ``callback(exc_or_None)`` runs
         from the reply handler (the replica's write-blocking fast path).  False, with nothing
         sent, when it cannot go this way (not connected, over the server's size limit, the send

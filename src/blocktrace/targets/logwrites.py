@@ -26,17 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from blocktrace.errors import TargetError, UsageError
 from blocktrace.logwrites.format import LogFlag, validate_mark
 from blocktrace.logwrites.writer import DIRECT_THRESHOLD, LogWriter, ZeroesMode
 from blocktrace.outfile import output_mode
-from blocktrace.trace.options import parse_size
-from blocktrace.trace.records import RecordKind, TraceRecord
-from blocktrace.trace.targets.base import Target, TargetInfo, served_images
-from blocktrace.trace.targets.replica import parse_bool
+from blocktrace.stream import Record, RecordKind, Target, TargetInfo
+from blocktrace.stream.contract import served_images
+from blocktrace.stream.schema import Choice, Flag, Integer, Option, TargetType, Text
 
 _FUA = int(LogFlag.FUA)
 
@@ -46,8 +45,6 @@ THREAD_THRESHOLD = 256 * 1024
 WRITE_OUT_BYTES = 4 * 1024 * 1024
 
 _WRITER_BATCH_BYTES = 64 * 1024 * 1024
-
-_KEYS = {"type", "filename", "sector-size", "zeroes", "direct", "force"}
 
 
 class LogTarget(Target):
@@ -77,34 +74,6 @@ class LogTarget(Target):
         # competing for the CPU): measured 1.3-1.6x faster for 1 MiB writes, same for 4 KiB.
         self._direct = direct
         self._writer: LogWriter | None = None
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> LogTarget:
-        """``{"type": "log", "filename": PATH, "sector-size"?: N, "zeroes"?: discard|data,
-        "direct"?: on|off, "force"?: on|off}``."""
-        unknown = set(spec) - _KEYS
-        if unknown:
-            raise UsageError(f"log target: unknown option {sorted(unknown)[0]!r}")
-        filename = spec.get("filename")
-        if not isinstance(filename, str) or not filename:
-            raise UsageError("log target needs a 'filename'")
-        sector_size = None
-        if spec.get("sector-size") is not None:
-            sector_size = parse_size(spec["sector-size"], "sector-size")
-            if sector_size < 512 or sector_size & (sector_size - 1) or sector_size > 1 << 16:
-                raise UsageError(f"sector-size must be a power of two >= 512, not {sector_size}")
-        zeroes = spec.get("zeroes", "discard")
-        if zeroes not in ("discard", "data"):
-            raise UsageError(f"zeroes must be discard|data, not {zeroes!r}")
-        direct = spec.get("direct", True)
-        if direct in ("on", "true", True):
-            direct = True
-        elif direct in ("off", "false", False):
-            direct = False
-        else:
-            raise UsageError(f"direct must be on|off, not {direct!r}")
-        force = parse_bool("force", spec.get("force", False))
-        return cls(filename, sector_size=sector_size, zeroes=zeroes, direct=direct, force=force)
 
     @property
     def alignment(self) -> int:
@@ -136,7 +105,7 @@ class LogTarget(Target):
             batch_bytes=_WRITER_BATCH_BYTES,
         )
 
-    async def deliver(self, records: Sequence[TraceRecord]) -> None:
+    async def deliver(self, records: Sequence[Record]) -> None:
         w = self.writer
         nbytes = 0
         for rec in records:
@@ -150,11 +119,11 @@ class LogTarget(Target):
             if w.pending_bytes >= WRITE_OUT_BYTES:
                 await asyncio.to_thread(w.write_out)
 
-    def _append_and_write(self, records: Sequence[TraceRecord]) -> None:
+    def _append_and_write(self, records: Sequence[Record]) -> None:
         self._append(records, in_thread=True)
         self.writer.write_out()
 
-    def _append(self, records: Sequence[TraceRecord], *, in_thread: bool = False) -> None:
+    def _append(self, records: Sequence[Record], *, in_thread: bool = False) -> None:
         """Hand ``records`` to the writer.  ``in_thread``: I/O is allowed here, so write out
         whenever the writer's packing buffer would overflow (it then stays the one aligned
         buffer O_DIRECT writes without a copy)."""
@@ -213,11 +182,60 @@ class LogTarget(Target):
         except ValueError as exc:
             raise UsageError(str(exc)) from None
 
-    def describe(self) -> dict[str, Any]:
+    def settings(self) -> dict[str, Any]:
         return {
+            **super().settings(),
             "type": "log",
             "filename": self.filename,
             "sector-size": self.alignment,
+            "zeroes": self._zeroes,
             "direct": self._direct,
-            "force": self.force,
         }
+
+
+def _create(values: Mapping[str, Any]) -> LogTarget:
+    return LogTarget(
+        values["filename"],
+        sector_size=values["sector-size"],
+        zeroes=values["zeroes"],
+        direct=values["direct"],
+        force=bool(values["force"]),
+    )
+
+
+TARGET_TYPE = TargetType(
+    name="log",
+    doc="a dm-log-writes log (replay-log, QEMU, blocktrace read it)",
+    order=10,
+    options=(
+        Option(
+            "filename",
+            Text("PATH"),
+            "the dm-log-writes log file (created; an existing one only with force=on)",
+            main=True,
+        ),
+        Option(
+            "sector-size",
+            Integer(512, 65536, kind="uint32", size=True, power_of_two=True),
+            "log sector size; default: the export's block size (at least 512)",
+        ),
+        Option(
+            "zeroes",
+            Choice(("discard", "data")),
+            "how WRITE_ZEROES is logged: a DISCARD entry or zero data",
+            default="discard",
+        ),
+        Option(
+            "direct",
+            Flag(),
+            "write the log with O_DIRECT (off: through the page cache)",
+            default=True,
+        ),
+        Option(
+            "force",
+            Flag(),
+            "overwrite an existing file (not a symlink; default off)",
+        ),
+    ),
+    factory=_create,
+)

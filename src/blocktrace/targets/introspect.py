@@ -24,9 +24,9 @@ from typing import IO, Any
 
 from blocktrace.errors import BlocktraceError, TargetError, UsageError
 from blocktrace.outfile import open_output, output_mode
-from blocktrace.trace.records import TraceRecord
-from blocktrace.trace.targets.base import Target, TargetInfo, served_images
-from blocktrace.trace.targets.replica import parse_bool
+from blocktrace.stream import Record, SyncMode, Target, TargetInfo
+from blocktrace.stream.contract import served_images
+from blocktrace.stream.schema import Flag, Integer, Option, TargetType, Text
 
 EventSink = Callable[[Any], None]  #: receives each FileEvent
 
@@ -58,27 +58,8 @@ class IntrospectTarget(Target):
         self._out: IO[str] | None = None
         self.events = 0
 
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> IntrospectTarget:
-        spec = dict(spec)
-        spec.pop("type", None)
-        filename = spec.pop("filename", None)
-        if not isinstance(filename, str) or not filename:
-            raise UsageError("introspect target needs a filename (or - for stdout)")
-        limits: list[int | None] = []
-        for key in ("max-pending", "max-pending-bytes"):
-            value = spec.pop(key, None)
-            try:
-                limits.append(None if value is None else int(value))
-            except (TypeError, ValueError):
-                raise UsageError(f"introspect target: {key} must be an integer") from None
-        force = parse_bool("force", spec.pop("force", False))
-        if spec:
-            raise UsageError(f"introspect target: unknown option {sorted(spec)[0]!r}")
-        return cls(filename, max_pending=limits[0], max_pending_bytes=limits[1], force=force)
-
     async def open(self, info: TargetInfo) -> None:
-        if info.sync == "full":
+        if info.sync is SyncMode.FULL:
             raise UsageError("introspect targets need sync=none (the base is the live image)")
         if not info.filename:
             raise UsageError(f"introspect target: export {info.export} has no image file")
@@ -119,16 +100,14 @@ class IntrospectTarget(Target):
                 raise TargetError(self.name, str(exc)) from exc
         return self._watcher
 
-    async def deliver(self, records: Sequence[TraceRecord]) -> None:
+    async def deliver(self, records: Sequence[Record]) -> None:
         await self._crawled()
         await asyncio.to_thread(self._process, records)
 
-    def _process(self, records: Sequence[TraceRecord]) -> None:
-        from blocktrace.ext4.watcher import from_trace_record
-
+    def _process(self, records: Sequence[Record]) -> None:
         watcher = self._ensure_watcher()
         for rec in records:
-            self._emit(watcher.process(from_trace_record(rec)))
+            self._emit(watcher.process(rec))
         if self._out is not None:
             self._out.flush()
 
@@ -163,25 +142,60 @@ class IntrospectTarget(Target):
     def stats(self) -> dict[str, Any]:
         return self._watcher.stats() if self._watcher is not None else {}
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "type": "introspect",
-            "filename": self.filename or "",
-            "events": self.events,
-            "force": self.force,
-        }
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "type": "introspect", "filename": self.filename or ""}
+
+    def status(self) -> dict[str, Any]:
+        return {"events": self.events}
+
+
+TARGET_TYPE = TargetType(
+    name="introspect",
+    doc="live ext4 file-level events as JSON lines (docs/introspection.md)",
+    order=40,
+    options=(
+        Option(
+            "filename",
+            Text("PATH"),
+            "file-level events as JSON lines (- for the server's stdout)",
+            main=True,
+        ),
+        Option(
+            "max-pending",
+            Integer(0, (1 << 63) - 1, kind="uint64"),
+            "data blocks held while their owner is unknown",
+        ),
+        Option(
+            "max-pending-bytes",
+            Integer(0, (1 << 63) - 1, kind="uint64"),
+            "bytes of such data kept for attribution",
+        ),
+        Option(
+            "force",
+            Flag(),
+            "overwrite an existing file (not a symlink; default off)",
+        ),
+    ),
+    factory=lambda v: IntrospectTarget(
+        v["filename"],
+        max_pending=v["max-pending"],
+        max_pending_bytes=v["max-pending-bytes"],
+        force=bool(v["force"]),
+    ),
+)
 
 
 def _check_followable(filename: str, name: str) -> None:
     """Refuse, before the trace starts, an image with no ext4 file system to follow (the
     superblock and group descriptors only: bounded by the geometry; the crawl comes later)."""
-    from blocktrace.ext4.fs import Ext4FS, FileSource
+    from blocktrace.block.source import FileSource
+    from blocktrace.ext4.fs import Ext4FS
     from blocktrace.ext4.partitions import discover, slice_source
 
     try:
         source = FileSource(filename)
-    except OSError as exc:
-        raise TargetError(name, f"{filename}: {exc.strerror or exc}") from exc
+    except BlocktraceError as exc:  # cannot open, or a directory: one line naming the file
+        raise TargetError(name, str(exc)) from exc
     why: list[str] = []
     try:
         for part in discover(source, source.length):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 
-from blocktrace.block.nbd import NBDDevice
 from blocktrace.errors import BlockDeviceError, UsageError
+from blocktrace.nbd.device import NBDDevice
 
 REQUEST = 1024 * 1024
 PIPELINE = 8

@@ -15,8 +15,9 @@ from typing import Any
 
 from blocktrace.block.device import BlockDevice
 from blocktrace.errors import TargetError
-from blocktrace.trace.records import RecordKind, TraceRecord
-from blocktrace.trace.targets.base import Target, TargetInfo
+from blocktrace.stream.apply import apply_records
+from blocktrace.stream.contract import Target, TargetInfo
+from blocktrace.stream.records import Record
 
 
 class MemoryTarget(Target):
@@ -27,7 +28,7 @@ class MemoryTarget(Target):
     ) -> None:
         self.name = "memory"
         self._alignment = alignment
-        self.records: list[TraceRecord] = []
+        self.records: list[Record] = []
         self.durable_count = 0
         self.fail_after = fail_after
         self.fail_errno = fail_errno
@@ -44,7 +45,7 @@ class MemoryTarget(Target):
     async def open(self, info: TargetInfo) -> None:
         self.info = info
 
-    async def deliver(self, records: Sequence[TraceRecord]) -> None:
+    async def deliver(self, records: Sequence[Record]) -> None:
         await self.gate.wait()
         self.deliveries += 1
         for rec in records:
@@ -60,20 +61,14 @@ class MemoryTarget(Target):
     async def close(self, *, clean: bool) -> None:
         self.closed = clean
 
-    def describe(self) -> dict[str, Any]:
-        return {"type": "memory", "records": len(self.records)}
+    def settings(self) -> dict[str, Any]:
+        return super().settings() or {"type": "memory"}
+
+    def status(self) -> dict[str, Any]:
+        return {"records": len(self.records)}
 
 
-async def replay(records: Sequence[TraceRecord], device: BlockDevice) -> int:
-    """Apply the data records to ``device`` in order; returns how many were applied."""
-    n = 0
-    for rec in records:
-        if rec.kind is RecordKind.WRITE:
-            assert rec.data is not None
-            await device.write(rec.offset, rec.data)
-        elif rec.kind in (RecordKind.ZERO, RecordKind.TRIM):
-            await device.write_zeroes(rec.offset, rec.length)
-        else:
-            continue
-        n += 1
-    return n
+async def replay(records: Sequence[Record], device: BlockDevice) -> int:
+    """Apply the data records to ``device`` in order (the stream's one applier, FLUSH records
+    skipped: nothing here is durable); returns how many were applied."""
+    return await apply_records(device, (r for r in records if r.kind.is_data))

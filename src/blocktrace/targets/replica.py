@@ -1,0 +1,90 @@
+"""``replica`` trace target: keep a local raw image equal to the traced export.
+
+``{"type": "replica", "filename": PATH}`` (``--trace disk=replica:PATH``).  The image is
+created, sparse and of the source's size, if it does not exist.  Metadata lives beside it in
+``PATH.btreplica`` unless ``meta=`` says otherwise.  All the logic is the shared engine,
+:class:`blocktrace.replica.target.ReplicaTarget`; see docs/replica.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from blocktrace.block.device import BlockDevice
+from blocktrace.block.file import FileDevice
+from blocktrace.replica.bitmap import DEFAULT_GRANULARITY
+from blocktrace.replica.meta import META_SUFFIX, Fingerprint, file_fingerprint
+from blocktrace.replica.target import ReplicaTarget
+from blocktrace.stream.schema import Choice, Flag, Integer, Option, Seconds, TargetType, Text
+
+#: options every replica-type target accepts besides its main argument (docs/replica.md)
+REPLICA_OPTIONS: tuple[Option, ...] = (
+    Option("meta", Text("PATH"), "the replica metadata file (default: docs/replica.md)"),
+    Option("force", Flag(), "overwrite a diverged or foreign replica", default=False),
+    Option(
+        "on-disconnect",
+        Choice(("degrade", "fail")),
+        "degrade: track dirty regions and reconnect; fail: fail the trace",
+        default="degrade",
+    ),
+    Option(
+        "granularity",
+        Integer(512, 1 << 30, kind="uint32", size=True, power_of_two=True),
+        "dirty bitmap unit",
+        default=DEFAULT_GRANULARITY,
+    ),
+    Option("reconnect-max", Seconds(1, 3600), "reconnect backoff cap, seconds", default=5),
+)
+
+
+def replica_keywords(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The shared options as :class:`ReplicaTarget` keywords."""
+    return {
+        "meta_path": Path(values["meta"]) if values["meta"] else None,
+        "force": values["force"],
+        "on_disconnect": values["on-disconnect"],
+        "granularity": values["granularity"],
+        "reconnect_max": float(values["reconnect-max"]),
+    }
+
+
+class LocalReplicaTarget(ReplicaTarget):
+    """A replica in a local raw image (a file or a block device)."""
+
+    kind = "replica"
+
+    def __init__(self, filename: str, **kw: Any) -> None:
+        self.filename = filename
+        super().__init__(f"replica:{filename}", os.path.realpath(filename), **kw)
+        if self.meta_path is None:
+            self.meta_path = Path(filename + META_SUFFIX)
+
+    async def open_device(self) -> BlockDevice:
+        if not os.path.exists(self.filename):
+            with open(self.filename, "xb") as f:
+                f.truncate(self.size)
+        return FileDevice(self.filename)
+
+    def replica_fingerprint(self) -> Fingerprint | None:
+        return file_fingerprint(self.filename)
+
+    def replica_exists(self) -> bool:
+        return os.path.exists(self.filename)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "filename": self.filename}
+
+
+TARGET_TYPE = TargetType(
+    name="replica",
+    doc="a local raw image kept identical to the export (docs/replica.md)",
+    order=20,
+    options=(
+        Option("filename", Text("PATH"), "a raw image kept identical to the export", main=True),
+        *REPLICA_OPTIONS,
+    ),
+    factory=lambda v: LocalReplicaTarget(v["filename"], **replica_keywords(v)),
+)
