@@ -11,6 +11,7 @@ APT_PACKAGES=(
   nbdkit fio e2fsprogs fuse3 util-linux          # fio's nbd engine, mkfs.ext4/debugfs, losetup
   python3-venv python3-pip
   libdeflate0                                    # optional: 2-3x faster log CRCs (zlib otherwise)
+  linux-image-amd64 busybox-static cpio          # the attach tests' guest (scripts/build-guest.sh)
 )
 
 missing=()

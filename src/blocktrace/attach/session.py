@@ -1,0 +1,283 @@
+"""One ``blocktrace attach`` run: disks of one running QEMU, their exports, traces and pivots.
+
+Plugged into :class:`~blocktrace.service.Service` with hooks, so everything ``serve`` has
+(NBD listeners, the QMP control socket, clean stop on SIGINT/SIGTERM) works unchanged:
+
+* :meth:`AttachSession.prepare` (before the service exists): connect to QEMU's QMP, resolve
+  every device, check the commands, create each export's image (a new file the operator
+  named, never an existing one) at the guest-visible size;
+* started hook (listening, so QEMU can connect): pivot each disk onto its export
+  (:mod:`.pivot`), then start its traces;
+* a watcher per disk: when a trace of the disk ends (``trace stop``, ``block-job-cancel``,
+  a target failure with ``on-target-error=break``) the disk is detached; when QEMU goes away
+  the traces are stopped (keeping what they received); when no disk is left the service
+  stops;
+* stopping hook (SIGINT/SIGTERM, QMP ``quit``, ``blocktrace detach``): detach every disk
+  still attached, *then* stop its traces, so a trace ends when the VM left blocktrace.
+
+Why traces start after the pivot and default to ``sync=full``: the export's image holds the
+guest disk only once the mirror converged, and nobody but blocktrace holds it then; a
+``sync=full`` trace carries its own base (the log alone rebuilds the disk from zeroes, a
+replica is copied), atomically with the stream (the trace filter's gate), with no guest
+pause.  ``introspect`` reads its base from the export at that same instant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from blocktrace.attach.monitor import AttachError, Disk, Monitor
+from blocktrace.attach.pivot import Pivot
+from blocktrace.errors import UsageError
+from blocktrace.trace.manager import Trace
+from blocktrace.trace.options import SyncMode, TraceSpec, parse_trace_spec
+
+if TYPE_CHECKING:
+    from blocktrace.service import Service
+
+log = logging.getLogger("blocktrace.attach")
+
+_EXPORT_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+@dataclass
+class Attached:
+    """One disk of the VM and what blocktrace does with it."""
+
+    disk: Disk
+    export: str
+    image: str
+    pivot: Pivot
+    specs: list[TraceSpec] = field(default_factory=list)
+    traces: list[Trace] = field(default_factory=list)
+    watcher: asyncio.Task[None] | None = None
+    done: bool = False
+
+
+def parse_disk_arg(arg: str) -> tuple[str, str]:
+    """``DEVICE=IMAGE``: the device to attach and the new raw image its export lives in."""
+    device, sep, image = arg.rpartition("=")
+    if not sep or not device or not image:
+        raise UsageError(f"{arg!r}: expected DEVICE=IMAGE")
+    return device, image
+
+
+class AttachSession:
+    """The disks one ``blocktrace attach`` moved onto blocktrace."""
+
+    def __init__(
+        self,
+        qemu_socket: str,
+        disks: Sequence[tuple[str, str]],
+        traces: Sequence[str],
+        *,
+        nbd_socket: str,
+        reconnect_delay: int = 10,
+    ) -> None:
+        if not disks:
+            raise UsageError("attach: give at least one DEVICE=IMAGE")
+        self.monitor = Monitor(qemu_socket)
+        self.requests = list(disks)
+        self.trace_texts = list(traces)
+        self.nbd_socket = os.path.abspath(nbd_socket)
+        self.reconnect_delay = reconnect_delay
+        self.disks: list[Attached] = []
+        self._service: Service | None = None
+        self._stopping = False
+        self._qemu_watch: asyncio.Task[None] | None = None
+
+    @property
+    def images(self) -> list[tuple[str, str]]:
+        """(export name, image) pairs for :class:`~blocktrace.service.ServiceConfig`."""
+        return [(a.export, a.image) for a in self.disks]
+
+    async def prepare(self) -> None:
+        """Resolve everything and create the images; nothing in QEMU changes yet."""
+        await self.monitor.connect()
+        created: list[str] = []
+        try:
+            await self._prepare(created)
+        except BaseException:
+            for path in created:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            await self.monitor.close()
+            raise
+
+    async def _prepare(self, created: list[str]) -> None:
+        seen: set[str] = set()
+        for device, image in self.requests:
+            disk = await self.monitor.resolve(device)
+            if disk.node in seen:
+                raise AttachError(f"device {device!r}: given twice")
+            seen.add(disk.node)
+            export = _EXPORT_NAME.sub("_", disk.label) or "disk"
+            if any(a.export == export for a in self.disks):
+                raise AttachError(f"device {device!r}: export name {export!r} used twice")
+            pivot = Pivot(
+                self.monitor,
+                disk,
+                socket=self.nbd_socket,
+                export=export,
+                reconnect_delay=self.reconnect_delay,
+            )
+            self.disks.append(Attached(disk, export, image, pivot))
+        self._bind_traces()
+        await self.monitor.require(("blockdev-add", "blockdev-mirror", "block-job-complete"))
+        for a in self.disks:
+            _create_image(a.image, a.disk.size)
+            created.append(a.image)
+
+    def _bind_traces(self) -> None:
+        if not self.trace_texts:
+            raise UsageError("attach: give at least one --trace")
+        by_export = {a.export: a for a in self.disks}
+        for text in self.trace_texts:
+            spec = parse_trace_spec(text)
+            export = spec.export
+            if not export:
+                if len(self.disks) != 1:
+                    raise UsageError(f"--trace {text!r}: name the export (EXPORT=...)")
+                export = self.disks[0].export
+            if export not in by_export:
+                raise UsageError(
+                    f"--trace {text!r}: no attached disk exported as {export!r} "
+                    f"(exports: {', '.join(by_export)})"
+                )
+            kind = spec.target.get("type")
+            explicit_sync = re.search(r"(^|,)sync=", text.partition(":")[2]) is not None
+            options = spec.options
+            if kind != "introspect" and options.sync is SyncMode.NONE:
+                if explicit_sync:
+                    raise UsageError(
+                        f"--trace {text!r}: attach needs sync=full for {kind} targets (the "
+                        "disk's content at the switch exists only inside blocktrace)"
+                    )
+                options = dataclasses.replace(options, sync=SyncMode.FULL)
+            by_export[export].specs.append(
+                dataclasses.replace(spec, export=export, options=options)
+            )
+
+    def install(self, service: Service) -> None:
+        self._service = service
+        service.started_hooks.append(self._start)
+        service.stopping_hooks.append(self._stop)
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    async def _start(self, service: Service) -> None:
+        try:
+            used = {s.job_id for a in self.disks for s in a.specs if s.job_id}
+            n = 0
+            for a in self.disks:
+                await a.pivot.attach()
+                for spec in a.specs:
+                    job_id = spec.job_id
+                    if not job_id:
+                        while f"trace{n}" in used:
+                            n += 1
+                        job_id = f"trace{n}"
+                    used.add(job_id)
+                    trace = await service.traces.start(job_id, a.export, spec.target, spec.options)
+                    a.traces.append(trace)
+                    log.info("trace %s: %s -> %s", job_id, a.export, trace.target.name)
+        except BaseException:
+            with contextlib.suppress(AttachError):
+                await self._detach_all()
+            await self.monitor.close()
+            raise
+        for a in self.disks:
+            a.watcher = asyncio.create_task(self._watch(a))
+        self._qemu_watch = asyncio.create_task(self._watch_qemu())
+
+    async def _stop(self, service: Service) -> None:
+        self._stopping = True
+        await self._detach_all()
+        if self._qemu_watch is not None:
+            self._qemu_watch.cancel()
+        await self.monitor.close()
+
+    # -- watchers --------------------------------------------------------------------------
+
+    async def _watch(self, a: Attached) -> None:
+        """Detach ``a`` when one of its traces ends on its own (stop, cancel, failure)."""
+        waits = [asyncio.create_task(t.wait_concluded()) for t in a.traces]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self._stopping or a.done:
+            return
+        log.info("attach %s: a trace ended; detaching", a.export)
+        try:
+            await self._detach(a)
+        except AttachError as exc:
+            log.error("detach %s: %s", a.export, exc)
+        self._stop_if_idle()
+
+    async def _watch_qemu(self) -> None:
+        await self.monitor.wait_disconnected()
+        if self._stopping:
+            return
+        log.error("attach: QEMU's QMP connection was lost (QEMU exited?); stopping the traces")
+        for a in self.disks:
+            a.done = True
+            a.pivot.attached = False
+            for t in a.traces:
+                if not t.concluded:
+                    await t.stop()
+        self._stop_if_idle()
+
+    def _stop_if_idle(self) -> None:
+        if self._service is not None and all(a.done for a in self.disks):
+            self._service.request_stop()
+
+    # -- detach ----------------------------------------------------------------------------
+
+    async def _detach_all(self) -> None:
+        errors: list[str] = []
+        for a in self.disks:
+            try:
+                await self._detach(a)
+            except AttachError as exc:
+                errors.append(str(exc))
+                log.error("detach %s: %s", a.export, exc)
+        if errors and not self._stopping:
+            raise AttachError(errors[0])
+
+    async def _detach(self, a: Attached) -> None:
+        if a.done:
+            return
+        a.done = True
+        try:
+            if self.monitor.connected:
+                await a.pivot.detach()
+        finally:
+            for t in a.traces:
+                if not t.concluded:
+                    await t.stop()
+
+
+def _create_image(path: str, size: int) -> None:
+    """A new sparse raw image; an existing path (or a symlink) is refused, never replaced."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise AttachError(
+            f"{path}: exists; attach writes a new image and overwrites none"
+        ) from None
+    except OSError as exc:
+        raise AttachError(f"{path}: {exc.strerror}") from None
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
