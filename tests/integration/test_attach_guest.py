@@ -1,0 +1,155 @@
+"""``blocktrace attach`` on a real running VM: a Linux guest under qemu-system-x86_64 (TCG).
+
+The guest writes files on ext4 (fsync, rm, fstrim) while blocktrace is attached; after the
+detach the log replayed onto an all-zero disk, the replica and the VM's own image (qcow2
+converted to raw) are the same bytes, and the introspection target saw the guest's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from guest import Guest, GuestDisk, guest_visible, make_ext4_disk
+
+from blocktrace.qmp.client import QMPClient
+from support import BLOCKTRACE, blocktrace, require
+
+pytestmark = pytest.mark.slow
+
+
+class AttachProcess:
+    """``blocktrace attach`` in a subprocess, its QMP control socket at ``self.qmp``."""
+
+    def __init__(self, workdir: Path, qemu_qmp: Path, disks: list[str], traces: list[str],
+                 *, name: str = "attach", extra: tuple[str, ...] = ()) -> None:  # fmt: skip
+        self.qmp = workdir / f"{name}-qmp.sock"
+        self.nbd = workdir / f"{name}-nbd.sock"
+        self.stderr_path = workdir / f"{name}.stderr"
+        args = ["attach", "--qemu", str(qemu_qmp), "--socket", str(self.nbd),
+                "--qmp", str(self.qmp), *extra, *disks]  # fmt: skip
+        for t in traces:
+            args += ["--trace", t]
+        self._err = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen([*BLOCKTRACE, *args], stderr=self._err)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_ready(self, n_traces: int, timeout: float = 300) -> list[dict[str, Any]]:
+        """Wait until the pivot is done and ``n_traces`` traces are ready."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"attach exited {self.proc.returncode}: {self.stderr()}"
+            if self.qmp.exists():
+                try:
+                    with QMPClient.connect_to(str(self.qmp), timeout=30) as c:
+                        jobs: list[dict[str, Any]] = c.execute("query-block-jobs")
+                except Exception:
+                    jobs = []
+                if len(jobs) == n_traces and all(j["ready"] for j in jobs):
+                    return jobs
+            time.sleep(0.2)
+        raise AssertionError(f"attach not ready: {self.stderr()}")
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._err.close()
+
+
+def qemu_qmp(path: Path, command: str, args: dict[str, Any] | None = None) -> Any:
+    """One command on QEMU's own monitor (blocktrace's client speaks plain QMP)."""
+    with QMPClient.connect_to(str(path), timeout=60) as c:
+        return c.execute(command, args)
+
+
+def device_node(path: Path, device: str) -> str:
+    for blk in qemu_qmp(path, "query-block"):
+        if device in blk.get("qdev", ""):
+            return str(blk["inserted"]["node-name"])
+    raise AssertionError(f"no device {device}")
+
+
+def replay_from_zero(tmp: Path, log: Path, size: int, name: str) -> Path:
+    out = tmp / name
+    with open(out, "wb") as f:
+        f.truncate(size)
+    blocktrace("replay", log, out)
+    return out
+
+
+def guest_workload(g: Guest, tag: str) -> None:
+    """Files on ext4: written with fsync, overwritten, removed, trimmed."""
+    g.sh(f"dd if=/dev/urandom of=/mnt/{tag}-big bs=64k count=48 conv=fsync 2>/dev/null")
+    g.sh(f"echo hello-{tag} | dd of=/mnt/{tag}-small conv=fsync 2>/dev/null")
+    g.sh(f"dd if=/dev/urandom of=/mnt/{tag}-keep bs=4k count=33 conv=fsync 2>/dev/null")
+    g.sh(f"rm /mnt/{tag}-big && sync && fstrim /mnt && sync")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tools() -> None:
+    require("qemu-system-x86_64", "qemu-img", "mkfs.ext4")
+
+
+def test_attach_qcow2_vm_log_replica_introspect_detach_and_reattach(tmp_path: Path) -> None:
+    size = 64 << 20
+    disk = tmp_path / "vm.qcow2"
+    make_ext4_disk(disk, "qcow2", size)
+    with Guest(tmp_path, [GuestDisk(disk, "qcow2")]) as g:
+        g.sh("mount -o discard /dev/vda /mnt && echo before > /mnt/before && sync")
+        log = tmp_path / "a.log"
+        events = tmp_path / "events.jsonl"
+        replica = tmp_path / "replica.img"
+        att = AttachProcess(tmp_path, g.qmp, [f"disk0={tmp_path / 'bt.img'}"],
+                            [f"log:{log}", f"replica:{replica}",
+                             f"introspect:{events}"])  # fmt: skip
+        jobs = att.wait_ready(3)
+        assert {j["export"] for j in jobs} == {"disk0"}
+        assert device_node(g.test_qmp, "disk0") == "blocktrace-disk0"
+        guest_workload(g, "one")
+        with QMPClient.connect_to(str(att.qmp)) as c:
+            c.execute("block-trace-mark", {"job-id": "trace0", "name": "after-one"})
+        g.sh("sync")
+        out = blocktrace("detach", "--socket", att.qmp, timeout=300)
+        assert "detached" in out.stdout
+        assert att.wait() == 0, att.stderr()
+        # QEMU's graph is what it was; the VM runs on, on its own image.
+        assert device_node(g.test_qmp, "disk0") == "fmt0"
+        names = {n["node-name"] for n in qemu_qmp(g.test_qmp, "query-named-block-nodes")}
+        assert not any(n.startswith("blocktrace") for n in names)
+        assert "hello-one" in g.sh("cat /mnt/one-small")
+
+        visible = guest_visible(disk, "qcow2", tmp_path / "visible.raw")
+        replayed = replay_from_zero(tmp_path, log, size, "replayed.raw")
+        blocktrace("verify", replayed, visible)
+        blocktrace("verify", replica, visible)
+        assert "after-one" in blocktrace("log", "info", log).stdout
+        seen = events.read_text()
+        assert "one-small" in seen and "one-keep" in seen and "one-big" in seen
+        kinds = {json.loads(line).get("op") or json.loads(line).get("event")
+                 for line in seen.splitlines()}  # fmt: skip
+        assert kinds, seen
+
+        # Reattach to the same VM, guest still writing, and detach with SIGTERM this time.
+        log2 = tmp_path / "b.log"
+        att2 = AttachProcess(tmp_path, g.qmp, [f"disk0={tmp_path / 'bt2.img'}"],
+                             [f"log:{log2}"], name="attach2")  # fmt: skip
+        att2.wait_ready(1)
+        guest_workload(g, "two")
+        g.sh("sync")
+        att2.proc.send_signal(signal.SIGTERM)
+        assert att2.wait() == 0, att2.stderr()
+        assert device_node(g.test_qmp, "disk0") == "fmt0"
+        g.sh("sync && ls /mnt/two-keep")
+        visible = guest_visible(disk, "qcow2", tmp_path / "visible2.raw")
+        blocktrace("verify", replay_from_zero(tmp_path, log2, size, "replayed2.raw"), visible)
+        g.sh("umount /mnt")
+    os.unlink(tmp_path / "bt.img")
