@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guest import Guest, GuestDisk, guest_visible, make_ext4_disk
 
 from blocktrace.qmp.client import QMPClient
+from guest import Guest, GuestDisk, guest_visible, make_ext4_disk
 from support import BLOCKTRACE, blocktrace, require
 
 pytestmark = pytest.mark.slow
@@ -46,7 +46,9 @@ class AttachProcess:
         """Wait until the pivot is done and ``n_traces`` traces are ready."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"attach exited {self.proc.returncode}: {self.stderr()}"
+            assert self.proc.poll() is None, (
+                f"attach exited {self.proc.returncode}: {self.stderr()}"
+            )
             if self.qmp.exists():
                 try:
                     with QMPClient.connect_to(str(self.qmp), timeout=30) as c:
@@ -132,11 +134,12 @@ def test_attach_qcow2_vm_log_replica_introspect_detach_and_reattach(tmp_path: Pa
         blocktrace("verify", replayed, visible)
         blocktrace("verify", replica, visible)
         assert "after-one" in blocktrace("log", "info", log).stdout
-        seen = events.read_text()
-        assert "one-small" in seen and "one-keep" in seen and "one-big" in seen
-        kinds = {json.loads(line).get("op") or json.loads(line).get("event")
-                 for line in seen.splitlines()}  # fmt: skip
-        assert kinds, seen
+        seen = {
+            (e["kind"], e.get("path")) for e in map(json.loads, events.read_text().splitlines())
+        }
+        assert ("create", "/one-small") in seen, seen
+        assert ("create", "/one-big") in seen and ("delete", "/one-big") in seen, seen
+        assert not any(kind == "error" for kind, _ in seen), seen
 
         # Reattach to the same VM, guest still writing, and detach with SIGTERM this time.
         log2 = tmp_path / "b.log"
@@ -153,3 +156,99 @@ def test_attach_qcow2_vm_log_replica_introspect_detach_and_reattach(tmp_path: Pa
         blocktrace("verify", replay_from_zero(tmp_path, log2, size, "replayed2.raw"), visible)
         g.sh("umount /mnt")
     os.unlink(tmp_path / "bt.img")
+
+
+def test_two_raw_disks_blockdev_and_drive_cancel_one_then_sigint(tmp_path: Path) -> None:
+    size = 64 << 20
+    d0, d1 = tmp_path / "d0.raw", tmp_path / "d1.raw"
+    make_ext4_disk(d0, "raw", size)
+    make_ext4_disk(d1, "raw", size)
+    disks = [GuestDisk(d0, "raw"), GuestDisk(d1, "raw", style="drive")]
+    with Guest(tmp_path, disks) as g:
+        g.sh("mount -o discard /dev/vda /mnt && mkdir /m1 && mount -o discard /dev/vdb /m1")
+        drive_node = device_node(g.test_qmp, "disk1")
+        l0, l1 = tmp_path / "d0.log", tmp_path / "d1.log"
+        qdev1 = "/machine/peripheral/disk1/virtio-backend"  # the qdev path works too
+        att = AttachProcess(tmp_path, g.qmp,
+                            [f"disk0={tmp_path / 'bt0.img'}", f"{qdev1}={tmp_path / 'bt1.img'}"],
+                            [f"disk0=log:{l0},job-id=t0", f"disk1=log:{l1},job-id=t1"])  # fmt: skip
+        att.wait_ready(2)
+        assert device_node(g.test_qmp, "disk0") == "blocktrace-disk0"
+        assert device_node(g.test_qmp, "disk1") == "blocktrace-disk1"
+        g.sh("dd if=/dev/urandom of=/mnt/f bs=4k count=100 conv=fsync 2>/dev/null")
+        g.sh("dd if=/dev/urandom of=/m1/f bs=4k count=100 conv=fsync 2>/dev/null && sync")
+        # block-job-cancel of disk1's trace (QEMU's own command, on blocktrace's socket)
+        # detaches disk1 only: it goes back to a re-opened node on its image (-drive's
+        # nodes die with the pivot), disk0 stays attached.
+        blocktrace("trace", "stop", "--socket", att.qmp, "t1")
+        deadline = time.monotonic() + 300
+        while device_node(g.test_qmp, "disk1") == "blocktrace-disk1":
+            assert time.monotonic() < deadline, att.stderr()
+            time.sleep(0.2)
+        # re-opened on the same image, by blocktrace
+        assert device_node(g.test_qmp, "disk1") == "blocktrace-disk1-orig" != drive_node
+        assert device_node(g.test_qmp, "disk0") == "blocktrace-disk0"
+        assert att.proc.poll() is None
+        g.sh("dd if=/dev/urandom of=/m1/g bs=4k count=10 conv=fsync 2>/dev/null && sync")
+        g.sh("dd if=/dev/urandom of=/mnt/g bs=4k count=10 conv=fsync 2>/dev/null && sync")
+        att.proc.send_signal(signal.SIGINT)
+        assert att.wait() == 0, att.stderr()
+        assert device_node(g.test_qmp, "disk0") == "fmt0"
+        # disk0's trace covered the whole attachment; disk1's ended at its stop, before
+        # the guest wrote /m1/g: its log is the disk as of that stop.
+        blocktrace("verify", replay_from_zero(tmp_path, l0, size, "r0.raw"), d0)
+        r1 = replay_from_zero(tmp_path, l1, size, "r1.raw")
+        assert blocktrace("verify", r1, d1, check=False).returncode == 1
+        g.sh("umount /mnt && umount /m1")
+
+
+def test_one_line_errors_change_nothing(tmp_path: Path) -> None:
+    """Missing QMP socket, unknown device, an image that exists: one line, nothing changed
+    (against a real qemu-storage-daemon, no guest needed)."""
+    require("qemu-storage-daemon")
+    img = tmp_path / "src.raw"
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    qmp = tmp_path / "qsd.sock"
+    qsd = subprocess.Popen(
+        [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=file,filename={img},node-name=p0",
+            "--blockdev",
+            "driver=raw,file=p0,node-name=n0",
+            "--chardev",
+            f"socket,id=m,path={qmp},server=on,wait=off",
+            "--monitor",
+            "chardev=m",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not qmp.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        def attach_err(*args: str) -> str:
+            p = blocktrace("attach", "--socket", str(tmp_path / "n.sock"), "--trace",
+                           f"log:{tmp_path / 'x.log'}", *args, check=False)  # fmt: skip
+            assert p.returncode != 0
+            lines = p.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("blocktrace: "), p.stderr
+            return lines[0]
+
+        assert "No such file" in attach_err("--qemu", str(tmp_path / "nope.sock"), "d=x.img")
+        assert "no device or block node named 'nosuch'" in attach_err(
+            "--qemu", str(qmp), f"nosuch={tmp_path / 'bt.img'}"
+        )
+        (tmp_path / "exists.img").write_bytes(b"keep")
+        assert "exists" in attach_err("--qemu", str(qmp), f"n0={tmp_path / 'exists.img'}")
+        assert (tmp_path / "exists.img").read_bytes() == b"keep"
+        assert not (tmp_path / "bt.img").exists()
+        assert not (tmp_path / "x.log").exists()
+        with QMPClient.connect_to(str(qmp)) as c:
+            nodes = {n["node-name"] for n in c.execute("query-named-block-nodes")}
+        assert nodes == {"p0", "n0"}
+    finally:
+        qsd.kill()
+        qsd.wait()
