@@ -28,9 +28,10 @@ class AttachProcess:
     """``blocktrace attach`` in a subprocess, its QMP control socket at ``self.qmp``."""
 
     def __init__(self, workdir: Path, qemu_qmp: Path, disks: list[str], traces: list[str],
-                 *, name: str = "attach", extra: tuple[str, ...] = ()) -> None:  # fmt: skip
+                 *, name: str = "attach", extra: tuple[str, ...] = (),
+                 nbd: Path | None = None) -> None:  # fmt: skip
         self.qmp = workdir / f"{name}-qmp.sock"
-        self.nbd = workdir / f"{name}-nbd.sock"
+        self.nbd = nbd or workdir / f"{name}-nbd.sock"
         self.stderr_path = workdir / f"{name}.stderr"
         args = ["attach", "--qemu", str(qemu_qmp), "--socket", str(self.nbd),
                 "--qmp", str(self.qmp), *extra, *disks]  # fmt: skip
@@ -252,3 +253,64 @@ def test_one_line_errors_change_nothing(tmp_path: Path) -> None:
     finally:
         qsd.kill()
         qsd.wait()
+
+
+def test_faults_kill9_blocktrace_resume_then_kill9_qemu(tmp_path: Path) -> None:
+    """kill -9 of blocktrace while attached: the guest's I/O fails after the reconnect delay
+    (it does not hang), nothing it saw acknowledged is lost, and ``attach --resume`` serves
+    the disk again and detaches cleanly.  Then QEMU killed while attached: blocktrace ends
+    the trace with its event, keeps the log, and exits with a one-line error."""
+    size = 64 << 20
+    disk = tmp_path / "vm.raw"
+    with open(disk, "wb") as f:
+        f.truncate(size)
+    bt = tmp_path / "bt.img"
+    with Guest(tmp_path, [GuestDisk(disk, "raw")]) as g:
+        att = AttachProcess(tmp_path, g.qmp, [f"disk0={bt}"], [f"log:{tmp_path / 'a.log'}"],
+                            extra=("--reconnect-delay", "2"))  # fmt: skip
+        att.wait_ready(1)
+        g.sh("dd if=/dev/urandom of=/tmp/a bs=4k count=64 2>/dev/null")
+        g.sh("dd if=/tmp/a of=/dev/vda bs=4k seek=100 oflag=direct conv=fsync 2>/dev/null")
+        want_a = g.sh("md5sum < /tmp/a").split()[0]
+        att.proc.kill()
+        att.wait()
+        # The guest is not stuck: its next write fails once the reconnect delay is over.
+        rc, _ = g.run("dd if=/dev/zero of=/dev/vda bs=4k count=1 seek=9000 oflag=direct 2>&1")
+        assert rc != 0
+        # The log of the killed process reads cleanly and holds the fsync'ed data.
+        blocktrace("log", "info", tmp_path / "a.log")
+        replayed = replay_from_zero(tmp_path, tmp_path / "a.log", size, "a.raw")
+        with open(replayed, "rb") as f1, open(bt, "rb") as f2:
+            f1.seek(100 * 4096)
+            f2.seek(100 * 4096)
+            assert f1.read(64 * 4096) == f2.read(64 * 4096)
+
+        # A restarted blocktrace serves the same image again; QEMU reconnects.
+        res = AttachProcess(tmp_path, g.qmp, [f"disk0={bt}"], [f"log:{tmp_path / 'b.log'}"],
+                            name="resume", extra=("--resume",), nbd=att.nbd)  # fmt: skip
+        res.wait_ready(1)
+        got = g.sh("dd if=/dev/vda bs=4k skip=100 count=64 iflag=direct 2>/dev/null | md5sum")
+        assert got.split()[0] == want_a
+        g.sh("dd if=/dev/urandom of=/dev/vda bs=4k seek=300 count=16 oflag=direct conv=fsync")
+        res.proc.send_signal(signal.SIGTERM)
+        assert res.wait() == 0, res.stderr()
+        assert device_node(g.test_qmp, "disk0") == "fmt0"
+        vis = g.sh("dd if=/dev/vda bs=4k count=400 iflag=direct 2>/dev/null | md5sum").split()[0]
+        with open(disk, "rb") as f:
+            import hashlib
+
+            assert hashlib.md5(f.read(400 * 4096)).hexdigest() == vis
+
+        # QEMU killed while attached.
+        att3 = AttachProcess(tmp_path, g.qmp, [f"disk0={tmp_path / 'bt3.img'}"],
+                             [f"log:{tmp_path / 'c.log'},job-id=c"], name="att3")  # fmt: skip
+        att3.wait_ready(1)
+        g.sh("dd if=/dev/urandom of=/dev/vda bs=4k seek=500 count=16 oflag=direct conv=fsync")
+        with QMPClient.connect_to(str(att3.qmp), timeout=120) as c:
+            g.kill()
+            ev = c.wait_event(lambda e: e["event"] == "BLOCK_JOB_COMPLETED")
+        assert ev["data"]["device"] == "c"
+        assert att3.wait() == 1
+        assert att3.stderr().strip().splitlines()[-1].startswith("blocktrace: QEMU went away")
+        replayed = replay_from_zero(tmp_path, tmp_path / "c.log", size, "c.raw")
+        blocktrace("verify", replayed, tmp_path / "bt3.img")

@@ -162,6 +162,18 @@ class Monitor:
             info=node,
         )
 
+    async def unparented(self) -> list[dict[str, Any]]:
+        """Block nodes nothing uses (no parent node, no device or export): after a pivot the
+        disk's original node, kept alive by its ``-blockdev``/``blockdev-add`` reference."""
+        graph = await self.execute("x-debug-query-block-graph")
+        children = {e["child"] for e in graph["edges"]}
+        names = {
+            n["name"]
+            for n in graph["nodes"]
+            if n["type"] == "block-driver" and n["id"] not in children
+        }
+        return [n for n in await self.nodes() if n.get("node-name") in names]
+
     async def job(self, job_id: str) -> dict[str, Any] | None:
         for j in await self.execute("query-block-jobs"):
             if j.get("device") == job_id:

@@ -81,6 +81,7 @@ class AttachSession:
         *,
         nbd_socket: str,
         reconnect_delay: int = 10,
+        resume: bool = False,
     ) -> None:
         if not disks:
             raise UsageError("attach: give at least one DEVICE=IMAGE")
@@ -89,6 +90,11 @@ class AttachSession:
         self.trace_texts = list(traces)
         self.nbd_socket = os.path.abspath(nbd_socket)
         self.reconnect_delay = reconnect_delay
+        #: the disks already run on blocktrace exports (a previous attach process died):
+        #: serve their existing images again, start new traces, detach as usual
+        self.resume = resume
+        #: QEMU went away while attached (the traces were stopped, their data kept)
+        self.qemu_lost = False
         self.disks: list[Attached] = []
         self._service: Service | None = None
         self._stopping = False
@@ -116,6 +122,8 @@ class AttachSession:
         seen: set[str] = set()
         for device, image in self.requests:
             disk = await self.monitor.resolve(device)
+            if self.resume:
+                disk = await self._resumed(disk, image)
             if disk.node in seen:
                 raise AttachError(f"device {device!r}: given twice")
             seen.add(disk.node)
@@ -129,12 +137,40 @@ class AttachSession:
                 export=export,
                 reconnect_delay=self.reconnect_delay,
             )
+            pivot.attached = self.resume
             self.disks.append(Attached(disk, export, image, pivot))
         self._bind_traces()
         await self.monitor.require(("blockdev-add", "blockdev-mirror", "block-job-complete"))
+        if self.resume:
+            return
         for a in self.disks:
             _create_image(a.image, a.disk.size)
             created.append(a.image)
+
+    async def _resumed(self, running: Disk, image: str) -> Disk:
+        """The disk as it was before an earlier attach moved it onto ``running.node``."""
+        export = _EXPORT_NAME.sub("_", running.label) or "disk"
+        if running.node != f"blocktrace-{export}" or running.driver != "nbd":
+            raise AttachError(f"device {running.spec!r}: not attached (runs on {running.node!r})")
+        try:
+            st = os.stat(image, follow_symlinks=False)
+        except OSError as exc:
+            raise AttachError(f"{image}: {exc.strerror}") from None
+        if st.st_size != running.size:
+            raise AttachError(f"{image}: {st.st_size} bytes, the disk has {running.size}")
+        candidates = [
+            n
+            for n in await self.monitor.unparented()
+            if n["node-name"] != running.node and n["image"]["virtual-size"] == running.size
+        ]
+        if len(candidates) != 1:
+            found = ", ".join(n["node-name"] for n in candidates) or "none"
+            raise AttachError(
+                f"device {running.spec!r}: cannot tell its original node (candidates: {found}); "
+                "keep it on blocktrace with `blocktrace serve`"
+            )
+        orig = candidates[0]
+        return Monitor._disk(running.spec, running.label, orig)
 
     def _bind_traces(self) -> None:
         if not self.trace_texts:
@@ -178,7 +214,10 @@ class AttachSession:
             used = {s.job_id for a in self.disks for s in a.specs if s.job_id}
             n = 0
             for a in self.disks:
-                await a.pivot.attach()
+                if a.pivot.attached:
+                    await self._reconnected(service, a)
+                else:
+                    await a.pivot.attach()
                 for spec in a.specs:
                     job_id = spec.job_id
                     if not job_id:
@@ -197,6 +236,26 @@ class AttachSession:
         for a in self.disks:
             a.watcher = asyncio.create_task(self._watch(a))
         self._qemu_watch = asyncio.create_task(self._watch_qemu())
+
+    async def _reconnected(self, service: Service, a: Attached, timeout: float = 120) -> None:
+        """Wait for QEMU's nbd node to reconnect to a resumed export.
+
+        QEMU's nbd client retries in a background thread (backoff up to 16 s) once a request
+        failed; a request arriving before it connected fails at once.  A read through the
+        human monitor's ``qemu-io`` kicks it when nothing else does (qemu-system only)."""
+        export = service.registry.get(a.export)
+        assert export is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while export.connections == 0:
+            if loop.time() > deadline:
+                raise AttachError(f"device {a.disk.spec!r}: QEMU did not reconnect to {a.export}")
+            with contextlib.suppress(AttachError):
+                await self.monitor.execute(
+                    "human-monitor-command",
+                    {"command-line": f'qemu-io {a.pivot.node} "read 0 512"'},
+                )
+            await asyncio.sleep(1)
 
     async def _stop(self, service: Service) -> None:
         self._stopping = True
@@ -229,6 +288,7 @@ class AttachSession:
         if self._stopping:
             return
         log.error("attach: QEMU's QMP connection was lost (QEMU exited?); stopping the traces")
+        self.qemu_lost = True
         for a in self.disks:
             a.done = True
             a.pivot.attached = False

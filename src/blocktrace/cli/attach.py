@@ -55,6 +55,12 @@ DEFAULT_NBD_SOCKET = "./blocktrace-attach.sock"
     show_default=True,
     help="Seconds QEMU holds the guest's requests if blocktrace dies, waiting for a restart.",
 )
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="The disks still run on the IMAGEs of an attach process that died: serve them "
+    "again (QEMU reconnects), trace, and detach as usual.",
+)
 def attach(
     disks: tuple[str, ...],
     qemu_socket: str,
@@ -62,6 +68,7 @@ def attach(
     socket_path: str,
     qmp_path: str | None,
     reconnect_delay: int,
+    resume: bool,
 ) -> None:
     """Trace the disks of a running QEMU until stopped (pivot mechanism).
 
@@ -70,6 +77,7 @@ def attach(
     traced.  SIGINT/SIGTERM, `blocktrace detach`, or stopping a disk's trace moves the disk
     back onto its own image and ends the trace.
     """
+    from blocktrace.attach.monitor import AttachError
     from blocktrace.attach.session import AttachSession, parse_disk_arg
 
     logger = logging.getLogger("blocktrace")
@@ -81,6 +89,7 @@ def attach(
         traces,
         nbd_socket=socket_path,
         reconnect_delay=reconnect_delay,
+        resume=resume,
     )
 
     async def main() -> None:
@@ -94,6 +103,8 @@ def attach(
         await service.run()
 
     run(main())
+    if session.qemu_lost:
+        raise AttachError("QEMU went away while attached; traces stopped, their data kept")
 
 
 @click.command()
