@@ -4,14 +4,17 @@
 # ext4 disk needs.  The guest runs a line protocol on its second serial port (ttyS1): each
 # line is a shell command, answered by its output and "@@RC <status>".  Cached: rebuilt only
 # when the kernel, busybox or this script change.
-# Usage: scripts/build-guest.sh CACHE_DIR   (prints the directory holding vmlinuz + initrd)
+# Usage: scripts/build-guest.sh CACHE_DIR [--with-fio]   (prints the directory holding
+# vmlinuz + initrd.gz).  --with-fio adds the host's fio and its libraries (bench/attach.py).
 set -euo pipefail
-cache=${1:?usage: build-guest.sh CACHE_DIR}
+cache=${1:?usage: build-guest.sh CACHE_DIR [--with-fio]}
+with_fio=${2:-}
 kernel=$(ls /boot/vmlinuz-*-amd64 2>/dev/null | sort -V | tail -1)
 [ -n "$kernel" ] || { echo "build-guest: no /boot/vmlinuz-*-amd64 (apt-get install linux-image-amd64)" >&2; exit 1; }
 kver=${kernel#/boot/vmlinuz-}
 busybox=$(command -v busybox) || { echo "build-guest: no busybox (apt-get install busybox-static)" >&2; exit 1; }
 key=$(cat "$0" "$busybox" | sha256sum | cut -c1-16)-$kver
+if [ "$with_fio" = --with-fio ]; then key=$key-fio; fi
 out="$cache/guest-$key"
 if [ -f "$out/initrd.gz" ]; then echo "$out"; exit 0; fi
 mkdir -p "$cache"
@@ -45,6 +48,14 @@ for m in "${order[@]}"; do
   esac
   echo "$base" >>"$root/modules"
 done
+if [ "$with_fio" = --with-fio ]; then
+  fio=$(command -v fio) || { echo "build-guest: no fio" >&2; exit 1; }
+  cp "$fio" "$root/bin/fio"
+  for lib in $(ldd "$fio" | grep -oE '/[^ ]+'); do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+  done
+fi
 cat >"$root/init" <<'INIT'
 #!/bin/sh
 mount -t proc proc /proc

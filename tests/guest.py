@@ -30,8 +30,9 @@ def guest_dir() -> Path:
     cache = os.environ.get("BLOCKTRACE_GUEST_CACHE") or str(
         Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "blocktrace" / "guest"
     )
+    extra = ["--with-fio"] if os.environ.get("BLOCKTRACE_GUEST_FIO") else []
     out = subprocess.run(
-        [str(REPO / "scripts" / "build-guest.sh"), cache],
+        [str(REPO / "scripts" / "build-guest.sh"), cache, *extra],
         check=True,
         capture_output=True,
         text=True,
@@ -69,8 +70,17 @@ class GuestDisk:
 class Guest:
     """``with Guest(tmp, [GuestDisk(...)]) as g: g.sh("...")``."""
 
-    def __init__(self, workdir: Path, disks: list[GuestDisk], *, memory: int = 256) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        disks: list[GuestDisk],
+        *,
+        memory: int = 256,
+        blklogwrites_log: Path | None = None,
+    ) -> None:
         self.workdir = workdir
+        #: put QEMU's blklogwrites (log in this file) between disk 0's file and format nodes
+        self.blklogwrites_log = blklogwrites_log
         self.disks = disks
         self.memory = memory
         self.qmp = workdir / "qemu-qmp.sock"
@@ -99,7 +109,16 @@ class Guest:
             "-qmp", f"unix:{self.test_qmp},server=on,wait=off",
         ]  # fmt: skip
         for i, d in enumerate(self.disks):
-            if d.style == "blockdev":
+            if i == 0 and self.blklogwrites_log is not None:
+                argv += [
+                    "-blockdev", f"driver=file,filename={d.path},node-name=data0",
+                    "-blockdev", f"driver=file,filename={self.blklogwrites_log},node-name=log0",
+                    "-blockdev", "driver=blklogwrites,file=data0,log=log0,node-name=proto0,"
+                                 "log-super-update-interval=1",
+                    "-blockdev", f"driver={d.fmt},file=proto0,node-name=fmt0",
+                    "-device", "virtio-blk-pci,drive=fmt0,id=disk0",
+                ]  # fmt: skip
+            elif d.style == "blockdev":
                 argv += [
                     "-blockdev", f"driver=file,filename={d.path},node-name=proto{i},discard=unmap",
                     "-blockdev", f"driver={d.fmt},file=proto{i},node-name=fmt{i},discard=unmap",
