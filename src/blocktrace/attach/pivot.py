@@ -61,9 +61,12 @@ class Pivot:
     def job_id(self) -> str:
         return f"blocktrace-pivot-{self.export}"
 
+    async def check(self) -> None:
+        """Refuse a QEMU without the commands (nothing changes)."""
+        await self.monitor.require(PIVOT_COMMANDS)
+
     async def attach(self) -> None:
         """Move the disk onto the export; on failure leave QEMU's graph as it was."""
-        await self.monitor.require(PIVOT_COMMANDS)
         if await self.monitor.node(self.node) is not None:
             raise AttachError(f"QEMU already has a node {self.node!r} (attached already?)")
         await self.monitor.execute(

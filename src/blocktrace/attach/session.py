@@ -32,11 +32,14 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, Protocol
 
+from blocktrace.attach.filter import Filter
 from blocktrace.attach.monitor import AttachError, Disk, Monitor
 from blocktrace.attach.pivot import Pivot
+from blocktrace.attach.sink import LogSinkDevice
 from blocktrace.errors import UsageError
+from blocktrace.exports import Export
 from blocktrace.trace.manager import Trace
 from blocktrace.trace.options import SyncMode, TraceSpec, parse_trace_spec
 
@@ -48,6 +51,21 @@ log = logging.getLogger("blocktrace.attach")
 _EXPORT_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
+Mechanism = Literal["pivot", "filter"]
+
+
+class AttachMechanism(Protocol):
+    """How a disk's writes reach blocktrace: :class:`~.pivot.Pivot` or :class:`~.filter.Filter`."""
+
+    attached: bool
+
+    async def check(self) -> None: ...
+
+    async def attach(self) -> None: ...
+
+    async def detach(self) -> None: ...
+
+
 @dataclass
 class Attached:
     """One disk of the VM and what blocktrace does with it."""
@@ -55,7 +73,11 @@ class Attached:
     disk: Disk
     export: str
     image: str
-    pivot: Pivot
+    pivot: AttachMechanism
+    #: filter: the log-sink export QEMU's blklogwrites writes to
+    sink: str = ""
+    #: filter: the shadow export (not served over NBD; traces attach to it)
+    shadow: Export | None = None
     specs: list[TraceSpec] = field(default_factory=list)
     traces: list[Trace] = field(default_factory=list)
     watcher: asyncio.Task[None] | None = None
@@ -82,6 +104,7 @@ class AttachSession:
         nbd_socket: str,
         reconnect_delay: int = 10,
         resume: bool = False,
+        mechanism: Mechanism = "pivot",
     ) -> None:
         if not disks:
             raise UsageError("attach: give at least one DEVICE=IMAGE")
@@ -93,6 +116,9 @@ class AttachSession:
         #: the disks already run on blocktrace exports (a previous attach process died):
         #: serve their existing images again, start new traces, detach as usual
         self.resume = resume
+        if resume and mechanism != "pivot":
+            raise UsageError("attach --resume: only with --mechanism pivot")
+        self.mechanism = mechanism
         #: QEMU went away while attached (the traces were stopped, their data kept)
         self.qemu_lost = False
         self.disks: list[Attached] = []
@@ -130,17 +156,24 @@ class AttachSession:
             export = _EXPORT_NAME.sub("_", disk.label) or "disk"
             if any(a.export == export for a in self.disks):
                 raise AttachError(f"device {device!r}: export name {export!r} used twice")
-            pivot = Pivot(
-                self.monitor,
-                disk,
-                socket=self.nbd_socket,
-                export=export,
-                reconnect_delay=self.reconnect_delay,
-            )
-            pivot.attached = self.resume
-            self.disks.append(Attached(disk, export, image, pivot))
+            mech: AttachMechanism
+            sink = ""
+            if self.mechanism == "filter":
+                sink = f"{export}-log"
+                mech = Filter(self.monitor, disk, self.nbd_socket, sink, os.path.abspath(image))
+            else:
+                mech = Pivot(
+                    self.monitor,
+                    disk,
+                    socket=self.nbd_socket,
+                    export=export,
+                    reconnect_delay=self.reconnect_delay,
+                )
+            mech.attached = self.resume
+            self.disks.append(Attached(disk, export, image, mech, sink=sink))
         self._bind_traces()
-        await self.monitor.require(("blockdev-add", "blockdev-mirror", "block-job-complete"))
+        for a in self.disks:
+            await a.pivot.check()
         if self.resume:
             return
         for a in self.disks:
@@ -204,10 +237,19 @@ class AttachSession:
 
     def install(self, service: Service) -> None:
         self._service = service
+        if self.mechanism == "filter":
+            service.startup_hooks.append(self._add_sinks)
         service.started_hooks.append(self._start)
         service.stopping_hooks.append(self._stop)
 
     # -- hooks -----------------------------------------------------------------------------
+
+    async def _add_sinks(self, service: Service) -> None:
+        """Filter: the shadow leaves the NBD namespace (only the sink may change it); the
+        sink export QEMU's log child connects to takes its place."""
+        for a in self.disks:
+            a.shadow = service.registry.remove(a.export)
+            service.registry.add(Export(a.sink, LogSinkDevice(a.shadow.device)))
 
     async def _start(self, service: Service) -> None:
         try:
@@ -225,7 +267,8 @@ class AttachSession:
                             n += 1
                         job_id = f"trace{n}"
                     used.add(job_id)
-                    trace = await service.traces.start(job_id, a.export, spec.target, spec.options)
+                    where = a.shadow if a.shadow is not None else a.export
+                    trace = await service.traces.start(job_id, where, spec.target, spec.options)
                     a.traces.append(trace)
                     log.info("trace %s: %s -> %s", job_id, a.export, trace.target.name)
         except BaseException:
@@ -244,7 +287,8 @@ class AttachSession:
         failed; a request arriving before it connected fails at once.  A read through the
         human monitor's ``qemu-io`` kicks it when nothing else does (qemu-system only)."""
         export = service.registry.get(a.export)
-        assert export is not None
+        assert export is not None and isinstance(a.pivot, Pivot)  # resume is pivot-only
+        node = a.pivot.node
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while export.connections == 0:
@@ -253,13 +297,17 @@ class AttachSession:
             with contextlib.suppress(AttachError):
                 await self.monitor.execute(
                     "human-monitor-command",
-                    {"command-line": f'qemu-io {a.pivot.node} "read 0 512"'},
+                    {"command-line": f'qemu-io {node} "read 0 512"'},
                 )
             await asyncio.sleep(1)
 
     async def _stop(self, service: Service) -> None:
         self._stopping = True
         await self._detach_all()
+        for a in self.disks:
+            if a.shadow is not None:
+                await a.shadow.device.flush()
+                await a.shadow.device.close()
         if self._qemu_watch is not None:
             self._qemu_watch.cancel()
         await self.monitor.close()

@@ -56,6 +56,15 @@ DEFAULT_NBD_SOCKET = "./blocktrace-attach.sock"
     help="Seconds QEMU holds the guest's requests if blocktrace dies, waiting for a restart.",
 )
 @click.option(
+    "--mechanism",
+    type=click.Choice(["pivot", "filter"]),
+    default="pivot",
+    show_default=True,
+    help="pivot: live-migrate the disk onto blocktrace (any format, no pause).  filter: "
+    "insert QEMU's blklogwrites logging into blocktrace (raw disks; pauses the VM for the "
+    "base copy).  See docs/attach.md.",
+)
+@click.option(
     "--resume",
     is_flag=True,
     help="The disks still run on the IMAGEs of an attach process that died: serve them "
@@ -68,6 +77,7 @@ def attach(
     socket_path: str,
     qmp_path: str | None,
     reconnect_delay: int,
+    mechanism: str,
     resume: bool,
 ) -> None:
     """Trace the disks of a running QEMU until stopped (pivot mechanism).
@@ -90,6 +100,7 @@ def attach(
         nbd_socket=socket_path,
         reconnect_delay=reconnect_delay,
         resume=resume,
+        mechanism="filter" if mechanism == "filter" else "pivot",
     )
 
     async def main() -> None:
