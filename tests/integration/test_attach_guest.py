@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -89,6 +90,11 @@ def replay_from_zero(tmp: Path, log: Path, size: int, name: str) -> Path:
     return out
 
 
+def file_events(path: Path) -> set[tuple[str, str | None]]:
+    """(kind, path) of every event an introspect target wrote."""
+    return {(e["kind"], e.get("path")) for e in map(json.loads, path.read_text().splitlines())}
+
+
 def guest_workload(g: Guest, tag: str) -> None:
     """Files on ext4: written with fsync, overwritten, removed, trimmed."""
     g.sh(f"dd if=/dev/urandom of=/mnt/{tag}-big bs=64k count=48 conv=fsync 2>/dev/null")
@@ -135,9 +141,7 @@ def test_attach_qcow2_vm_log_replica_introspect_detach_and_reattach(tmp_path: Pa
         blocktrace("verify", replayed, visible)
         blocktrace("verify", replica, visible)
         assert "after-one" in blocktrace("log", "info", log).stdout
-        seen = {
-            (e["kind"], e.get("path")) for e in map(json.loads, events.read_text().splitlines())
-        }
+        seen = file_events(events)
         assert ("create", "/one-small") in seen, seen
         assert ("create", "/one-big") in seen and ("delete", "/one-big") in seen, seen
         assert not any(kind == "error" for kind, _ in seen), seen
@@ -157,6 +161,38 @@ def test_attach_qcow2_vm_log_replica_introspect_detach_and_reattach(tmp_path: Pa
         blocktrace("verify", replay_from_zero(tmp_path, log2, size, "replayed2.raw"), visible)
         g.sh("umount /mnt")
     os.unlink(tmp_path / "bt.img")
+
+
+def test_filter_raw_vm_log_replica_introspect_detach(tmp_path: Path) -> None:
+    """--mechanism filter: QEMU's blklogwrites logs into blocktrace's sink; the shadow, the
+    log replayed from zero and the replica all equal the VM's disk at detach."""
+    size = 64 << 20
+    disk = tmp_path / "vm.raw"
+    make_ext4_disk(disk, "raw", size)
+    with Guest(tmp_path, [GuestDisk(disk, "raw")]) as g:
+        g.sh("mount -o discard /dev/vda /mnt && echo before > /mnt/before && sync")
+        log, events, replica = tmp_path / "f.log", tmp_path / "ev.jsonl", tmp_path / "rep.img"
+        shadow = tmp_path / "shadow.img"
+        att = AttachProcess(tmp_path, g.qmp, [f"disk0={shadow}"],
+                            [f"log:{log}", f"replica:{replica}", f"introspect:{events}"],
+                            extra=("--mechanism", "filter"))  # fmt: skip
+        att.wait_ready(3)
+        names = {n["node-name"] for n in qemu_qmp(g.test_qmp, "query-named-block-nodes")}
+        assert {"blocktrace-blw-disk0-log", "blocktrace-log-disk0-log"} <= names
+        guest_workload(g, "f")
+        g.sh("sync")
+        blocktrace("detach", "--socket", att.qmp, timeout=300)
+        assert att.wait() == 0, att.stderr()
+        assert re.search(r"guest paused [0-9.]+ ms", att.stderr())
+        names = {n["node-name"] for n in qemu_qmp(g.test_qmp, "query-named-block-nodes")}
+        assert not any(n.startswith("blocktrace") for n in names)
+        assert device_node(g.test_qmp, "disk0") == "fmt0"
+        blocktrace("verify", shadow, disk)
+        blocktrace("verify", replay_from_zero(tmp_path, log, size, "r.raw"), disk)
+        blocktrace("verify", replica, disk)
+        seen = file_events(events)
+        assert ("create", "/f-small") in seen and ("delete", "/f-big") in seen, seen
+        g.sh("ls /mnt/f-keep && umount /mnt")
 
 
 def test_two_raw_disks_blockdev_and_drive_cancel_one_then_sigint(tmp_path: Path) -> None:
@@ -210,6 +246,8 @@ def test_one_line_errors_change_nothing(tmp_path: Path) -> None:
     img = tmp_path / "src.raw"
     with open(img, "wb") as f:
         f.truncate(16 << 20)
+    qcow = tmp_path / "q.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow), "16M"], check=True)
     qmp = tmp_path / "qsd.sock"
     qsd = subprocess.Popen(
         [
@@ -248,8 +286,20 @@ def test_one_line_errors_change_nothing(tmp_path: Path) -> None:
         assert not (tmp_path / "bt.img").exists()
         assert not (tmp_path / "x.log").exists()
         with QMPClient.connect_to(str(qmp)) as c:
+            qfile = {"driver": "file", "filename": str(qcow)}
+            c.execute("blockdev-add", {"driver": "qcow2", "node-name": "q0", "file": qfile})
+        assert "use --mechanism pivot" in attach_err(
+            "--qemu", str(qmp), "--mechanism", "filter", f"q0={tmp_path / 'bt.img'}"
+        )
+        # qemu-storage-daemon has no stop/cont: the filter's pause cannot be taken there.
+        assert "this QEMU has no stop, cont" in attach_err(
+            "--qemu", str(qmp), "--mechanism", "filter", f"n0={tmp_path / 'bt.img'}"
+        )
+        assert not (tmp_path / "bt.img").exists()
+        with QMPClient.connect_to(str(qmp)) as c:
             nodes = {n["node-name"] for n in c.execute("query-named-block-nodes")}
-        assert nodes == {"p0", "n0"}
+        others = nodes - {"p0", "n0", "q0"}  # q0's file child, named by QEMU
+        assert len(others) == 1 and next(iter(others)).startswith("#"), nodes
     finally:
         qsd.kill()
         qsd.wait()

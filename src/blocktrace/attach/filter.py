@@ -61,12 +61,12 @@ class Filter:
 
     async def check(self) -> None:
         """Refuse what this mechanism cannot trace in guest coordinates (nothing changes)."""
-        await self.monitor.require(FILTER_COMMANDS)
         if self.disk.driver != "raw":
             raise AttachError(
                 f"device {self.disk.spec!r}: a {self.disk.driver} disk; blklogwrites below it "
                 "would log file offsets, not guest offsets: use --mechanism pivot"
             )
+        await self.monitor.require(FILTER_COMMANDS)
         graph = await self.monitor.execute("x-debug-query-block-graph")
         ids = {n["id"]: n for n in graph["nodes"]}
         fmt = [n for n in graph["nodes"] if n.get("name") == self.disk.node]
