@@ -8,7 +8,6 @@ from blocktrace.attach.monitor import Disk, Monitor
 from blocktrace.attach.pivot import Pivot
 from blocktrace.attach.session import Attached, AttachSession, parse_disk_arg
 from blocktrace.errors import UsageError
-from blocktrace.trace.options import SyncMode
 
 
 def session(traces: list[str], labels: tuple[str, ...] = ("disk0",)) -> AttachSession:
@@ -31,8 +30,8 @@ def test_parse_disk_arg() -> None:
 
 def test_log_and_replica_default_to_sync_full_introspect_stays() -> None:
     s = session(["log:a.log", "replica:r.img", "introspect:e.jsonl"])
-    syncs = [spec.options.sync for spec in s.disks[0].specs]
-    assert syncs == [SyncMode.FULL, SyncMode.FULL, SyncMode.NONE]
+    syncs = [spec.options.sync.value for spec in s.disks[0].specs]
+    assert syncs == ["full", "full", "none"]
 
 
 def test_explicit_sync_none_for_a_log_is_refused() -> None:

@@ -41,7 +41,7 @@ from blocktrace.attach.sink import LogSinkDevice
 from blocktrace.errors import UsageError
 from blocktrace.exports import Export
 from blocktrace.trace.manager import Trace
-from blocktrace.trace.options import SyncMode, TraceSpec, parse_trace_spec
+from blocktrace.trace.options import TraceOptions, TraceSpec, parse_trace_spec
 
 if TYPE_CHECKING:
     from blocktrace.service import Service
@@ -224,13 +224,13 @@ class AttachSession:
             kind = spec.target.get("type")
             explicit_sync = re.search(r"(^|,)sync=", text.partition(":")[2]) is not None
             options = spec.options
-            if kind != "introspect" and options.sync is SyncMode.NONE:
+            if kind != "introspect" and options.sync.value == "none":
                 if explicit_sync:
                     raise UsageError(
                         f"--trace {text!r}: attach needs sync=full for {kind} targets (the "
                         "disk's content at the switch exists only inside blocktrace)"
                     )
-                options = dataclasses.replace(options, sync=SyncMode.FULL)
+                options = TraceOptions.from_dict({**options.to_dict(), "sync": "full"})
             by_export[export].specs.append(
                 dataclasses.replace(spec, export=export, options=options)
             )
