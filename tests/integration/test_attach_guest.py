@@ -90,6 +90,18 @@ def replay_from_zero(tmp: Path, log: Path, size: int, name: str) -> Path:
     return out
 
 
+def start_background_writer(g: Guest, path: str) -> None:
+    """A guest loop rewriting a file with fsync until told to stop: I/O in flight while
+    blocktrace switches the disk."""
+    g.sh(f"touch /tmp/run; rm -f /tmp/done; (while [ -e /tmp/run ]; do dd if=/dev/urandom "
+         f"of={path} bs=4k count=16 conv=fsync 2>/dev/null; done; touch /tmp/done) "
+         ">/dev/null 2>&1 &")  # fmt: skip
+
+
+def stop_background_writer(g: Guest) -> None:
+    g.sh("rm /tmp/run; while [ ! -e /tmp/done ]; do sleep 1; done; sync")
+
+
 def file_events(path: Path) -> set[tuple[str, str | None]]:
     """(kind, path) of every event an introspect target wrote."""
     return {(e["kind"], e.get("path")) for e in map(json.loads, path.read_text().splitlines())}
@@ -114,6 +126,7 @@ def test_attach_qcow2_vm_log_replica_introspect_detach_and_reattach(tmp_path: Pa
     make_ext4_disk(disk, "qcow2", size)
     with Guest(tmp_path, [GuestDisk(disk, "qcow2")]) as g:
         g.sh("mount -o discard /dev/vda /mnt && echo before > /mnt/before && sync")
+        start_background_writer(g, "/mnt/bg")
         log = tmp_path / "a.log"
         events = tmp_path / "events.jsonl"
         replica = tmp_path / "replica.img"
@@ -124,6 +137,7 @@ def test_attach_qcow2_vm_log_replica_introspect_detach_and_reattach(tmp_path: Pa
         assert {j["export"] for j in jobs} == {"disk0"}
         assert device_node(g.test_qmp, "disk0") == "blocktrace-disk0"
         guest_workload(g, "one")
+        stop_background_writer(g)
         with QMPClient.connect_to(str(att.qmp)) as c:
             c.execute("block-trace-mark", {"job-id": "trace0", "name": "after-one"})
         g.sh("sync")
@@ -171,6 +185,7 @@ def test_filter_raw_vm_log_replica_introspect_detach(tmp_path: Path) -> None:
     make_ext4_disk(disk, "raw", size)
     with Guest(tmp_path, [GuestDisk(disk, "raw")]) as g:
         g.sh("mount -o discard /dev/vda /mnt && echo before > /mnt/before && sync")
+        start_background_writer(g, "/mnt/bg")
         log, events, replica = tmp_path / "f.log", tmp_path / "ev.jsonl", tmp_path / "rep.img"
         shadow = tmp_path / "shadow.img"
         att = AttachProcess(tmp_path, g.qmp, [f"disk0={shadow}"],
@@ -180,7 +195,7 @@ def test_filter_raw_vm_log_replica_introspect_detach(tmp_path: Path) -> None:
         names = {n["node-name"] for n in qemu_qmp(g.test_qmp, "query-named-block-nodes")}
         assert {"blocktrace-blw-disk0-log", "blocktrace-log-disk0-log"} <= names
         guest_workload(g, "f")
-        g.sh("sync")
+        stop_background_writer(g)
         blocktrace("detach", "--socket", att.qmp, timeout=300)
         assert att.wait() == 0, att.stderr()
         assert re.search(r"guest paused [0-9.]+ ms", att.stderr())
