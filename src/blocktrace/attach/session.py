@@ -1,4 +1,4 @@
-"""One ``blocktrace attach`` run: disks of one running QEMU, their exports, traces and pivots.
+"""One ``blocktrace attach`` run: disks of one running QEMU, their exports, traces, mechanisms.
 
 Plugged into :class:`~blocktrace.service.Service` with hooks, so everything ``serve`` has
 (NBD listeners, the QMP control socket, clean stop on SIGINT/SIGTERM) works unchanged:
@@ -6,8 +6,9 @@ Plugged into :class:`~blocktrace.service.Service` with hooks, so everything ``se
 * :meth:`AttachSession.prepare` (before the service exists): connect to QEMU's QMP, resolve
   every device, check the commands, create each export's image (a new file the operator
   named, never an existing one) at the guest-visible size;
-* started hook (listening, so QEMU can connect): pivot each disk onto its export
-  (:mod:`.pivot`), then start its traces;
+* started hook (listening, so QEMU can connect): attach each disk with its mechanism (the
+  pivot onto its export, :mod:`.pivot`, or QEMU's blklogwrites logging into a sink export
+  that updates a shadow export, :mod:`.filter` and :mod:`.sink`), then start its traces;
 * a watcher per disk: when a trace of the disk ends (``trace stop``, ``block-job-cancel``,
   a target failure with ``on-target-error=break``) the disk is detached; when QEMU goes away
   the traces are stopped (keeping what they received); when no disk is left the service
@@ -73,7 +74,7 @@ class Attached:
     disk: Disk
     export: str
     image: str
-    pivot: AttachMechanism
+    mech: AttachMechanism
     #: filter: the log-sink export QEMU's blklogwrites writes to
     sink: str = ""
     #: filter: the shadow export (not served over NBD; traces attach to it)
@@ -173,7 +174,7 @@ class AttachSession:
             self.disks.append(Attached(disk, export, image, mech, sink=sink))
         self._bind_traces()
         for a in self.disks:
-            await a.pivot.check()
+            await a.mech.check()
         if self.resume:
             return
         for a in self.disks:
@@ -256,10 +257,10 @@ class AttachSession:
             used = {s.job_id for a in self.disks for s in a.specs if s.job_id}
             n = 0
             for a in self.disks:
-                if a.pivot.attached:
+                if a.mech.attached:
                     await self._reconnected(service, a)
                 else:
-                    await a.pivot.attach()
+                    await a.mech.attach()
                 for spec in a.specs:
                     job_id = spec.job_id
                     if not job_id:
@@ -287,8 +288,8 @@ class AttachSession:
         failed; a request arriving before it connected fails at once.  A read through the
         human monitor's ``qemu-io`` kicks it when nothing else does (qemu-system only)."""
         export = service.registry.get(a.export)
-        assert export is not None and isinstance(a.pivot, Pivot)  # resume is pivot-only
-        node = a.pivot.node
+        assert export is not None and isinstance(a.mech, Pivot)  # resume is pivot-only
+        node = a.mech.node
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while export.connections == 0:
@@ -339,7 +340,7 @@ class AttachSession:
         self.qemu_lost = True
         for a in self.disks:
             a.done = True
-            a.pivot.attached = False
+            a.mech.attached = False
             for t in a.traces:
                 if not t.concluded:
                     await t.stop()
@@ -368,7 +369,7 @@ class AttachSession:
         a.done = True
         try:
             if self.monitor.connected:
-                await a.pivot.detach()
+                await a.mech.detach()
         finally:
             for t in a.traces:
                 if not t.concluded:
