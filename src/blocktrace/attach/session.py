@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -122,6 +123,9 @@ class AttachSession:
         self.mechanism = mechanism
         #: QEMU went away while attached (the traces were stopped, their data kept)
         self.qemu_lost = False
+        #: a log sink failed (filter): the attach process exits non-zero
+        self.failed = False
+        self._tasks: set[asyncio.Task[None]] = set()
         self.disks: list[Attached] = []
         self._service: Service | None = None
         self._stopping = False
@@ -250,7 +254,25 @@ class AttachSession:
         sink export QEMU's log child connects to takes its place."""
         for a in self.disks:
             a.shadow = service.registry.remove(a.export)
-            service.registry.add(Export(a.sink, LogSinkDevice(a.shadow.device)))
+            sink = LogSinkDevice(a.shadow.device, on_error=functools.partial(self._sink_failed, a))
+            service.registry.add(Export(a.sink, sink))
+
+    def _sink_failed(self, a: Attached, exc: Exception) -> None:
+        """The log QEMU wrote could not be decoded: end this disk's attachment now (the
+        traces end at the last decoded operation; the filter is removed)."""
+        log.error("attach %s: %s; detaching", a.export, exc)
+        self.failed = True
+        if not a.done and not self._stopping:
+            task = asyncio.get_running_loop().create_task(self._detach_logged(a))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _detach_logged(self, a: Attached) -> None:
+        try:
+            await self._detach(a)
+        except AttachError as exc:
+            log.error("detach %s: %s", a.export, exc)
+        self._stop_if_idle()
 
     async def _start(self, service: Service) -> None:
         try:
@@ -275,6 +297,7 @@ class AttachSession:
         except BaseException:
             with contextlib.suppress(AttachError):
                 await self._detach_all()
+            await self._close_shadows()
             await self.monitor.close()
             raise
         for a in self.disks:
@@ -305,13 +328,18 @@ class AttachSession:
     async def _stop(self, service: Service) -> None:
         self._stopping = True
         await self._detach_all()
-        for a in self.disks:
-            if a.shadow is not None:
-                await a.shadow.device.flush()
-                await a.shadow.device.close()
+        await self._close_shadows()
         if self._qemu_watch is not None:
             self._qemu_watch.cancel()
         await self.monitor.close()
+
+    async def _close_shadows(self) -> None:
+        """The shadows are not in the registry (the service does not close them)."""
+        for a in self.disks:
+            if a.shadow is not None:
+                shadow, a.shadow = a.shadow, None
+                await shadow.device.flush()
+                await shadow.device.close()
 
     # -- watchers --------------------------------------------------------------------------
 

@@ -198,11 +198,20 @@ class LogSinkDevice(BlockDevice):
     (and, for FLUSH entries, durable in every trace): so a guest flush, which QEMU completes
     only after its FLUSH entry is written, is acknowledged only when the traces hold it.
     A decoding failure fails this and every later log write with EIO (QEMU returns it to
-    the guest): the traces stop at the last operation decoded, never diverge silently.
+    the guest) and calls ``on_error``: the traces stop at the last operation decoded, never
+    diverge silently, and the session removes the filter so the guest carries on untraced.
     """
 
-    def __init__(self, shadow: BlockDevice, sector_size: int = 512) -> None:
+    def __init__(
+        self,
+        shadow: BlockDevice,
+        sector_size: int = 512,
+        *,
+        on_error: Callable[[LogSinkError], None] | None = None,
+    ) -> None:
         self.size = SINK_SIZE
+        #: told once, at the first decoding failure (the session then removes the filter)
+        self.on_error = on_error
         self.shadow = shadow
         self.decoder = LogSinkDecoder(sector_size)
         self.min_block_size = 1
@@ -241,6 +250,8 @@ class LogSinkDevice(BlockDevice):
             step()
         except LogSinkError as exc:
             self.error = exc
+            if self.on_error is not None:
+                self.on_error(exc)
             raise BlockDeviceError(errno.EIO, str(exc)) from None
 
     async def _apply(self) -> None:

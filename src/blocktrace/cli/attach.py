@@ -116,6 +116,8 @@ def attach(
     run(main())
     if session.qemu_lost:
         raise AttachError("QEMU went away while attached; traces stopped, their data kept")
+    if session.failed:
+        raise AttachError("a log sink failed (see above); its disk was detached")
 
 
 @click.command()
