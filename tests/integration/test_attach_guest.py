@@ -20,7 +20,7 @@ import pytest
 
 from blocktrace.qmp.client import QMPClient
 from guest import Guest, GuestDisk, guest_visible, make_ext4_disk
-from support import BLOCKTRACE, blocktrace, require
+from support import BLOCKTRACE, blocktrace, require, run
 
 pytestmark = pytest.mark.slow
 
@@ -385,3 +385,49 @@ def test_faults_kill9_blocktrace_resume_then_kill9_qemu(tmp_path: Path) -> None:
         assert att3.stderr().strip().splitlines()[-1].startswith("blocktrace: QEMU went away")
         replayed = replay_from_zero(tmp_path, tmp_path / "c.log", size, "c.raw")
         blocktrace("verify", replayed, tmp_path / "bt3.img")
+
+
+def test_pivot_on_qemu_storage_daemon_export(tmp_path: Path) -> None:
+    """qemu-storage-daemon: the disk is a node behind its NBD export (no device); the pivot
+    moves the export's backend onto blocktrace and back, the NBD client writing through."""
+    require("qemu-storage-daemon", "qemu-io")
+    size = 16 << 20
+    img = tmp_path / "src.raw"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    qmp, nbd = tmp_path / "qsd.sock", tmp_path / "qsd-nbd.sock"
+    argv = ["qemu-storage-daemon",
+            "--blockdev", f"driver=file,filename={img},node-name=p0",
+            "--blockdev", "driver=raw,file=p0,node-name=n0",
+            "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+            "--export", "type=nbd,id=e0,node-name=n0,writable=on",
+            "--chardev", f"socket,id=m,path={qmp},server=on,wait=off",
+            "--monitor", "chardev=m"]  # fmt: skip
+    qsd = subprocess.Popen(argv)
+    uri = f"nbd+unix:///n0?socket={nbd}"
+    try:
+        deadline = time.monotonic() + 30
+        while not (qmp.exists() and nbd.exists()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        log = tmp_path / "q.log"
+        att = AttachProcess(tmp_path, qmp, [f"n0={tmp_path / 'bt.img'}"], [f"log:{log}"])
+        att.wait_ready(1)
+        run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 4096 65536", "-c", "flush",
+             "-c", "write -z 1048576 131072", uri])  # fmt: skip
+        att.proc.send_signal(signal.SIGTERM)
+        assert att.wait() == 0, att.stderr()
+        run(["qemu-io", "-f", "raw", "-c", "write -P 0x33 2097152 4096", uri])
+        with QMPClient.connect_to(str(qmp)) as c:
+            nodes = {n["node-name"] for n in c.execute("query-named-block-nodes")}
+        assert nodes == {"p0", "n0"}, nodes
+        replayed = replay_from_zero(tmp_path, log, size, "r.raw")
+        with open(img, "rb") as f1, open(replayed, "rb") as f2:
+            want, got = f1.read(), bytearray(f2.read())
+        # the write after detach went to the daemon's own image, not through blocktrace
+        assert want[2097152 : 2097152 + 4096] == b"\x33" * 4096
+        got[2097152 : 2097152 + 4096] = b"\x33" * 4096
+        assert bytes(got) == want
+    finally:
+        qsd.kill()
+        qsd.wait()

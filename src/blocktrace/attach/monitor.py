@@ -196,13 +196,23 @@ class Monitor:
         while await self.job(job_id) is not None:
             await asyncio.sleep(poll)
 
-    async def root_of(self, disk: Disk) -> str:
-        """The node the device uses now (it changes when a mirror completes)."""
+    async def root_of(self, disk: Disk, candidates: tuple[str, ...]) -> str | None:
+        """Which of ``candidates`` the device (or, on qemu-storage-daemon, the export's
+        anonymous block backend) uses now: it changes when a mirror completes."""
         for blk in await self.execute("query-block"):
             qdev = blk.get("qdev", "")
             inserted = blk.get("inserted")
             if inserted is None:
                 continue
             if disk.label in (_qdev_id(qdev), blk.get("device")) and disk.label:
-                return str(inserted["node-name"])
-        return disk.node
+                name = str(inserted["node-name"])
+                return name if name in candidates else None
+        graph = await self.execute("x-debug-query-block-graph")
+        by_id = {n["id"]: n for n in graph["nodes"]}
+        used = [
+            by_id[e["child"]]["name"]
+            for e in graph["edges"]
+            if by_id[e["parent"]]["type"] == "block-backend"
+            and by_id[e["child"]]["name"] in candidates
+        ]
+        return used[0] if len(used) == 1 else None

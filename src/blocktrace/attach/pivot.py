@@ -142,7 +142,7 @@ class Pivot:
             if await self._job_exists(job):
                 await self._cancel(job)
             raise
-        now = await self.monitor.root_of(self.disk)
+        now = await self.monitor.root_of(self.disk, (source, target))
         if now != target:
             raise AttachError(
                 f"device {self.disk.spec!r}: mirror ended but the device runs on {now!r}, "
