@@ -13,6 +13,7 @@ APT_PACKAGES=(
   xfsprogs dosfstools                            # crashcheck: mkfs.xfs/xfs_repair, fsck.vfat
   python3-venv python3-pip
   libdeflate0                                    # optional: 2-3x faster log CRCs (zlib otherwise)
+  linux-image-amd64 busybox-static cpio          # the attach tests' guest (scripts/build-guest.sh)
 )
 
 missing=()

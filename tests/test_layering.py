@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("exports",),
     ("nbd",),
     ("targets", "service"),
-    ("qmp", "verify", "crashcheck"),
+    ("qmp", "verify", "crashcheck", "attach"),
     ("cli",),
     ("__main__",),
 ]

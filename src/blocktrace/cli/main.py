@@ -20,6 +20,8 @@ from blocktrace.errors import BlocktraceError, UsageError
 
 #: command name -> (module under blocktrace.cli, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "attach": ("attach", "attach", "Trace a running QEMU's disk without a restart."),
+    "detach": ("attach", "detach", "Detach disks from a running `blocktrace attach`."),
     "serve": ("serve", "serve", "Serve disk images over NBD (optionally traced, with QMP)."),
     "demo": ("demo", "demo", "Run the built-in demonstration end to end."),
     "log": ("log", "log", "Inspect dm-log-writes logs (info, list, find)."),
