@@ -9,9 +9,10 @@ records (:mod:`blocktrace.logwrites.records`): synchronously on a file or block 
 (:func:`replay`, a :class:`~blocktrace.block.file.FileDevice`), awaited on any
 :class:`BlockDevice` (:func:`replay_to_device`).  A log is untrusted input: every entry's range
 is admitted by :func:`check_entry_bounds` before anything is applied (the target is never
-written outside nor grown unless ``grow``), and a WRITE's payload reaches the applier as one
-record per piece of at most ``CHUNK_BYTES`` (:func:`entry_data_records`), so memory stays
-bounded whatever an entry claims.
+written outside nor grown unless ``grow``), and a WRITE's payload reaches the applier in
+pieces of at most ``CHUNK_BYTES`` (:func:`entry_data_records`; on a file, straight from the
+reader's one reused buffer with :func:`~blocktrace.stream.apply.write_inline`), so memory
+stays bounded whatever an entry claims.
 
 Deliberate difference from replay-log: a DISCARD always makes its range read as zeroes (the
 applier's ``write_zeroes``: hole punch or zero range, on files and block devices alike),
@@ -39,7 +40,7 @@ from blocktrace.logwrites.format import LogFlag, LogFormatError
 from blocktrace.logwrites.reader import LogEntry, LogReader, file_kind
 from blocktrace.logwrites.records import entry_records
 from blocktrace.outfile import open_output, output_mode
-from blocktrace.stream.apply import apply_inline, apply_record
+from blocktrace.stream.apply import apply_inline, apply_record, write_inline
 from blocktrace.stream.records import Record, RecordKind
 
 #: replay-log truncates ``--start-mark``/``--end-mark`` to ``4097 - sizeof(entry)`` characters.
@@ -340,9 +341,14 @@ def _apply_sync(
     ``grow`` admitted a range past its end)."""
     if not entry.is_data or (entry.is_discard and opts.no_discard):
         return size
-    for rec in entry_data_records(entry):
-        apply_inline(device, rec)
-    end = entry.target_offset + entry.length
+    base = entry.target_offset
+    if entry.is_discard:
+        for rec in entry_data_records(entry):
+            apply_inline(device, rec)
+    else:  # pieces of the reader's one reused buffer, each written before the next is read
+        for off, piece in entry.data_chunks(reuse=True):
+            write_inline(device, base + off, piece)
+    end = base + entry.length
     if entry.is_discard:
         if end > size:  # zeroes past the end of a growing file: extend it, like zero-fill
             os.ftruncate(device.fd, end)

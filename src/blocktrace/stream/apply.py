@@ -21,6 +21,8 @@ Three ways in, one meaning:
 * :func:`apply_inline`: synchronously, for devices that declare
   :attr:`~blocktrace.block.device.BlockDevice.applies_inline` (a raw file): used by the
   synchronous ``replay`` command.  FUA is left to the caller there (it syncs once at the end).
+  :func:`write_inline` is its WRITE of a buffer the caller reuses (a log reader's chunk):
+  written before it returns, so it needs no record owning a copy of the data.
 
 Range checks are the caller's, as for every device call (the device contract).
 """
@@ -31,7 +33,7 @@ import asyncio
 from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any
 
-from blocktrace.block.device import BlockDevice, PipelinedWrites
+from blocktrace.block.device import BlockDevice, PipelinedWrites, ReadableBuffer
 from blocktrace.stream.records import Record, RecordKind
 
 WRITE = RecordKind.WRITE
@@ -105,6 +107,16 @@ def apply_inline(dev: BlockDevice, rec: Record) -> bool:
         raise TypeError(f"{type(dev).__name__} does not apply operations inline")
     _run_inline(apply_record(dev, rec, fua=False))
     return True
+
+
+def write_inline(dev: BlockDevice, offset: int, data: ReadableBuffer) -> None:
+    """A WRITE applied synchronously on a device that applies inline, from a buffer the
+    caller may reuse as soon as this returns (the device has written it by then).  What
+    ``replay`` streams a large entry's payload through, one ``CHUNK_BYTES`` piece at a time,
+    without a copy per piece."""
+    if not dev.applies_inline:
+        raise TypeError(f"{type(dev).__name__} does not apply operations inline")
+    _run_inline(dev.write(offset, data))
 
 
 def _run_inline(coro: Coroutine[Any, Any, Any]) -> None:
