@@ -10,6 +10,7 @@ APT_PACKAGES=(
   libnbd-bin python3-libnbd                      # nbdinfo, nbdcopy, nbdsh, nbdfuse, module nbd
   nbdkit fio e2fsprogs fuse3 util-linux          # fio's nbd engine, mkfs.ext4/debugfs, losetup
   python3-venv python3-pip
+  nats-server                                    # JetStream for the stream target and its tests
   libdeflate0                                    # optional: 2-3x faster log CRCs (zlib otherwise)
 )
 

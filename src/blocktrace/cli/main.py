@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "watch": ("watch", "watch", "File-level events (ext4) from a base image and a write log."),
     "qmp": ("qmp", "qmp", "Run one QMP command on a running server (--socket PATH)."),
     "trace": ("trace", "trace", "Start, stop, mark and list traces on a running server."),
+    "follow": ("jetstream", "follow", "Keep a replica equal to a trace published on JetStream."),
 }
 
 

@@ -133,6 +133,7 @@ _TARGET_MAIN_ARG = {
     "replica": "filename",
     "nbd": "uri",
     "introspect": "filename",
+    "stream": "uri",
 }
 
 

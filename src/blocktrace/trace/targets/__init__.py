@@ -24,6 +24,7 @@ TARGET_TYPES: dict[str, str] = {
     "replica": "blocktrace.trace.targets.replica:LocalReplicaTarget",
     "nbd": "blocktrace.trace.targets.nbd:NBDReplicaTarget",
     "introspect": "blocktrace.trace.targets.introspect:IntrospectTarget",
+    "stream": "blocktrace.trace.targets.stream:StreamTarget",
 }
 
 

@@ -1,0 +1,167 @@
+"""Reading a trace back from JetStream: the records of a subject, in stream order, once each.
+
+:class:`StreamSource` is what ``replay``, ``log save``, ``watch`` and ``follow`` read from.  It
+pulls batches from a JetStream pull consumer and reassembles records with
+:class:`~blocktrace.jetstream.wire.Decoder` (bounded memory; hostile messages are a
+:class:`~blocktrace.errors.FormatError`).  Each record comes with the stream sequence of its
+last message: the position a consumer acknowledges, or resumes after.
+
+Two kinds of consumer:
+
+* ephemeral (``durable=None``): reads from ``start`` (stream sequence, default 1) to the end
+  the stream had when reading began, or on and on with ``follow``; nothing is acknowledged.
+* durable (``durable=NAME``): the server keeps the position.  It is re-created at every start
+  from its acknowledgement floor + 1, so a consumer restarted after a crash re-reads exactly
+  what it had not acknowledged, in stream order; :meth:`StreamSource.ack` acknowledges
+  everything up to a record (``AckPolicy.ALL``), and callers do so only once it is applied
+  (and durable, for a replica).  Re-applying an unacknowledged suffix in order leaves an image
+  as applying it once did: exactly once in effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from blocktrace.errors import FormatError, TargetError
+from blocktrace.jetstream import wire
+from blocktrace.jetstream.conn import (
+    ConnectOptions,
+    NatsURL,
+    connect,
+    default_stream_name,
+)
+from blocktrace.trace.records import TraceRecord
+
+#: messages per pull request
+FETCH_BATCH = 512
+#: empty pulls in a row after which a bounded read gives up (a message expired meanwhile)
+MAX_IDLE_PULLS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Positioned:
+    """A record and the stream sequence of its last message."""
+
+    stream_seq: int
+    trace: str
+    record: TraceRecord
+    #: the message's acknowledgement subject (durable consumers)
+    reply: str = ""
+
+
+class StreamSource:
+    """The records published on one subject.  ``async with StreamSource(url) as src:``."""
+
+    def __init__(
+        self,
+        url: NatsURL,
+        *,
+        stream: str | None = None,
+        connect_options: ConnectOptions | None = None,
+        durable: str | None = None,
+        max_record_bytes: int = wire.DEFAULT_MAX_RECORD_BYTES,
+    ) -> None:
+        self.url = url
+        self.stream = stream or default_stream_name(url.subject)
+        self.connect_options = connect_options or ConnectOptions()
+        self.durable = durable
+        self.name = f"jetstream:{url}"
+        self.decoder = wire.Decoder(max_record_bytes)
+        self.skipped = 0  # redelivered messages dropped (already seen)
+        self._nc: Any = None
+        self._js: Any = None
+        self._sub: Any = None
+        self._last = 0  # stream sequence of the last message read
+
+    async def __aenter__(self) -> StreamSource:
+        self._nc = await connect(self.url, self.connect_options, what=self.name)
+        self._js = self._nc.jetstream(timeout=10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._nc is not None:
+            await self._nc.close()
+            self._nc = None
+
+    async def end(self) -> int:
+        """The stream's last sequence now."""
+        import nats.js.errors
+
+        try:
+            info = await self._js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            raise TargetError(self.name, f"no stream {self.stream} on {self.url.server}") from None
+        return int(info.state.last_seq)
+
+    async def _subscribe(self, start: int) -> int:
+        """Create the consumer; return the stream sequence it starts at."""
+        import nats.js.errors
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        if self.durable is not None:
+            try:
+                info = await self._js.consumer_info(self.stream, self.durable)
+                start = max(start, int(info.ack_floor.stream_seq) + 1)
+                await self._js.delete_consumer(self.stream, self.durable)
+            except nats.js.errors.NotFoundError:
+                pass
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.ALL if self.durable else AckPolicy.NONE,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(1, start),
+            max_ack_pending=-1,
+            ack_wait=3600.0,
+            inactive_threshold=None if self.durable else 60.0,
+        )
+        self._sub = await self._js.pull_subscribe(
+            self.url.subject, durable=self.durable, stream=self.stream, config=config
+        )
+        return max(1, start)
+
+    async def records(
+        self, *, start: int = 1, follow: bool = False, idle: float = 1.0
+    ) -> AsyncIterator[Positioned]:
+        """Yield records from stream sequence ``start``.  Without ``follow``, stop at the end
+        the stream has now; with it, wait for more (``idle`` seconds per empty pull)."""
+        import nats.errors
+
+        end = await self.end()
+        first = await self._subscribe(start)
+        self._last = first - 1
+        if not follow and end < first:
+            return
+        idle_pulls = 0
+        while True:
+            try:
+                msgs = await self._sub.fetch(FETCH_BATCH, timeout=idle)
+                idle_pulls = 0
+            except (TimeoutError, nats.errors.TimeoutError):
+                idle_pulls += 1
+                if follow or idle_pulls < MAX_IDLE_PULLS:
+                    continue
+                raise TargetError(
+                    self.name, f"no message after {self._last} (the stream ended at {end})"
+                ) from None
+            for msg in msgs:
+                seq = int(msg.metadata.sequence.stream)
+                if seq <= self._last:
+                    self.skipped += 1
+                    continue
+                self._last = seq
+                decoded = self.decoder.feed(msg.headers, msg.data)
+                if decoded is not None:
+                    yield Positioned(seq, decoded.trace, decoded.record, msg.reply or "")
+                if not follow and seq >= end:
+                    if self.decoder.in_record:
+                        raise FormatError(f"{self.name}: stream ends inside record")
+                    return
+
+    async def ack(self, item: Positioned) -> None:
+        """Acknowledge every message up to ``item``'s (durable consumers; ``AckPolicy.ALL``),
+        and wait until the server has it: call only once ``item`` is applied."""
+        if self.durable is None or self._nc is None or not item.reply:
+            return
+        await self._nc.publish(item.reply, b"+ACK")
+        await self._nc.flush(timeout=10)
