@@ -8,6 +8,7 @@ into :class:`~blocktrace.errors.TargetError` (a server that cannot be reached or
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
 import urllib.parse
@@ -176,6 +177,18 @@ async def connect(url: NatsURL, options: ConnectOptions, *, what: str, **kw: Any
     async def quiet(exc: Exception) -> None:  # nats-py logs every reconnect attempt otherwise
         return None
 
+    # nats-py retries an unreachable server forever when reconnects are unlimited: a server
+    # that is down at start is an error now, not a hang (reconnects later are the point)
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(url.host, url.port), options.connect_timeout
+        )
+        writer.close()
+    except (OSError, TimeoutError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
+        raise TargetError(
+            what, f"cannot connect to {url.server}: {reason} (is nats-server running?)"
+        ) from exc
     try:
         return await nats.connect(
             **options.kwargs(url),

@@ -63,6 +63,13 @@ class StreamTarget(Target):
         self.trace_id = secrets.token_hex(8)
         self._nc: Any = None
         self._publisher: Publisher | None = None
+        self._alignment = 512
+
+    @property
+    def alignment(self) -> int:
+        """The export's block size (at least 512), as for a log: a consumer can save the
+        stream as a dm-log-writes log (``blocktrace log save``) without reading the image."""
+        return self._alignment
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> StreamTarget:
@@ -95,6 +102,7 @@ class StreamTarget(Target):
         return self._publisher
 
     async def open(self, info: TargetInfo) -> None:
+        self._alignment = max(512, info.block_size)
         self._nc = await connect(
             self.url,
             self.connect_options,
