@@ -13,16 +13,30 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import click
 
-from blocktrace.errors import FormatError, UsageError
+from blocktrace.errors import FormatError, TargetError, UsageError
 from blocktrace.jetstream.conn import ConnectOptions, NatsURL, connect
 from blocktrace.jetstream.consumer import Positioned, StreamSource
 from blocktrace.trace.records import RecordKind, TraceRecord
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a consumer; a NATS error that escaped the retries becomes one line, not a
+    traceback (the boundary where nats-py's exceptions are translated for the CLI)."""
+    import nats.errors
+    import nats.js.errors
+
+    try:
+        return asyncio.run(coro)
+    except (nats.errors.Error, nats.js.errors.Error) as exc:
+        raise TargetError("jetstream", str(exc) or type(exc).__name__) from exc
 
 
 def source_options(f: Callable[..., object]) -> Callable[..., object]:
@@ -289,7 +303,7 @@ def follow(
 
         durable = "bt-follow-" + hashlib.sha256(os.path.abspath(image).encode()).hexdigest()[:12]
     source = open_source(url, stream, creds, tls_ca, durable=durable)
-    result = asyncio.run(follow_stream(source, image, follow=not once))
+    result = run(follow_stream(source, image, follow=not once))
     click.echo(
         f"applied {result.records} records: {result.bytes_written} bytes written, "
         f"{result.bytes_zeroed} bytes zeroed",
@@ -313,7 +327,7 @@ def run_replay(
     if image is None:
         raise UsageError("replay needs an IMAGE to write to")
     source = open_source(url, stream, creds, tls_ca)
-    result = asyncio.run(
+    result = run(
         replay_stream(source, image, start=start, end_seq=end_seq, end_mark=end_mark, limit=limit)
     )
     last = (
@@ -334,7 +348,7 @@ def run_save(url: str, path: str, *, sector_size: int, force: bool) -> None:
         raise UsageError(f"{path} exists (use --force to overwrite)")
     if os.path.islink(path):
         raise UsageError(f"{path} is a symbolic link; not following it")
-    n = asyncio.run(save_log(open_source(url, None, None, None), path, sector_size=sector_size))
+    n = run(save_log(open_source(url, None, None, None), path, sector_size=sector_size))
     click.echo(f"saved {n} records to {path}", err=True)
 
 
@@ -347,7 +361,7 @@ def run_watch(
     events_url: str | None,
     watcher_kw: dict[str, int],
 ) -> dict[str, Any]:
-    return asyncio.run(
+    return run(
         watch_stream(
             open_source(url, None, None, None),
             base_image,

@@ -20,9 +20,13 @@ Two kinds of consumer:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from blocktrace.errors import FormatError, TargetError
 from blocktrace.jetstream import wire
@@ -34,6 +38,11 @@ from blocktrace.jetstream.conn import (
 )
 from blocktrace.trace.records import TraceRecord
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: how long a bounded read (replay, log save) waits for a failing-over cluster
+RECOVER_SECONDS = 60.0
 #: messages per pull request
 FETCH_BATCH = 512
 #: empty pulls in a row after which a bounded read gives up (a message expired meanwhile)
@@ -85,21 +94,35 @@ class StreamSource:
             await self._nc.close()
             self._nc = None
 
-    async def end(self) -> int:
-        """The stream's last sequence now."""
+    async def _stream_state(self) -> tuple[int, int]:
+        """The stream's (first, last) sequence now."""
         import nats.js.errors
 
         try:
             info = await self._js.stream_info(self.stream)
         except nats.js.errors.NotFoundError:
             raise TargetError(self.name, f"no stream {self.stream} on {self.url.server}") from None
-        return int(info.state.last_seq)
+        return int(info.state.first_seq), int(info.state.last_seq)
+
+    async def stored_bytes(self) -> int:
+        """Bytes the stream stores (messages with their headers), for throughput figures."""
+        info = await self._js.stream_info(self.stream)
+        return int(info.state.bytes)
+
+    async def end(self) -> int:
+        """The stream's last sequence now."""
+        return (await self._stream_state())[1]
 
     async def _subscribe(self, start: int) -> int:
-        """Create the consumer; return the stream sequence it starts at."""
+        """(Re-)create the consumer from stream sequence ``start`` (a durable one from after
+        its acknowledgement floor if that is later); return where it starts."""
         import nats.js.errors
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+        if self._sub is not None:
+            with contextlib.suppress(Exception):  # an ephemeral one also expires by itself
+                await self._sub.unsubscribe()
+            self._sub = None
         if self.durable is not None:
             try:
                 info = await self._js.consumer_info(self.stream, self.durable)
@@ -120,23 +143,56 @@ class StreamSource:
         )
         return max(1, start)
 
+    async def _retry(self, step: Callable[[], Awaitable[T]], deadline: float | None) -> T:
+        """Run ``step`` until it succeeds, backing off while the cluster fails over (until
+        ``deadline``, or for ever when None)."""
+        import nats.errors
+        import nats.js.errors
+
+        delay = 0.1
+        while True:
+            try:
+                return await step()
+            except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                why = str(exc) or type(exc).__name__
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TargetError(self.name, why) from None
+                log.warning("%s: %s; retrying", self.name, why)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
+
+    async def _recover(self, why: str, deadline: float | None) -> None:
+        """Re-create the consumer after the last message read."""
+        log.warning("%s: %s; resuming after stream sequence %d", self.name, why, self._last)
+        await self._retry(lambda: self._subscribe(self._last + 1), deadline)
+
     async def records(
         self, *, start: int = 1, follow: bool = False, idle: float = 1.0
     ) -> AsyncIterator[Positioned]:
         """Yield records from stream sequence ``start``.  Without ``follow``, stop at the end
-        the stream has now; with it, wait for more (``idle`` seconds per empty pull)."""
-        import nats.errors
+        the stream has now; with it, wait for more (``idle`` seconds per empty pull).
 
-        end = await self.end()
-        first = await self._subscribe(start)
-        self._last = first - 1
-        if not follow and end < first:
+        Every message is checked to follow the previous one: a message lost on its way (a
+        consumer leader failing over can advance past messages that never arrived) makes
+        the consumer be re-created after the last one read; a gap that persists means the
+        stream lacks messages (deleted, expired) and is a :class:`FormatError`.
+        """
+        import nats.errors
+        import nats.js.errors
+
+        deadline = None if follow else time.monotonic() + RECOVER_SECONDS
+        first, end = await self._retry(self._stream_state, deadline)
+        self._last = max(await self._retry(lambda: self._subscribe(start), deadline), first) - 1
+        if not follow and end <= self._last:
             return
         idle_pulls = 0
+        gap_at = 0
+        recover_by: float | None = None
         while True:
             try:
                 msgs = await self._sub.fetch(FETCH_BATCH, timeout=idle)
                 idle_pulls = 0
+                recover_by = None
             except (TimeoutError, nats.errors.TimeoutError):
                 idle_pulls += 1
                 if follow or idle_pulls < MAX_IDLE_PULLS:
@@ -144,11 +200,25 @@ class StreamSource:
                 raise TargetError(
                     self.name, f"no message after {self._last} (the stream ended at {end})"
                 ) from None
+            except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                if recover_by is None and not follow:
+                    recover_by = time.monotonic() + RECOVER_SECONDS
+                await self._recover(f"pull failed: {exc or type(exc).__name__}", recover_by)
+                continue
             for msg in msgs:
                 seq = int(msg.metadata.sequence.stream)
                 if seq <= self._last:
                     self.skipped += 1
                     continue
+                if seq != self._last + 1:
+                    if gap_at == seq:
+                        raise FormatError(
+                            f"{self.name}: stream lacks messages {self._last + 1}..{seq - 1}"
+                        )
+                    gap_at = seq
+                    await self._recover(f"message {seq} after {self._last}", None)
+                    break
+                gap_at = 0
                 self._last = seq
                 decoded = self.decoder.feed(msg.headers, msg.data)
                 if decoded is not None:
@@ -161,7 +231,14 @@ class StreamSource:
     async def ack(self, item: Positioned) -> None:
         """Acknowledge every message up to ``item``'s (durable consumers; ``AckPolicy.ALL``),
         and wait until the server has it: call only once ``item`` is applied."""
+        import nats.errors
+
         if self.durable is None or self._nc is None or not item.reply:
             return
-        await self._nc.publish(item.reply, b"+ACK")
-        await self._nc.flush(timeout=10)
+        try:
+            await self._nc.publish(item.reply, b"+ACK")
+            await self._nc.flush(timeout=10)
+        except (nats.errors.Error, OSError) as exc:
+            # a lost acknowledgement only means re-applying more after a restart (the next
+            # one covers this one: AckPolicy.ALL)
+            log.warning("%s: acknowledgement lost: %s", self.name, exc or type(exc).__name__)
