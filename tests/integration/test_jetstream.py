@@ -248,3 +248,25 @@ def test_full_stream_report_fails_writes_and_break_carries_on(
         qemu_io(srv.uri("disk"), "write -P 2 0 4M", "flush")
     assert "is full" in srv.stderr()
     assert img.read_bytes()[: 4 * MiB] == b"\2" * (4 * MiB)
+
+
+def test_qmp_block_trace_starts_a_stream_target(tmp_path: Path, nats1: NatsCluster) -> None:
+    """The same target through QMP (``trace start`` sends ``block-trace``) on a live export:
+    the stream replays onto the image as it was at the start to the image at the stop."""
+    require("qemu-io")
+    img = make_image(tmp_path / "disk.img", SIZE, seed=3)
+    qmp = tmp_path / "qmp.sock"
+    url = nats1.url(0, "vm4.disk")
+    with ServerProcess(tmp_path, [img], ["--qmp", str(qmp)]) as srv:
+        qemu_io(srv.uri("disk"), "write -P 0x61 0 1M")  # before the trace: in the base
+        base = tmp_path / "base.img"
+        shutil.copyfile(img, base)
+        blocktrace("trace", "start", "--socket", qmp, f"disk=stream:{url},replicas=1")
+        listed = blocktrace("trace", "list", "--socket", qmp).stdout
+        assert "stream" in listed
+        qemu_io(srv.uri("disk"), "write -P 0x62 512K 1M", "write -z 3M 8k", "flush")
+        blocktrace("trace", "stop", "--socket", qmp, "disk")
+    copy = tmp_path / "copy.img"
+    shutil.copyfile(base, copy)
+    blocktrace("replay", url, copy)
+    assert same(copy, img) and not same(base, img)

@@ -20,7 +20,17 @@ from blocktrace.qmp.client import CommandError, QMPClient
 from blocktrace.trace.options import parse_size, parse_trace_spec
 
 #: target keys whose values are integers on the QMP side
-_INT_TARGET_KEYS = ("sector-size",)
+_INT_TARGET_KEYS = (
+    "sector-size",
+    # stream (docs/jetstream.md)
+    "replicas",
+    "max-bytes",
+    "max-msgs",
+    "max-age",
+    "duplicate-window",
+    "ack-timeout",
+    "retry-timeout",
+)
 
 
 def _human_bytes(n: int) -> str:

@@ -94,6 +94,32 @@ TARGET_VARIANTS: dict[str, tuple[Member, ...]] = {
             doc="bytes of such data kept for attribution",
         ),
     ),
+    "stream": (
+        Member("uri", Str(), doc="nats://HOST:PORT/SUBJECT (docs/jetstream.md)"),
+        Member("stream", Str(), optional=True, doc="JetStream stream name"),
+        Member("replicas", Int(1, 5, kind="uint32"), optional=True, doc="stream replicas"),
+        Member(
+            "retention",
+            Enum("BlockTraceStreamRetention", ("limits", "interest", "workqueue")),
+            optional=True,
+        ),
+        Member("storage", Enum("BlockTraceStreamStorage", ("file", "memory")), optional=True),
+        *(
+            Member(key, Int(0, (1 << 63) - 1, kind="uint64"), optional=True, doc=doc)
+            for key, doc in (
+                ("max-bytes", "stream byte limit (full: on-target-error)"),
+                ("max-msgs", "stream message limit"),
+                ("max-age", "seconds"),
+                ("duplicate-window", "seconds"),
+                ("ack-timeout", "seconds"),
+                ("retry-timeout", "seconds"),
+            )
+        ),
+        *(
+            Member(key, Str(), optional=True, doc="file name")
+            for key in ("creds", "nkey", "tls-ca", "tls-cert", "tls-key")
+        ),
+    ),
 }
 
 BlockTraceTarget = Union(
