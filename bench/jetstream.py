@@ -74,7 +74,9 @@ def measure(
 
 def timed(cmd: list[str]) -> float:
     t0 = time.monotonic()
-    subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-2000:]}")
     return time.monotonic() - t0
 
 

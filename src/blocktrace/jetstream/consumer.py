@@ -43,8 +43,12 @@ T = TypeVar("T")
 
 #: how long a bounded read (replay, log save) waits for a failing-over cluster
 RECOVER_SECONDS = 60.0
-#: messages per pull request
+#: most messages per pull request
 FETCH_BATCH = 512
+#: most bytes one pull request asks for: the batch shrinks for large messages, because
+#: nats-py *drops* messages past a subscription's pending limit (the gap check would catch it,
+#: at the price of re-reading); the limit is set above two such pulls
+FETCH_BYTES = 32 * 1024 * 1024
 #: empty pulls in a row after which a bounded read gives up (a message expired meanwhile)
 MAX_IDLE_PULLS = 10
 
@@ -139,7 +143,12 @@ class StreamSource:
             inactive_threshold=None if self.durable else 60.0,
         )
         self._sub = await self._js.pull_subscribe(
-            self.url.subject, durable=self.durable, stream=self.stream, config=config
+            self.url.subject,
+            durable=self.durable,
+            stream=self.stream,
+            config=config,
+            pending_bytes_limit=2 * FETCH_BYTES + 2 * self._nc.max_payload,
+            pending_msgs_limit=4 * FETCH_BATCH,
         )
         return max(1, start)
 
@@ -187,10 +196,14 @@ class StreamSource:
             return
         idle_pulls = 0
         gap_at = 0
+        largest = int(self._nc.max_payload)  # until messages show their size
         recover_by: float | None = None
         while True:
             try:
-                msgs = await self._sub.fetch(FETCH_BATCH, timeout=idle)
+                batch = max(1, min(FETCH_BATCH, FETCH_BYTES // largest))
+                msgs = await self._sub.fetch(batch, timeout=idle)
+                if msgs:
+                    largest = max(len(m.data) for m in msgs) + 1024
                 idle_pulls = 0
                 recover_by = None
             except (TimeoutError, nats.errors.TimeoutError):
