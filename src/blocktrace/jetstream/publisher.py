@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +42,10 @@ ERR_WRONG_LAST_SEQUENCE = 10071
 ERR_STREAM_FULL = frozenset({10077, 10078, 10054})
 #: most messages in flight at once
 MAX_INFLIGHT = 4096
+
+
+#: an acknowledgement that is neither an error nor a duplicate
+_PLAIN_ACK = re.compile(rb'\{"stream":"[^"]*", ?(?:"domain":"[^"]*", ?)?"seq":(\d+)\}')
 
 
 class _Retry(Exception):
@@ -80,6 +85,7 @@ class Publisher:
         self._futures: dict[str, asyncio.Future[bytes]] = {}
         self._token = 0
         self._sub: Any = None
+        self._next = 0  # index in the batch being published of the first unacknowledged message
 
     async def open(self) -> None:
         self._inbox = self.nc.new_inbox()
@@ -111,11 +117,11 @@ class Publisher:
         msgs: list[wire.Message] = []
         for rec in records:
             msgs.extend(wire.encode(rec, self.trace, self.max_body))
-        start = 0
+        self._next = 0
         deadline: float | None = None
-        while start < len(msgs):
+        while self._next < len(msgs):
             try:
-                start = await self._send(msgs, start)
+                await self._send(msgs)
                 deadline = None
             except _Retry as exc:
                 now = time.monotonic()
@@ -125,13 +131,15 @@ class Publisher:
                 if now > deadline:
                     raise TargetError(self.name, f"JetStream unavailable: {exc}") from None
                 self.retries += 1
-                start = await self._resync(msgs, start, deadline)
+                self._next = await self._resync(msgs, self._next, deadline)
 
-    async def _send(self, msgs: list[wire.Message], start: int) -> int:
-        """Send ``msgs[start:]`` pipelined, MAX_INFLIGHT at a time; return len(msgs) when all
-        are stored, or raise :class:`_Retry`."""
+    async def _send(self, msgs: list[wire.Message]) -> None:
+        """Send up to MAX_INFLIGHT messages from ``msgs[self._next]`` pipelined, then check
+        their acknowledgements in order, advancing ``self._next`` past each stored one; raise
+        :class:`_Retry` at the first that is missing or refused."""
         import nats.errors
 
+        start = self._next
         end = min(len(msgs), start + MAX_INFLIGHT)
         futs: list[asyncio.Future[bytes]] = []
         loop = asyncio.get_running_loop()
@@ -149,21 +157,19 @@ class Publisher:
                 await self.nc.publish(
                     self.subject, msg.body, reply=f"{self._inbox}.{token}", headers=headers
                 )
+            # one timer for the window: acknowledgements come back in order
+            await asyncio.wait(futs, timeout=self.ack_timeout)
         except (nats.errors.Error, OSError) as exc:
             self._forget(futs)
             raise _Retry(f"publish failed: {exc or type(exc).__name__}") from None
-        done = start
         try:
             for fut in futs:
-                try:
-                    raw = await asyncio.wait_for(asyncio.shield(fut), self.ack_timeout)
-                except TimeoutError:
-                    raise _Retry("no acknowledgement within the ack timeout") from None
-                self._check_ack(raw, msgs[done])
-                done += 1
+                if not fut.done():
+                    raise _Retry("no acknowledgement within the ack timeout")
+                self._check_ack(fut.result(), msgs[self._next])
+                self._next += 1
         finally:
             self._forget(futs)
-        return done
 
     def _forget(self, futs: list[asyncio.Future[bytes]]) -> None:
         for fut in futs:
@@ -173,6 +179,14 @@ class Publisher:
             self._futures = {k: f for k, f in self._futures.items() if not f.done()}
 
     def _check_ack(self, raw: bytes, msg: wire.Message) -> None:
+        plain = _PLAIN_ACK.fullmatch(raw)
+        if plain is not None:  # the common case, without a JSON parse
+            seq = int(plain.group(1))
+            if seq != self.last_seq + 1:
+                raise _Retry(f"stored at {seq}, expected {self.last_seq + 1}")
+            self.last_seq = seq
+            self.published += 1
+            return
         try:
             resp = json.loads(raw)
         except ValueError:
