@@ -12,6 +12,7 @@ APT_PACKAGES=(
   file kmod procps                               # nbdinfo runs file(1); modprobe; ps/pkill
   xfsprogs dosfstools                            # crashcheck: mkfs.xfs/xfs_repair, fsck.vfat
   python3-venv python3-pip
+  nats-server                                    # JetStream for the stream target and its tests
   libdeflate0                                    # optional: 2-3x faster log CRCs (zlib otherwise)
   linux-image-amd64 busybox-static cpio          # the attach tests' guest (scripts/build-guest.sh)
 )

@@ -2,9 +2,10 @@
 
 Each row may import the rows above it (and itself), never a row below or a sibling in the
 same row: so there are no cycles between packages, and the stream's producers and consumers
-(``trace``, ``replica``, ``logwrites``, ``ext4``) meet only in ``stream``.  Every import
-counts: module level, inside functions, and under ``TYPE_CHECKING``.  Target types
-(``targets``) are reached by the registry's plug-in discovery, never imported below them.
+(``trace``, ``replica``, ``logwrites``, ``ext4``, ``jetstream``) meet only in ``stream``.
+Every import counts: module level, inside functions, and under ``TYPE_CHECKING``.  Target
+types (``targets``) are reached by the registry's plug-in discovery, never imported below
+them.
 See docs/architecture.md, "Layers".
 """
 
@@ -21,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sockets", "outfile"),
     ("block",),
     ("stream",),
-    ("logwrites", "replica", "ext4"),
+    ("logwrites", "replica", "ext4", "jetstream"),
     ("trace",),
     ("exports",),
     ("nbd",),

@@ -68,8 +68,16 @@ def sample(opt: Option) -> tuple[str, Any, Any]:
     if isinstance(t, Seconds):
         return "7", 7, 7.0
     assert isinstance(t, Text)
-    value = "nbd://127.0.0.1:1/x,y" if t.placeholder == "URI" else "/var/tmp/x,y"
+    value = {
+        "URI": "nbd://127.0.0.1:1/x,y",
+        "nats://HOST:PORT/SUBJECT": "nats://127.0.0.1:1/x.y",  # a subject has no comma
+        "NAME": "x_y",  # a JetStream stream name: letters, digits, - and _
+    }.get(t.placeholder, "/var/tmp/x,y")
     return value, value, value
+
+
+#: a valid main argument per target type, when another option is walked
+MAIN = {"nbd": "nbd://127.0.0.1:1/x", "stream": "nats://127.0.0.1:1/x"}
 
 
 def cli_arg(text: str) -> str:
@@ -87,14 +95,14 @@ def qmp_target(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_registry_holds_every_target_module() -> None:
-    assert targets().names() == ("log", "replica", "nbd", "introspect")
+    assert targets().names() == ("log", "replica", "nbd", "introspect", "stream")
 
 
 @pytest.mark.parametrize(("ttype", "opt"), walk(), ids=lambda x: getattr(x, "name", ""))
 def test_every_option_through_cli_and_qmp(ttype: TargetType, opt: Option) -> None:
     main = ttype.main
     text, json_value, parsed = sample(opt)
-    main_text = main_json = "nbd://127.0.0.1:1/x" if ttype.name == "nbd" else "/var/tmp/img"
+    main_text = main_json = MAIN.get(ttype.name, "/var/tmp/img")
     if opt.main:
         main_text, main_json = text, json_value
     # the command line (serve --trace, trace start)
@@ -133,6 +141,8 @@ def test_cli_and_qmp_refuse_the_same_values() -> None:
         ("log", "zeroes", "maybe", "maybe", None),
         ("replica", "granularity", "100", 100, "power of two"),
         ("introspect", "max-pending", "lots", "lots", None),
+        ("stream", "replicas", "9", 9, "[1, 5]"),
+        ("stream", "retention", "forever", "forever", None),
     ]
     for tname, key, text, json_value, why in bad:
         main = targets().get(tname).main.name

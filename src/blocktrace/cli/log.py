@@ -20,7 +20,7 @@ from blocktrace.logwrites.replay import find as find_entry
 
 @click.group("log")
 def log() -> None:
-    """Inspect dm-log-writes logs."""
+    """Inspect dm-log-writes logs; save one from JetStream."""
 
 
 @log.command()
@@ -120,3 +120,15 @@ def find(
     if entry is None:
         raise BlocktraceError("couldn't find entry")
     click.echo(f"{entry.index}@{entry.pos_after_data}")
+
+
+@log.command("save")
+@click.argument("url", metavar="nats://HOST:PORT/SUBJECT")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False))
+@click.option("--sector-size", type=int, default=512, help="Log sector size (default 512).")
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+def save(url: str, path: str, sector_size: int, force: bool) -> None:
+    """Write the trace published on a JetStream subject as a dm-log-writes log FILE."""
+    from blocktrace.cli.jetstream import run_save
+
+    run_save(url, path, sector_size=sector_size, force=force)

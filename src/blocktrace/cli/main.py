@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "record": ("record", "record", "Run a workload on a traced scratch disk, then crashcheck it."),
     "mark": ("record", "mark", "Write a mark into the running `record` trace (from its workload)."),
+    "follow": ("jetstream", "follow", "Keep a replica equal to a trace published on JetStream."),
 }
 
 

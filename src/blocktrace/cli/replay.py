@@ -143,6 +143,17 @@ def verbose_line(entry: LogEntry, verb: str = "replaying") -> str:
     help="Let entries past the end extend IMAGE (a regular file); without it IMAGE never grows.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Print each replayed entry.")
+@click.option(
+    "--end-seq",
+    type=click.IntRange(min=0),
+    help="JetStream source: stop after the record with this sequence number.",
+)
+@click.option(
+    "--start-seq",
+    type=click.IntRange(min=1),
+    default=1,
+    help="JetStream source: start at this stream sequence.",
+)
 def replay(
     log: str,
     image: str | None,
@@ -158,8 +169,21 @@ def replay(
     on_bad_entry: Literal["stop", "skip"],
     grow: bool,
     verbose: bool,
+    end_seq: int | None,
+    start_seq: int,
 ) -> None:
-    """Replay the dm-log-writes LOG onto IMAGE (an existing file or block device)."""
+    """Replay the dm-log-writes LOG onto IMAGE (an existing file or block device).
+
+    LOG may be nats://HOST:PORT/SUBJECT: the trace a ``stream`` target published to
+    JetStream (--end-mark, --end-seq, --limit and --start-seq select; docs/jetstream.md).
+    """
+    from blocktrace.jetstream.conn import is_nats_url
+
+    if is_nats_url(log):
+        from blocktrace.cli.jetstream import run_replay
+
+        run_replay(log, image, start=start_seq, end_seq=end_seq, end_mark=end_mark, limit=limit)
+        return
     opts = make_options(
         limit,
         start_entry,

@@ -46,6 +46,12 @@ from blocktrace.errors import UsageError
     is_flag=True,
     help="Keep reading as the log grows (a running trace) until its end mark or Ctrl-C.",
 )
+@click.option(
+    "--events",
+    "events_url",
+    metavar="nats://HOST:PORT/SUBJECT",
+    help="Also publish each event (JSON) to this NATS subject.",
+)
 def watch(
     base_image: str,
     log: str,
@@ -55,19 +61,23 @@ def watch(
     max_pending_bytes: int | None,
     no_verify: bool,
     follow: bool,
+    events_url: str | None,
 ) -> None:
     """Follow the ext4 file systems of BASE_IMAGE through the writes recorded in LOG.
 
     BASE_IMAGE is the raw image as it was when the recording started; LOG is a dm-log-writes
-    log (blocktrace, Linux dm-log-writes or QEMU blklogwrites).  The image is only read.
+    log (blocktrace, Linux dm-log-writes or QEMU blklogwrites), or nats://HOST:PORT/SUBJECT
+    for a trace published to JetStream.  The image is only read.
     """
     import os
 
     from blocktrace.ext4.watcher import Watcher
+    from blocktrace.jetstream.conn import is_nats_url
     from blocktrace.logwrites.records import follow_log_records, log_records
 
+    from_stream = is_nats_url(log)
     for path, what in ((base_image, "base image"), (log, "log")):
-        if not os.path.isfile(path) and not (follow and path == log):
+        if not os.path.isfile(path) and not ((follow or from_stream) and path == log):
             raise UsageError(f"{what} {path}: no such file")
     if as_json is None:
         as_json = not sys.stdout.isatty()
@@ -76,6 +86,23 @@ def watch(
         kwargs["max_pending"] = max_pending
     if max_pending_bytes is not None:
         kwargs["max_pending_bytes"] = max_pending_bytes
+    if from_stream or events_url:
+        from blocktrace.cli.jetstream import run_watch
+
+        if not from_stream:
+            raise UsageError("--events needs a nats:// source for now (see docs/jetstream.md)")
+        _tune_gc()
+        counters = run_watch(
+            base_image,
+            log,
+            as_json=as_json,
+            follow=follow,
+            events_url=events_url,
+            watcher_kw=kwargs,
+        )
+        if stats:
+            click.echo(json.dumps({n: asdict(s) for n, s in counters.items()}), err=True)
+        return
     out = sys.stdout
     with Watcher(base_image, **kwargs) as watcher:
         _tune_gc()
