@@ -483,7 +483,11 @@ class TraceManager:
             try:
                 await trace._start()
             except BaseException:
+                # a failed start leaves the export exactly as before: no sink on the filter
+                # (a dead sink would take writes and never answer a FLUSH), no worker
                 self._traces.pop(job_id, None)
+                if trace in filt.sinks:
+                    await filt.detach(trace)
                 await trace.delivery.abort()
                 await tgt.close(clean=False)
                 raise
