@@ -8,6 +8,7 @@ disconnected alone while the others keep working.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import stat
@@ -222,7 +223,7 @@ def test_oversized_message_disconnects_only_that_client(srv: ServerThread) -> No
 
 
 def test_client_that_never_reads_is_dropped_alone(tmp_path: Path, image: str) -> None:
-    with ServerThread(tmp_path, [("disk", image)], event_queue=8) as st:
+    with ServerThread(tmp_path, [("disk", image)], max_outgoing=32 * 1024) as st:
         sleeper = RawClient(st.path)
         sleeper.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         reader = RawClient(st.path)
@@ -239,6 +240,45 @@ def test_client_that_never_reads_is_dropped_alone(tmp_path: Path, image: str) ->
         assert reader.cmd("query-version", id="ok")["id"] == "ok"
         sleeper.close()
         reader.close()
+
+
+def test_slow_reader_of_huge_replies_is_dropped_and_its_memory_released(
+    tmp_path: Path, image: str
+) -> None:
+    """Issue #10 item 2: 1 MiB commands whose non-ASCII ids come back escaped (6 bytes a
+    character), from a client that never reads.  The server holds at most its byte cap (plus
+    one message) for it, drops it, and holds nothing for it afterwards; others are served."""
+    cap = 4 * MiB
+    with ServerThread(tmp_path, [("disk", image)], max_outgoing=cap) as st:
+        hog = RawClient(st.path)
+        hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        other = RawClient(st.path)
+        control = st.control
+        assert control is not None
+        msg = json.dumps(
+            {"execute": "query-version", "id": "\u00e9" * 400_000}, ensure_ascii=False
+        ).encode()
+        reply_size = 400_000 * 6
+        peak = 0
+        dropped = False
+        for _ in range(60):
+            try:
+                hog.send(msg)
+            except (BrokenPipeError, ConnectionResetError):
+                dropped = True
+                break
+            held = st.run(lambda: sum(c.outgoing.nbytes for c in control.server.clients.values()))
+            peak = max(peak, held)
+            if st.client_count() == 1:
+                dropped = True
+                break
+        assert dropped, "a client that never reads its replies was not disconnected"
+        assert peak <= cap + reply_size, peak
+        wait_until(lambda: st.client_count() == 1, what="the hog to be gone")
+        assert st.run(lambda: [c.outgoing.nbytes for c in control.server.clients.values()]) == [0]
+        assert other.cmd("query-version", id="still")["id"] == "still"
+        hog.close()
+        other.close()
 
 
 def test_many_clients_at_once(srv: ServerThread) -> None:

@@ -7,11 +7,14 @@ bounded queues, so nothing one client does can grow memory or stall anybody else
   the client pipelines more commands than the executor keeps up with, the reader stops reading
   (the socket pushes back on that client alone);
 * the **executor** runs that client's commands one at a time, in order, like QEMU's monitor;
-* the **writer** sends replies and events from a bounded per-client queue.
+* the **writer** sends replies and events from a per-client :class:`Outbox` bounded in
+  *bytes* (not messages: one reply echoing a 1 MiB id of non-ASCII characters is 6 MiB on the
+  wire, so a count bound let a client that never reads hold gigabytes).
 
-Events (:meth:`QMPServer.broadcast`) are rendered once and offered to every negotiated client
-with ``put_nowait``: a client whose queue is full (it stopped reading) is disconnected, alone.
-``broadcast`` never awaits, so the trace and NBD paths that emit events are never blocked.
+Replies and events (:meth:`QMPServer.broadcast`, rendered once) are offered without waiting: a
+client whose outbox would pass its byte cap has stopped reading, and is disconnected, alone,
+its queued messages released.  ``broadcast`` never awaits, so the trace and NBD paths that
+emit events are never blocked.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import itertools
 import logging
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +48,9 @@ from blocktrace.service import _bind_unix as bind_unix
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EVENT_QUEUE = 1024  # messages buffered per client before it counts as not reading
+#: bytes of replies and events buffered per client before it counts as not reading; one
+#: message is always admitted into an empty outbox, however big
+DEFAULT_MAX_OUTGOING = 8 * 1024 * 1024
 DEFAULT_COMMAND_QUEUE = 16  # pipelined commands accepted ahead of execution per client
 DEFAULT_MAX_CLIENTS = 64
 READ_CHUNK = 65536
@@ -55,6 +61,44 @@ def blocktrace_version() -> VersionInfo:
     parts = [int(p) if p.isdigit() else 0 for p in __version__.split(".")[:3]]
     parts += [0] * (3 - len(parts))
     return VersionInfo(parts[0], parts[1], parts[2], f"blocktrace {__version__}")
+
+
+class Outbox:
+    """A client's outgoing messages, bounded by their total size in bytes.
+
+    ``offer`` never waits: it refuses (False) a message that would take the total past
+    ``limit`` (unless the outbox is empty, so any single message can go out).  ``None`` is
+    the end marker and costs nothing.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.nbytes = 0
+        self._items: deque[bytes | None] = deque()
+        self._ready = asyncio.Event()
+
+    def offer(self, data: bytes | None) -> bool:
+        size = 0 if data is None else len(data)
+        if self._items and self.nbytes + size > self.limit:
+            return False
+        self._items.append(data)
+        self.nbytes += size
+        self._ready.set()
+        return True
+
+    async def get(self) -> bytes | None:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        data = self._items.popleft()
+        if data is not None:
+            self.nbytes -= len(data)
+        return data
+
+    def clear(self) -> None:
+        """Drop everything unsent (the client is being disconnected)."""
+        self._items.clear()
+        self.nbytes = 0
 
 
 class Client:
@@ -73,7 +117,7 @@ class Client:
         self.reader = reader
         self.writer = writer
         self.conn = ServerConnection(server.version, max_message=server.max_message)
-        self.outgoing: asyncio.Queue[bytes | None] = asyncio.Queue(server.event_queue)
+        self.outgoing = Outbox(server.max_outgoing)
         self.commands: asyncio.Queue[Execute | Reply | None] = asyncio.Queue(server.command_queue)
         self.events_on = False
         self.closing = False
@@ -82,12 +126,17 @@ class Client:
 
     def offer_event(self, data: bytes) -> None:
         """Queue an event without waiting; a client too far behind is dropped."""
-        if not self.events_on or self.closing:
-            return
-        try:
-            self.outgoing.put_nowait(data)
-        except asyncio.QueueFull:
-            log.warning("%s: not reading its events; disconnecting it", self.name)
+        if self.events_on and not self.closing:
+            self.send(data)
+
+    def send(self, data: bytes) -> None:
+        """Queue a reply or event without waiting; a client too far behind is dropped."""
+        if not self.outgoing.offer(data):
+            log.warning(
+                "%s: not reading (%d bytes unsent); disconnecting it",
+                self.name,
+                self.outgoing.nbytes,
+            )
             self.abort()
 
     def finish(self) -> None:
@@ -95,15 +144,13 @@ class Client:
         if self.closing:
             return
         self.closing = True
-        try:
-            self.outgoing.put_nowait(None)
-        except asyncio.QueueFull:
-            self.abort()
+        self.outgoing.offer(None)
 
     def abort(self) -> None:
         """Drop the connection now, discarding anything unsent."""
         self.closing = True
         self.conn.close()
+        self.outgoing.clear()
         self._aborted.set()
         self.writer.transport.abort()
 
@@ -137,7 +184,7 @@ class Client:
         # The end marker is queued only on a normal end: when the connection is being torn
         # down (cancelled), awaiting space in a full queue would never finish.
         try:
-            await self.outgoing.put(self.conn.greeting())
+            self.send(self.conn.greeting())
             await self._read_commands()
         except (ConnectionError, OSError) as exc:
             log.debug("%s: read: %s", self.name, exc)
@@ -161,7 +208,7 @@ class Client:
             if item is None:
                 break
             if isinstance(item, Reply):
-                await self.outgoing.put(item.data)
+                self.send(item.data)
                 if item.negotiated:
                     self.events_on = True
                 if item.close:
@@ -169,8 +216,8 @@ class Client:
                 continue
             data = await self.server.execute(self, item)
             if data is not None:
-                await self.outgoing.put(data)
-        await self.outgoing.put(None)
+                self.send(data)
+        self.outgoing.offer(None)
 
     async def _write_loop(self) -> None:
         while True:
@@ -195,7 +242,7 @@ class QMPServer:
         *,
         version: VersionInfo | None = None,
         max_message: int = DEFAULT_MAX_SIZE,
-        event_queue: int = DEFAULT_EVENT_QUEUE,
+        max_outgoing: int = DEFAULT_MAX_OUTGOING,
         command_queue: int = DEFAULT_COMMAND_QUEUE,
         max_clients: int = DEFAULT_MAX_CLIENTS,
     ) -> None:
@@ -203,7 +250,7 @@ class QMPServer:
         self.context = context
         self.version = version or blocktrace_version()
         self.max_message = max_message
-        self.event_queue = event_queue
+        self.max_outgoing = max_outgoing
         self.command_queue = command_queue
         self.max_clients = max_clients
         self.clients: dict[int, Client] = {}
@@ -302,7 +349,7 @@ class QMPServer:
             return render_error(errors.generic(f"internal error: {exc}"), request.id)
         data = render_return(value, request.id)
         if request.name == "quit":
-            await client.outgoing.put(data)
+            client.send(data)
             if self.on_quit is not None:
                 self.on_quit()
             return None
