@@ -315,7 +315,8 @@ class Service:
         self._stopped = True
         for server in self._servers:
             server.close()
-        await self.nbd.shutdown(self.config.stop_timeout)
+        self.traces.begin_shutdown()
+        await self.nbd.shutdown(self.config.stop_timeout, on_timeout=self.traces.refuse_unapplied)
         for hook in reversed(self.shutdown_hooks):
             try:
                 await hook(self)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 
 from blocktrace.block.device import BlockDevice
 from blocktrace.exports import Export, ExportRegistry
@@ -101,13 +102,18 @@ class NBDServer:
             c.shutdown()
         return len(conns)
 
-    async def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop every connection after its in-flight requests finished; abort stragglers."""
+    async def shutdown(
+        self, timeout: float = 30.0, *, on_timeout: Callable[[], None] | None = None
+    ) -> None:
+        """Stop every connection after its in-flight requests finished; abort stragglers
+        (after ``on_timeout()``, which can fail the requests that must not outlive them)."""
         for c in list(self.connections):
             c.shutdown()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
+            if on_timeout is not None:
+                on_timeout()
             for c in list(self.connections):
                 log.warning("connection %d: did not finish in %.0fs, aborting", c.id, timeout)
                 c.abort()

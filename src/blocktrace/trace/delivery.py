@@ -142,6 +142,17 @@ class Delivery:
                     self._space_waiters.remove((nbytes, fut))
             raise
 
+    def refuse_waiters(self, exc: BaseException) -> None:
+        """Fail every producer waiting for queue space with ``exc`` (server shutdown).
+
+        They have not touched the image yet (space is reserved before the operation is
+        applied), so failing them loses nothing: the client is told its write did not happen.
+        """
+        while self._space_waiters:
+            _, fut = self._space_waiters.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+
     def force_reserve(self, nbytes: int) -> None:
         """Count ``nbytes`` as reserved without checking the cap (a failed queue's books)."""
         self._reserved += nbytes

@@ -105,6 +105,8 @@ class TraceFilter(Filter):
         self._pending = 0  # operations between the gate and their record (non-inline only)
         self._idle: asyncio.Event | None = None
         self._ranges = RangeLock()
+        #: set by :meth:`refuse`: traced operations not yet applied fail with it
+        self._refused: BlockDeviceError | None = None
 
     @property
     def keeps_payloads(self) -> bool:
@@ -123,7 +125,7 @@ class TraceFilter(Filter):
                 return await self.child.write(offset, data, fua=fua)
             a = self.alignment
             n = len(data)
-            if not (offset % a or n % a):
+            if not (offset % a or n % a or self._refused):
                 # The common case, in a straight line: the funnel's steps for an aligned
                 # write under a local child (same order as _traced).
                 cost = n + RECORD_OVERHEAD
@@ -214,6 +216,8 @@ class TraceFilter(Filter):
                 await asyncio.shield(self._gate)
                 continue
             sinks = self.sinks
+            if self._refused is not None:
+                raise self._refused
             if not sinks:
                 if self.inline:
                     return await apply(fua)
@@ -426,6 +430,18 @@ class TraceFilter(Filter):
             self.detach_now(sink)
         finally:
             self._open_gate(gate)
+
+    def refuse(self, error: BlockDeviceError) -> None:
+        """From now on, fail every write-class operation that is not yet applied (server
+        shutdown gave up waiting): those waiting for queue space fail at once with ``error``.
+
+        Without this, a write still waiting when its trace is stopped would be granted space
+        after the detach and applied *untraced*, after its connection was already dropped.
+        Operations already applied are recorded as usual.
+        """
+        self._refused = error
+        for sink in self.sinks:
+            sink.delivery.refuse_waiters(error)
 
     def detach_now(self, sink: TraceSink) -> None:
         """Detach without draining: for a trace that broke (its stream ends here anyway)."""

@@ -522,6 +522,21 @@ class TraceManager:
     async def mark(self, job_id: str, name: str) -> int:
         return await self.get(job_id).mark(name)
 
+    def begin_shutdown(self) -> None:
+        """Server shutdown starts: paused traces deliver again, so client requests waiting on
+        a paused trace (for queue space, or for the target to hold a record) finish, traced,
+        instead of holding the shutdown until it gives up.  The traces end in :meth:`close`,
+        which would resume them anyway to deliver what is queued."""
+        for trace in self._traces.values():
+            trace.delivery.resume()
+
+    def refuse_unapplied(self) -> None:
+        """Shutdown gave up waiting for client requests: fail the traced ones not applied yet,
+        so none is applied after its connection is dropped and its trace has ended."""
+        error = BlockDeviceError(errno.ESHUTDOWN, "server is shutting down")
+        for filt in {id(t.filter): t.filter for t in self._traces.values()}.values():
+            filt.refuse(error)
+
     async def close(self) -> None:
         """Stop every trace cleanly (server shutdown)."""
         traces = self.list()

@@ -1,0 +1,100 @@
+"""Trace faults in process, exact and timing-free (issue #10): what shutdown does to writes
+that wait behind a stuck trace, and what a failed start leaves behind.
+
+The stack is the real TraceFilter and TraceManager over a MemoryDevice, with MemoryTarget
+(whose ``gate`` holds delivery, as a stuck or paused target would).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from blocktrace.block.memory import MemoryDevice
+from blocktrace.errors import BlockDeviceError, TargetError
+from blocktrace.exports import Export, ExportRegistry
+from blocktrace.trace import TraceFilter, TraceManager, TraceOptions
+from blocktrace.trace.targets.base import TargetInfo
+from blocktrace.trace.targets.memory import MemoryTarget, replay
+
+MiB = 1024 * 1024
+SIZE = 8 * MiB
+
+
+def stack() -> tuple[MemoryDevice, TraceFilter, TraceManager]:
+    child = MemoryDevice(SIZE)
+    filt = TraceFilter(child)
+    reg = ExportRegistry()
+    reg.add(Export("disk", filt))
+    return child, filt, TraceManager(reg)
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(coro())  # type: ignore[arg-type]
+
+
+async def settle() -> None:
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+def test_shutdown_refuses_writes_waiting_behind_a_stuck_trace() -> None:
+    """#10 item 11: a write waiting for queue space when shutdown gives up fails with
+    ESHUTDOWN and never reaches the image, even once its trace is stopped and detached
+    (before the fix, the space granted after the detach let it through, untraced)."""
+
+    async def main() -> None:
+        child, filt, mgr = stack()
+        target = MemoryTarget()
+        opts = TraceOptions.from_dict({"copy-mode": "background", "queue-size": "1M"})
+        trace = await mgr.start("t", "disk", target, opts)
+        target.gate.clear()  # the target is stuck
+        await filt.write(0, b"\x01" * (1 * MiB))  # fills the queue
+        blocked = asyncio.create_task(filt.write(2 * MiB, b"\x02" * 65536))
+        await settle()
+        assert not blocked.done()  # backpressure: waiting for space, not applied
+        mgr.refuse_unapplied()
+        with pytest.raises(BlockDeviceError) as info:
+            await blocked
+        assert info.value.errno == errno.ESHUTDOWN
+        with pytest.raises(BlockDeviceError):  # and so is anything after it
+            await filt.write(4 * MiB, b"\x03" * 4096)
+        target.gate.set()
+        await trace.stop()
+        assert child.buf[2 * MiB : 2 * MiB + 65536] == bytes(65536)
+        img = MemoryDevice(SIZE)
+        await replay(target.records, img)
+        assert img.buf == child.buf  # the log and the image agree
+
+    run(main)
+
+
+class FailsOnceAttached(MemoryTarget):
+    """A target whose start fails after the filter attached it (as introspect's watcher)."""
+
+    def attached(self) -> None:
+        raise TargetError(self.name, "not an ext4 file system")
+
+
+class FailsToOpen(MemoryTarget):
+    async def open(self, info: TargetInfo) -> None:
+        raise TargetError(self.name, "cannot open")
+
+
+@pytest.mark.parametrize("target_type", [FailsOnceAttached, FailsToOpen])
+def test_failed_start_leaves_the_filter_as_before(target_type: type[MemoryTarget]) -> None:
+    """#10 item 13, in process: writes and FLUSH are answered, no sink stays attached."""
+
+    async def main() -> None:
+        child, filt, mgr = stack()
+        with pytest.raises(TargetError):
+            await mgr.start("bad", "disk", target_type())
+        assert filt.sinks == () and mgr.list() == []
+        await filt.write(0, b"x" * 4096)
+        await asyncio.wait_for(filt.flush(), 10)  # a dead sink never answered this
+        assert child.buf[:4096] == b"x" * 4096
+
+    run(main)
