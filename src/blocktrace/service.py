@@ -338,7 +338,7 @@ class Service:
 
 
 async def _stop_traces(service: Service) -> None:
-    await service.traces.close()
+    await service.traces.close(service.config.stop_timeout)
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

@@ -29,6 +29,7 @@ import contextlib
 import errno
 import socket
 from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 from blocktrace.block.device import Extent, ExtentFlags, ReadableBuffer
 from blocktrace.errors import BlockDeviceError
@@ -223,6 +224,15 @@ class NBDClient:
         except BaseException:
             self._abort()
             raise
+
+    @property
+    def socket(self) -> socket.socket | None:
+        """The connected socket (for peer checks such as :mod:`blocktrace.block.peer`)."""
+        if self._transport is None:
+            return None
+        # asyncio gives a TransportSocket, uvloop a PseudoSocket: both have socket's
+        # getsockopt/getpeername/family, which is all a peer check needs
+        return cast("socket.socket | None", self._transport.get_extra_info("socket"))
 
     # -- what negotiation said -----------------------------------------------------------------
 

@@ -240,6 +240,8 @@ class ReplicaTarget(StreamApplier, Target):
         )
         try:
             self.device = await self.open_device()
+        except UsageError:
+            raise  # an operator error (a replica of itself), not an outage to wait out
         except (BlocktraceError, OSError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             if self.on_disconnect != "degrade" or loaded is None:

@@ -290,8 +290,18 @@ class Delivery:
         self.resume()
         self._wakeup.set()
         if self._task is not None:
-            await asyncio.shield(self._task)
+            # wait() rather than the task itself: a worker cancelled by fail() must end this
+            # with the failure, not with the worker's CancelledError
+            await asyncio.wait({self._task})
         self._raise_if_failed()
+
+    def fail(self, exc: BaseException) -> None:
+        """End delivery now with ``exc``, as if the target had raised it: every waiter fails,
+        the queue is dropped (reported, through ``on_failure``), and a worker stuck inside
+        the target is cancelled.  For a target that stopped answering (shutdown gives up)."""
+        self._fail(exc)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     async def abort(self) -> None:
         """Stop the worker without delivering what is queued (after a failure)."""

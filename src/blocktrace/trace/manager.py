@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from blocktrace.errors import BlockDeviceError, StateError, UsageError
+from blocktrace.errors import BlockDeviceError, StateError, TargetError, UsageError
 from blocktrace.trace.delivery import Delivery
 from blocktrace.trace.filter import COPY_CHUNK, TraceFilter
 from blocktrace.trace.options import CopyMode, OnTargetError, SyncMode, TraceOptions
@@ -273,6 +273,23 @@ class Trace:
         if self._stopping is None:
             self._stopping = asyncio.get_running_loop().create_task(self._stop())
         await asyncio.shield(self._stopping)
+
+    def abandon(self, reason: str) -> None:
+        """End the trace now, without its target (server shutdown, the target does not
+        answer): waiters fail, what is queued is dropped, the stop in progress concludes with
+        ``reason`` as the error.  The target is left as a crash would leave it (a log readable
+        up to its last sync, a replica's metadata unclean: compared at the next start)."""
+        if self.concluded:
+            return
+        log.warning("trace %s: abandoning target %s: %s", self.job_id, self.target.name, reason)
+        if self in self.filter.sinks:
+            self.filter.detach_now(self)
+        self.delivery.fail(TargetError(self.target.name, reason))
+        self.error = reason
+        self.io_status = "failed"
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop())
+        self._stopping.cancel()  # its ``finally`` concludes, with the error
 
     async def wait_ready(self) -> None:
         """Return once the stream is complete (sync=full copy done)."""
@@ -537,11 +554,22 @@ class TraceManager:
         for filt in {id(t.filter): t.filter for t in self._traces.values()}.values():
             filt.refuse(error)
 
-    async def close(self) -> None:
-        """Stop every trace cleanly (server shutdown)."""
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop every trace cleanly (server shutdown).  A trace whose stop has not finished
+        after ``timeout`` seconds (its target does not answer) is abandoned, so a stuck
+        target cannot hold the server forever."""
         traces = self.list()
-        if traces:
-            await asyncio.gather(*(t.stop() for t in traces), return_exceptions=True)
+        if not traces:
+            return
+        stops = {asyncio.ensure_future(t.stop()): t for t in traces}
+        _, pending = await asyncio.wait(stops, timeout=timeout)
+        for fut in pending:
+            stops[fut].abandon(f"target did not stop within {timeout:g}s")
+        if pending:
+            await asyncio.wait(pending)
+        for fut in stops:
+            if not fut.cancelled():
+                fut.exception()  # retrieved: a failed stop is in its trace's error
 
     def _forget(self, trace: Trace) -> None:
         if self._traces.get(trace.job_id) is trace:
