@@ -120,3 +120,63 @@ def test_close_abandons_a_target_that_does_not_answer() -> None:
             await waiting
 
     run(main)
+
+
+class HalfWrites(MemoryDevice):
+    """Writes the first half of each write, then fails ENOSPC; reads fail EIO when asked."""
+
+    unreadable = False
+
+    async def write(self, offset: int, data: object, *, fua: bool = False) -> None:
+        half = bytes(data)[: len(bytes(data)) // 2]  # type: ignore[call-overload]
+        await super().write(offset, half)
+        raise BlockDeviceError(errno.ENOSPC, "No space left on device")
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if self.unreadable:
+            raise BlockDeviceError(errno.EIO, "Input/output error")
+        return bytes(await super().read(offset, length))
+
+
+@pytest.mark.parametrize("unreadable", [False, True])
+@pytest.mark.parametrize("policy", ["break", "report"])
+def test_write_failing_part_way_is_recorded_or_breaks_the_trace(
+    policy: str, unreadable: bool
+) -> None:
+    """#10 item 9: the part-written range is recorded as the image now holds it; when it
+    cannot be read back, the trace breaks per on-target-error, evented, never silently."""
+
+    async def main() -> None:
+        child = HalfWrites(SIZE)
+        child.unreadable = unreadable
+        filt = TraceFilter(child)
+        reg = ExportRegistry()
+        reg.add(Export("disk", filt))
+        mgr = TraceManager(reg)
+        events: list[tuple[str, str | None]] = []
+        mgr.add_listener(lambda t, ev: events.append((ev.kind.value, ev.error)))
+        target = MemoryTarget()
+        opts = TraceOptions.from_dict({"on-target-error": policy})
+        trace = await mgr.start("t", "disk", target, opts)
+        with pytest.raises(BlockDeviceError) as info:
+            await filt.write(4096, b"\x07" * 8192)
+        assert info.value.errno == errno.ENOSPC
+        assert child.buf[4096 : 4096 + 4096] == b"\x07" * 4096  # what reached the image
+        if not unreadable:
+            assert trace.error is None
+            await trace.stop()
+            img = MemoryDevice(SIZE)
+            await replay(target.records, img)
+            assert img.buf == child.buf
+            return
+        assert ("BLOCK_JOB_ERROR", trace.error) in events and "unknown" in (trace.error or "")
+        if policy == "report":
+            with pytest.raises(BlockDeviceError):  # writes fail until the trace is stopped
+                await filt.write(0, b"x" * 512)
+            await trace.stop()
+        else:
+            await asyncio.wait_for(trace.wait_concluded(), 10)
+        assert trace.concluded and target.closed is False  # closed unclean: no end mark
+        assert events[-3][0] == "BLOCK_JOB_COMPLETED" and events[-3][1] == trace.error
+
+    run(main)

@@ -370,8 +370,29 @@ class Trace:
             )
             self._emit(TraceEvent(EventKind.ERROR, self.status, self.error, action="report"))
 
+    def stream_broken(self, reason: str) -> None:
+        """The filter could not record what an operation left in the image (it failed
+        part-way, and the range could not be read back): from here the stream and the image
+        disagree.  As a target failure, per ``on-target-error``: ``break`` ends the trace
+        (what is queued is still delivered, the target is closed unclean: a log gets no end
+        mark), ``report`` fails writes until the trace is stopped.  Evented as
+        BLOCK_JOB_ERROR; the end event carries ``reason``."""
+        if self.error is not None or self.concluded:
+            return
+        log.warning("trace %s: %s", self.job_id, reason)
+        self.error = reason
+        self.io_status = "failed"
+        if self.breaks_on_error:
+            self.filter.detach_now(self)
+            self._emit(TraceEvent(EventKind.ERROR, self.status, reason, action="ignore"))
+            if self._stopping is None:
+                self._stopping = asyncio.get_running_loop().create_task(self._stop())
+        else:
+            self._blocked_error = BlockDeviceError(errno.EIO, f"trace {self.job_id}: {reason}")
+            self._emit(TraceEvent(EventKind.ERROR, self.status, reason, action="report"))
+
     async def _stop(self) -> None:
-        completing = self.ready and self.delivery.error is None
+        completing = self.ready and self.delivery.error is None and self.error is None
         if completing:
             self._set_status(JobStatus.WAITING)
             self._set_status(JobStatus.PENDING)
@@ -395,7 +416,7 @@ class Trace:
             else:
                 await self.delivery.abort()
             try:
-                await self.target.close(clean=clean and self.ready)
+                await self.target.close(clean=clean and self.ready and self.error is None)
             except Exception as exc:
                 if self.error is None:
                     self.error = str(exc) or type(exc).__name__
