@@ -9,9 +9,7 @@ and the trace ended as if clean.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 
 from blocktrace.logwrites.reader import LogReader
 from blocktrace.logwrites.replay import replay
-from support import ServerProcess, require
+from support import ServerProcess, small_tmpfs
 
 nbd = pytest.importorskip("nbd", reason="machine lacks python3-libnbd")
 
@@ -28,19 +26,8 @@ MiB = 1024 * 1024
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    require("mount", "umount")
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
-    if proc.returncode != 0:
-        pytest.skip(f"machine cannot mount tmpfs: {proc.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "tiny", "1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], timeout=30, check=False)
 
 
 def test_write_failing_part_way_is_in_the_log(tmp_path: Path, tiny_fs: Path) -> None:
