@@ -588,6 +588,9 @@ class TraceManager:
             stops[fut].abandon(f"target did not stop within {timeout:g}s")
         if pending:
             await asyncio.wait(pending)
+        for trace in traces:
+            if not trace.concluded:  # its stop was cancelled before it began: end it here
+                trace._conclude(cancelled=False)
         for fut in stops:
             if not fut.cancelled():
                 fut.exception()  # retrieved: a failed stop is in its trace's error
