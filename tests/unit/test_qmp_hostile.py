@@ -103,6 +103,16 @@ def test_outbox_is_bounded_in_bytes() -> None:
         assert box.offer(None)  # the end marker costs nothing
         box.clear()
         assert box.nbytes == 0
+        # a reply waits for room instead (the client's own commands stall), by count too
+        small = Outbox(1 << 20, max_messages=2)
+        await small.put(b"a")
+        await small.put(b"b")
+        waiting = asyncio.create_task(small.put(b"c"))
+        await asyncio.sleep(0)
+        assert not waiting.done() and not small.offer(b"event")
+        assert await small.get() == b"a"
+        await asyncio.wait_for(waiting, 10)
+        assert small.nbytes == 2
 
     asyncio.run(main())
 
