@@ -8,13 +8,14 @@ bounded queues, so nothing one client does can grow memory or stall anybody else
   (the socket pushes back on that client alone);
 * the **executor** runs that client's commands one at a time, in order, like QEMU's monitor;
 * the **writer** sends replies and events from a per-client :class:`Outbox` bounded in
-  *bytes* (not messages: one reply echoing a 1 MiB id of non-ASCII characters is 6 MiB on the
-  wire, so a count bound let a client that never reads hold gigabytes).
+  *bytes* as well as messages (one reply echoing a 1 MiB id of non-ASCII characters is 6 MiB
+  on the wire, so a count bound alone let a client that never reads hold gigabytes).
 
-Replies and events (:meth:`QMPServer.broadcast`, rendered once) are offered without waiting: a
-client whose outbox would pass its byte cap has stopped reading, and is disconnected, alone,
-its queued messages released.  ``broadcast`` never awaits, so the trace and NBD paths that
-emit events are never blocked.
+A reply waits for room in its client's outbox, so a client that does not read stalls its own
+commands (then the reader, then its socket) and nothing else.  Events
+(:meth:`QMPServer.broadcast`) are rendered once and offered without waiting: a client whose
+outbox is full has stopped reading, and is disconnected, alone, its queued messages released.
+``broadcast`` never awaits, so the trace and NBD paths that emit events are never blocked.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 #: bytes of replies and events buffered per client before it counts as not reading; one
 #: message is always admitted into an empty outbox, however big
 DEFAULT_MAX_OUTGOING = 8 * 1024 * 1024
+#: ... and messages: many small events cost more than their bytes (one object each), and a
+#: client that reads nothing should be noticed long before 8 MiB of 100-byte events
+DEFAULT_EVENT_QUEUE = 1024
 DEFAULT_COMMAND_QUEUE = 16  # pipelined commands accepted ahead of execution per client
 DEFAULT_MAX_CLIENTS = 64
 READ_CHUNK = 65536
@@ -64,27 +68,46 @@ def blocktrace_version() -> VersionInfo:
 
 
 class Outbox:
-    """A client's outgoing messages, bounded by their total size in bytes.
+    """A client's outgoing messages, bounded by their total size in bytes and their count.
 
-    ``offer`` never waits: it refuses (False) a message that would take the total past
-    ``limit`` (unless the outbox is empty, so any single message can go out).  ``None`` is
-    the end marker and costs nothing.
+    A message that would take the total past ``limit`` bytes or ``max_messages`` messages
+    does not fit, unless the outbox is empty (so any single message can go out).  ``offer``
+    (events) never waits and refuses what does not fit; ``put`` (replies) waits for room.
+    ``None`` is the end marker and costs nothing.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_messages: int = DEFAULT_EVENT_QUEUE) -> None:
         self.limit = limit
+        self.max_messages = max_messages
         self.nbytes = 0
         self._items: deque[bytes | None] = deque()
         self._ready = asyncio.Event()
+        self._space = asyncio.Event()
+
+    def _fits(self, size: int) -> bool:
+        return not self._items or (
+            self.nbytes + size <= self.limit and len(self._items) < self.max_messages
+        )
+
+    def _append(self, data: bytes | None) -> None:
+        self._items.append(data)
+        self.nbytes += 0 if data is None else len(data)
+        self._ready.set()
 
     def offer(self, data: bytes | None) -> bool:
-        size = 0 if data is None else len(data)
-        if self._items and self.nbytes + size > self.limit:
+        """Queue without waiting (events, the end marker); False if it does not fit."""
+        if data is not None and not self._fits(len(data)):
             return False
-        self._items.append(data)
-        self.nbytes += size
-        self._ready.set()
+        self._append(data)
         return True
+
+    async def put(self, data: bytes) -> None:
+        """Queue a reply, waiting while the outbox is full: the client's own commands wait
+        for it to read (one producer per outbox: the client's executor)."""
+        while not self._fits(len(data)):
+            self._space.clear()
+            await self._space.wait()
+        self._append(data)
 
     async def get(self) -> bytes | None:
         while not self._items:
@@ -93,6 +116,7 @@ class Outbox:
         data = self._items.popleft()
         if data is not None:
             self.nbytes -= len(data)
+        self._space.set()
         return data
 
     def clear(self) -> None:
@@ -117,7 +141,7 @@ class Client:
         self.reader = reader
         self.writer = writer
         self.conn = ServerConnection(server.version, max_message=server.max_message)
-        self.outgoing = Outbox(server.max_outgoing)
+        self.outgoing = Outbox(server.max_outgoing, server.event_queue)
         self.commands: asyncio.Queue[Execute | Reply | None] = asyncio.Queue(server.command_queue)
         self.events_on = False
         self.closing = False
@@ -126,11 +150,8 @@ class Client:
 
     def offer_event(self, data: bytes) -> None:
         """Queue an event without waiting; a client too far behind is dropped."""
-        if self.events_on and not self.closing:
-            self.send(data)
-
-    def send(self, data: bytes) -> None:
-        """Queue a reply or event without waiting; a client too far behind is dropped."""
+        if not self.events_on or self.closing:
+            return
         if not self.outgoing.offer(data):
             log.warning(
                 "%s: not reading (%d bytes unsent); disconnecting it",
@@ -184,7 +205,7 @@ class Client:
         # The end marker is queued only on a normal end: when the connection is being torn
         # down (cancelled), awaiting space in a full queue would never finish.
         try:
-            self.send(self.conn.greeting())
+            await self.outgoing.put(self.conn.greeting())
             await self._read_commands()
         except (ConnectionError, OSError) as exc:
             log.debug("%s: read: %s", self.name, exc)
@@ -208,7 +229,7 @@ class Client:
             if item is None:
                 break
             if isinstance(item, Reply):
-                self.send(item.data)
+                await self.outgoing.put(item.data)
                 if item.negotiated:
                     self.events_on = True
                 if item.close:
@@ -216,7 +237,7 @@ class Client:
                 continue
             data = await self.server.execute(self, item)
             if data is not None:
-                self.send(data)
+                await self.outgoing.put(data)
         self.outgoing.offer(None)
 
     async def _write_loop(self) -> None:
@@ -243,6 +264,7 @@ class QMPServer:
         version: VersionInfo | None = None,
         max_message: int = DEFAULT_MAX_SIZE,
         max_outgoing: int = DEFAULT_MAX_OUTGOING,
+        event_queue: int = DEFAULT_EVENT_QUEUE,
         command_queue: int = DEFAULT_COMMAND_QUEUE,
         max_clients: int = DEFAULT_MAX_CLIENTS,
     ) -> None:
@@ -251,6 +273,7 @@ class QMPServer:
         self.version = version or blocktrace_version()
         self.max_message = max_message
         self.max_outgoing = max_outgoing
+        self.event_queue = event_queue
         self.command_queue = command_queue
         self.max_clients = max_clients
         self.clients: dict[int, Client] = {}
@@ -349,7 +372,7 @@ class QMPServer:
             return render_error(errors.generic(f"internal error: {exc}"), request.id)
         data = render_return(value, request.id)
         if request.name == "quit":
-            client.send(data)
+            await client.outgoing.put(data)
             if self.on_quit is not None:
                 self.on_quit()
             return None
