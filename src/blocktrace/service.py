@@ -43,7 +43,6 @@ T = TypeVar("T")
 Hook = Callable[["Service"], Awaitable[None]]
 
 DEFAULT_SOCKET = "./blocktrace.sock"
-NBD_PORT = 10809
 #: Longest path a Unix socket address can hold (sun_path is 108 bytes with the NUL).
 MAX_SUN_PATH = 107
 
@@ -62,22 +61,6 @@ class ServiceConfig:
     read_only: bool = False
     #: Seconds to wait for in-flight requests on stop before dropping connections.
     stop_timeout: float = 30.0
-
-
-def parse_listen(spec: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``:PORT``, ``PORT`` or ``[V6ADDR]:PORT``; the host defaults to loopback."""
-    host, sep, port_s = spec.rpartition(":")
-    if not sep:
-        host, port_s = "", spec
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        port = int(port_s)
-    except ValueError:
-        raise UsageError(f"--listen {spec!r}: expected HOST:PORT") from None
-    if not 0 <= port <= 65535:
-        raise UsageError(f"--listen {spec!r}: port out of range")
-    return host or "127.0.0.1", port
 
 
 def _bind_unix(path: str, mode: int) -> socket.socket:

@@ -14,7 +14,8 @@ import click
 
 from blocktrace.errors import UsageError
 from blocktrace.exports import default_export_name
-from blocktrace.service import DEFAULT_SOCKET, Service, ServiceConfig, parse_listen, run
+from blocktrace.listen import parse_listen
+from blocktrace.service import DEFAULT_SOCKET, Service, ServiceConfig, run
 from blocktrace.trace.startup import install_traces
 
 
@@ -117,7 +118,7 @@ def serve(
     install_traces(service, traces)
     if qmp_path or qmp_listen:
         from blocktrace.qmp.control import install as install_qmp
-        from blocktrace.qmp.server import parse_listen as parse_qmp_listen
 
-        install_qmp(service, unix=qmp_path, tcp=[parse_qmp_listen(s) for s in qmp_listen])
+        tcp = [parse_listen(s, "--qmp-listen") for s in qmp_listen]
+        install_qmp(service, unix=qmp_path, tcp=tcp)
     run(service.run())
