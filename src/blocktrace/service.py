@@ -34,6 +34,7 @@ from typing import Any, Literal, TypeVar
 
 from blocktrace.errors import BlocktraceError, StateError, UsageError
 from blocktrace.exports import Export, ExportRegistry, open_export
+from blocktrace.nbd.limits import ServerLimits
 from blocktrace.nbd.server import NBDServer
 from blocktrace.trace.manager import TraceManager
 
@@ -61,6 +62,8 @@ class ServiceConfig:
     read_only: bool = False
     #: Seconds to wait for in-flight requests on stop before dropping connections.
     stop_timeout: float = 30.0
+    #: What NBD clients may cost: connections, handshake time, payload memory.
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
 
 def _bind_unix(path: str, mode: int) -> socket.socket:
@@ -131,7 +134,7 @@ class Service:
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
         self.registry = ExportRegistry()
-        self.nbd = NBDServer(self.registry)
+        self.nbd = NBDServer(self.registry, config.limits)
         #: Traces of this server's exports (``serve --trace``, QMP ``block-trace``).
         self.traces = TraceManager(self.registry)
         #: ``async def hook(service)``: run after exports open, before accepting clients.
