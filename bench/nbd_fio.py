@@ -68,6 +68,8 @@ class Contender:
     samples: dict[str, list[float]] = field(default_factory=dict)
     #: workload -> median of the samples
     results: dict[str, float] = field(default_factory=dict)
+    #: environment for the server (``--baseline``: PYTHONPATH of the old tree)
+    env: dict[str, str] | None = None
 
 
 def qemu_nbd(image: Path, sock: Path, workdir: Path) -> list[str]:
@@ -341,7 +343,10 @@ def measure(c: Contender, image: Path, w: Workload, size: int, runtime: int) -> 
                     procs.append(side)
                     wait_listening(workdir / "replica.sock", side)
                 proc = subprocess.Popen(
-                    c.command(image, sock, workdir), stdout=subprocess.DEVNULL, stderr=err
+                    c.command(image, sock, workdir),
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    env=c.env,
                 )
                 procs.insert(0, proc)
                 wait_listening(sock, proc)
@@ -388,6 +393,14 @@ def main() -> int:
         help="rounds; each round measures every contender once, so a ratio pairs figures "
         "taken minutes apart, not a whole run apart; medians are reported",
     )
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="TREE",
+        help="also run every blocktrace contender from another source tree (e.g. `git "
+        "archive main | tar -x -C /tmp/base`), as 'base:NAME', interleaved in the same "
+        "rounds, and report NAME / base:NAME",
+    )
     ap.add_argument("--dir", type=Path, help="where to put the image (default: a temp dir)")
     ap.add_argument("--markdown", type=Path, help="write the report as Markdown here")
     ap.add_argument("--json", type=Path, help="write raw results as JSON here")
@@ -400,6 +413,15 @@ def main() -> int:
     if args.only:
         wanted = set(args.only.split(","))
         contenders = [c for c in CONTENDERS if c.name in wanted]
+    if args.baseline:
+        env = dict(os.environ, PYTHONPATH=os.fspath(args.baseline.resolve() / "src"))
+        based = []
+        for c in contenders:
+            based.append(c)
+            if c.name.startswith("blocktrace"):
+                based.append(Contender(f"base:{c.name}", c.command, c.sidecar, env=env))
+                RATIOS.append((f"{c.name} / base:{c.name}", c.name, f"base:{c.name}", None))
+        contenders = based
     workloads = [w for w in WORKLOADS if w.default]
     if args.workloads:
         names = args.workloads.split(",")
@@ -455,6 +477,8 @@ def render(contenders: list[Contender], workloads: list[Workload], args: argpars
         command += f" --only '{args.only}'"
     if args.workloads:
         command += f" --workloads '{args.workloads}'"
+    if args.baseline:
+        command += f" --baseline {args.baseline}"
     lines = [
         f"Machine: {machine()}",
         "",
