@@ -232,8 +232,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._safe(self._process)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._payload is not None:
-            return self._payload.space()
+        payload = self._payload
+        if payload is not None and not payload.complete:
+            return payload.space()
         if self._discard:
             if self._scratch is None:
                 self._scratch = memoryview(bytearray(_DISCARD_CHUNK))
@@ -272,11 +273,18 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def _received(self, nbytes: int) -> None:
         payload = self._payload
-        if payload is not None:
+        if payload is not None and not payload.complete:
             payload.filled += nbytes
-            if payload.complete:
-                self._payload_received(payload)
-                self._process()
+            if payload.filled == payload.length:
+                if self._owned:
+                    # The event loop still holds its view of the buffer during this call
+                    # (asyncio and uvloop both); handed over from the next callback, the
+                    # buffer has no view left and getvalue() gives it away without a copy.
+                    # Bytes arriving meanwhile queue in the receive buffer.
+                    assert self._loop is not None
+                    self._loop.call_soon(self._safe, self._deliver_payload)
+                else:
+                    self._deliver_payload()
             return
         if self._discard:
             self._discard -= nbytes
@@ -289,6 +297,13 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._negotiate()
         else:
             self._process()
+
+    def _deliver_payload(self) -> None:
+        payload = self._payload
+        if payload is None or self._closed:  # connection_lost released its budget
+            return
+        self._payload_received(payload)
+        self._process()
 
     def _payload_received(self, payload: PayloadBuffer) -> None:
         req = self._payload_req
