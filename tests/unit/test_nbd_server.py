@@ -269,11 +269,39 @@ def test_large_payloads_a_device_keeps_are_owned_never_reused(tmp_path: Path) ->
     dev = serve(tmp_path, body, 32 * MiB, KeepingDevice)
     assert isinstance(dev, KeepingDevice)
     assert dev.kept == sent  # every kept object still holds what was sent
-    large = [v for v in dev.views if len(v) > nbd_server.BUFFER_SIZE]  # type: ignore[arg-type]
+    large = [v for v in dev.views if len(v) > nbd_server.BUFFER_SIZE]
     assert len(large) == 6 and all(type(v) is bytes for v in large)
     assert [bytes(v) for v in large] == [d for _, d in sent if len(d) > nbd_server.BUFFER_SIZE]
     for offset, data in sent:
         assert bytes(dev.buf[offset : offset + len(data)]) == data
+
+
+class LateKeepingDevice(KeepingDevice):
+    """Starts keeping payloads only when told: a trace attached to a live export."""
+
+    keeping = False
+
+    @property
+    def keeps_payloads(self) -> bool:  # type: ignore[override]
+        return self.keeping
+
+
+def test_payloads_become_owned_when_a_trace_attaches_to_an_open_connection(
+    tmp_path: Path,
+) -> None:
+    async def body(path: str, dev: GatedDevice, srv: NBDServer) -> None:
+        assert isinstance(dev, LateKeepingDevice)
+        c = await Client.connect(path)
+        data = [os.urandom(MiB) for _ in range(3)]
+        for i, d in enumerate(data):
+            dev.keeping = i > 0
+            c.request(Cmd.WRITE, i, i * MiB, MiB, data=d)
+            assert (await c.reply())[:2] == (i, 0)
+        await c.close()
+        assert [type(v) is bytes for v in dev.views] == [False, True, True]
+        assert [d for _, d in dev.kept] == data
+
+    serve(tmp_path, body, 8 * MiB, LateKeepingDevice)
 
 
 @pytest.mark.parametrize("owned", [True, False])

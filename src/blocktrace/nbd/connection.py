@@ -122,7 +122,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._session: tx.Session | None = None
         self._parser: tx.RequestParser | None = None
         self._device: BlockDevice | None = None
-        self._owned = False  # the device keeps payloads: large ones arrive as owned bytes
+        self._owned = False  # the device keeps the payload being received: owned bytes
         self._budget = server.budget
         self._buf = bytearray(HANDSHAKE_BUFFER_SIZE)
         self._view = memoryview(self._buf)
@@ -362,7 +362,6 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.export = export
         export.connections += 1
         self._device = export.device
-        self._owned = export.device.keeps_payloads
         self._session = tx.Session(
             size=info.size,
             flags=info.flags,
@@ -473,6 +472,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         it does not yet (the caller leaves the header in the buffer), True if the payload is
         now being received, False if it was all here and the request has started."""
         length = req.length
+        device = self._device
+        assert device is not None
+        # Asked per payload: a trace can attach (or detach) while the connection is open.
+        self._owned = device.keeps_payloads
         spare = self._spare
         if spare is not None and not self._owned and len(spare) >= length:
             self._spare = None
