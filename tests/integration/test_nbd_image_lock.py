@@ -55,6 +55,19 @@ def qemu_process(cmd: list[str], image: Path, byte: int) -> Iterator[subprocess.
         proc.wait(10)
 
 
+def storage_daemon(img: Path, sock: Path) -> list[str]:
+    """qemu-storage-daemon exporting ``img`` writable over NBD on ``sock``."""
+    return [
+        "qemu-storage-daemon",
+        "--blockdev",
+        f"driver=file,filename={img},node-name=f",
+        "--nbd-server",
+        f"addr.type=unix,addr.path={sock}",
+        "--export",
+        "type=nbd,id=e,node-name=f,writable=on",
+    ]
+
+
 def serve_fails(tmp_path: Path, *args: str) -> str:
     proc = subprocess.run(
         [*BLOCKTRACE, "serve", *args, "--socket", os.fspath(tmp_path / "second.sock")],
@@ -90,15 +103,7 @@ def test_serve_refuses_an_image_a_qemu_writer_holds(tmp_path: Path, tool: str) -
         # qemu-io keeps the image open, writable, while it waits on its (never closed) stdin
         "qemu-io": ["qemu-io", "-f", "raw", os.fspath(img)],
         "qemu-nbd": ["qemu-nbd", "-f", "raw", "-k", os.fspath(tmp_path / "q.sock"), os.fspath(img)],
-        "qemu-storage-daemon": [
-            "qemu-storage-daemon",
-            "--blockdev",
-            f"driver=file,filename={img},node-name=f",
-            "--nbd-server",
-            f"addr.type=unix,addr.path={tmp_path / 'q.sock'}",
-            "--export",
-            "type=nbd,id=e,node-name=f,writable=on",
-        ],
+        "qemu-storage-daemon": storage_daemon(img, tmp_path / "q.sock"),
     }[tool]
     if tool == "qemu-io":
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
@@ -136,19 +141,7 @@ def test_a_writable_qemu_nbd_is_refused_while_blocktrace_serves(tmp_path: Path) 
     with ServerProcess(tmp_path, [img]):
         q = run(["qemu-nbd", "-f", "raw", "-k", tmp_path / "q.sock", img], check=False, timeout=30)
         assert q.returncode != 0 and LOCKED in q.stderr
-        qsd = run(
-            [
-                "qemu-storage-daemon",
-                "--blockdev",
-                f"driver=file,filename={img},node-name=f",
-                "--nbd-server",
-                f"addr.type=unix,addr.path={tmp_path / 'q.sock'}",
-                "--export",
-                "type=nbd,id=e,node-name=f,writable=on",
-            ],
-            check=False,
-            timeout=30,
-        )
+        qsd = run(storage_daemon(img, tmp_path / "q.sock"), check=False, timeout=30)
         assert qsd.returncode != 0 and LOCKED in qsd.stderr
 
 
