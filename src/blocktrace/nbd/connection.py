@@ -310,9 +310,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         assert req is not None
         self._payload = self._payload_req = None
         own, self._payload_reserved = self._payload_reserved, 0
-        req.data = payload.take()  # owned: the device may keep it (our views are gone)
-        done = self._request(req, pin=False, own=own)
-        req.data = None
+        # owned: the device may keep it (our views are gone)
+        done = self._request(req._replace(data=payload.take()), pin=False, own=own)
         spare = payload.reusable()
         if done and spare is not None and len(spare) <= _SPARE_MAX and self._spare is None:
             # The device is done with it: keep it (and its budget) for the next large
@@ -435,7 +434,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                     continue
                 event, after = parser.next_event(view, pos, end)
                 if type(event) is Request:
-                    if self._request(event, pin=event.data is not None) is None:
+                    if self._request(event, pin=event[5] is not None) is None:
                         break  # a READ waits for payload budget; parsed again later
                     pos = after
                     continue
@@ -520,8 +519,7 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def _refuse_discarded(self) -> None:
         req, self._discard_req = self._discard_req, None
-        assert req is not None
-        req.data = None
+        assert req is not None and req.data is None
         self._request(req, pin=False)
 
     # -- dispatch ------------------------------------------------------------------------------
@@ -538,13 +536,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         session = self._session
         device = self._device
         assert session is not None and device is not None
-        cmd, flags, cookie, offset, length = (
-            req.command,
-            req.flags,
-            req.cookie,
-            req.offset,
-            req.length,
-        )
+        cmd, flags, cookie, offset, length, data = req
         try:
             tx.validate_request(session, cmd, flags, offset, length)
         except NBDRequestError as exc:
@@ -555,13 +547,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         coro: Coroutine[Any, Any, Any]
         reserved = 0  # budget a READ holds for its data until the reply leaves
         if cmd == _READ:
-            if not self._budget.try_reserve(length):
+            budget = self._budget
+            if not budget.try_reserve(length):
                 self._wait_for_budget()
                 return None
             reserved = length
             coro = device.read(offset, length)
         elif cmd == _WRITE:
-            data = req.data
             if data is None:  # oversized: validate_request refused it above
                 raise AssertionError("oversized write passed validation")
             coro = device.write(offset, data, fua=bool(flags & _FUA))

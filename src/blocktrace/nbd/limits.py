@@ -87,9 +87,10 @@ class PayloadBudget:
             return
         self.used -= n
         assert self.used >= 0, "payload budget released more than was reserved"
-        waiters, self._waiters = self._waiters, deque()
-        for wake in waiters:
-            wake()
+        if self._waiters:
+            waiters, self._waiters = self._waiters, deque()
+            for wake in waiters:
+                wake()
 
     def wait(self, wake: Callable[[], None]) -> None:
         """Call ``wake()`` after the next release (the caller then tries again)."""
