@@ -107,7 +107,7 @@ def connect(srv: NBDServer) -> tuple[Any, Sink]:
     conn = srv.protocol_factory()
     sink = Sink()
     sink.keep = True
-    conn.connection_made(sink)
+    conn.connection_made(sink)  # type: ignore[arg-type]
     hs = ClientHandshake("disk")
     while True:
         for chunk in sink.out:
