@@ -9,6 +9,7 @@ APT_PACKAGES=(
   qemu-utils qemu-system-x86 qemu-system-common  # qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon
   libnbd-bin python3-libnbd                      # nbdinfo, nbdcopy, nbdsh, nbdfuse, module nbd
   nbdkit fio e2fsprogs fuse3 util-linux          # fio's nbd engine, mkfs.ext4/debugfs, losetup
+  file kmod procps                               # nbdinfo runs file(1); modprobe; ps/pkill
   python3-venv python3-pip
   libdeflate0                                    # optional: 2-3x faster log CRCs (zlib otherwise)
 )
@@ -18,7 +19,7 @@ for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "setup: installing ${missing[*]}" >&2
+  echo "setup: installing ${missing[*]} with apt-get (a minute or two on a fresh machine)" >&2
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
@@ -27,12 +28,15 @@ fi
 # Debian's python3-libnbd is not on PyPI: the venv must be made by Debian's own interpreter
 # with --system-site-packages so that `import nbd` works inside it.
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import nbd' 2>/dev/null; then
+  echo "setup: making the virtual environment .venv (with Debian's python3-libnbd visible)" >&2
   rm -rf .venv
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 stamp=.venv/.blocktrace-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing blocktrace and its Python dependencies into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"
 fi
+echo "setup: done (.venv/bin/blocktrace)" >&2

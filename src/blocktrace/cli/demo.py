@@ -98,7 +98,9 @@ def demo(directory: Path) -> None:
         _wait_for_socket(sock, server)
         uri = f"nbd+unix:///disk?socket={sock}"
         console.rule("[bold]2. a real client (qemu-io over NBD) writes to it")
-        args = ["qemu-io", "-f", "raw"]
+        # qemu-io's default cache mode is writethrough, which makes every write FUA; with
+        # writeback only the write given -f carries FUA, as the workload says.
+        args = ["qemu-io", "-f", "raw", "-t", "writeback"]
         for _, c in WORKLOAD:
             args += ["-c", c]
         _run(console, [*args, uri])
