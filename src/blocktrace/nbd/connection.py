@@ -79,6 +79,9 @@ MAX_HELD_BYTES = 32 * 1024 * 1024
 #: Transport write buffer limits: above HIGH we stop reading the client's requests.
 WRITE_HIGH = 4 * 1024 * 1024
 WRITE_LOW = 1024 * 1024
+#: READs up to this size reserve no payload budget: what they hold is already bounded per
+#: connection by the transport's high-water mark, and 4 KiB reads are the hot path.
+_READ_UNRESERVED = 64 * 1024
 #: Replies smaller than this are joined with their header into one write on the stock loop.
 _JOIN_LIMIT = 64 * 1024
 _DISCARD_CHUNK = 256 * 1024
@@ -547,11 +550,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         coro: Coroutine[Any, Any, Any]
         reserved = 0  # budget a READ holds for its data until the reply leaves
         if cmd == _READ:
-            budget = self._budget
-            if not budget.try_reserve(length):
-                self._wait_for_budget()
-                return None
-            reserved = length
+            if length > _READ_UNRESERVED:
+                if not self._budget.try_reserve(length):
+                    self._wait_for_budget()
+                    return None
+                reserved = length
             coro = device.read(offset, length)
         elif cmd == _WRITE:
             if data is None:  # oversized: validate_request refused it above

@@ -11,9 +11,10 @@ These limits bound what that costs, in total and not only per connection
   closed: a client that connects and says nothing costs its socket for that long, no more.
 * ``payload_memory``: bytes of request and reply payload all connections may hold at once:
   a large WRITE reserves its announced length before its payload is read (and its buffer is
-  allocated only as the bytes arrive), a READ reserves its length before the device reads it
-  until the reply leaves for a client that is reading.  A connection that cannot reserve
-  stops reading until another one releases: back-pressure, never an allocation.
+  allocated only as the bytes arrive), a READ over 64 KiB reserves its length before the
+  device reads it until the reply leaves for a client that is reading.  A connection that
+  cannot reserve stops reading until another one releases: back-pressure, never an
+  allocation.
 
 :class:`PayloadBudget` is the sans-IO accounting; the connections are its only users.
 """
