@@ -48,6 +48,7 @@ REQUEST_SIZE = wire.REQUEST.size
 MAX_CHUNK = 64 * 1024 * 1024
 _WRITE = int(Cmd.WRITE)
 _unpack_request = wire.REQUEST.unpack_from
+_new_request = tuple.__new__
 _unpack_u32 = wire.U32.unpack_from
 _unpack_simple = wire.SIMPLE_REPLY.unpack_from
 _unpack_chunk = wire.CHUNK.unpack_from
@@ -186,7 +187,8 @@ class RequestParser:
             raise NBDRemoteProtocolError(f"bad request magic {magic:#x}")
         start = pos + REQUEST_SIZE
         if cmd != _WRITE:
-            return Request(cmd, flags, cookie, offset, length), start
+            # tuple.__new__ builds the named tuple in C: half the cost of calling Request()
+            return _new_request(Request, (cmd, flags, cookie, offset, length, None)), start
         if length > self.max_payload:
             n = min(length, end - start)
             return PayloadRefused(Request(cmd, flags, cookie, offset, length), length - n), (
@@ -194,7 +196,8 @@ class RequestParser:
             )
         stop = start + length
         if stop <= end:
-            return Request(cmd, flags, cookie, offset, length, buf[start:stop]), stop
+            data = buf[start:stop]
+            return _new_request(Request, (cmd, flags, cookie, offset, length, data)), stop
         if REQUEST_SIZE + length <= self.inline_limit:
             return NEED_DATA, pos
         return PayloadNeeded(Request(cmd, flags, cookie, offset, length), buf[start:end]), end
