@@ -5,12 +5,14 @@ Thin by design: all protocol decisions live in the sans-IO cores (:mod:`.handsha
 
 Hot-path choices, each for a measured reason (``docs/nbd-server.md``):
 
-* ``BufferedProtocol`` with one preallocated receive buffer per connection: the loop
-  ``recv_into``s it, headers are parsed with ``unpack_from`` in place, and WRITE payloads go to
-  the device as memoryview slices of it (no copy).  A payload larger than the buffer gets a
-  buffer of its own that the loop fills directly: for a device that keeps payloads (a traced
-  export) a fresh ``bytes`` object it keeps without a copy (:func:`~.dispatch.owned_payload`),
-  else a reused ``bytearray``.  While a device write that holds a view
+* ``BufferedProtocol`` with one receive buffer per connection (4 KiB while negotiating,
+  512 KiB after): the loop ``recv_into``s it, the sans-IO :class:`~.transmission.RequestParser`
+  frames requests in place, and WRITE payloads go to the device as memoryview slices of it (no
+  copy).  A payload larger than the buffer gets a :class:`~.dispatch.PayloadBuffer` of its own
+  that the loop fills directly, allocated as the bytes arrive and reserved from the server's
+  payload budget (:mod:`.limits`): for a device that keeps payloads (a traced export) it ends
+  as a fresh ``bytes`` object the device keeps without a copy, else it is a reused
+  ``bytearray``.  While a device write that holds a view
   is still running, the buffer is *pinned*: instead of being rewound or compacted (which would
   overwrite the bytes under the view) it is replaced by a fresh one.
 * No Task per request: the device coroutine is driven with ``coro.send(None)``; local devices
@@ -25,9 +27,11 @@ Hot-path choices, each for a measured reason (``docs/nbd-server.md``):
   the data longer (a queue, a background copy) must copy it; a ``bytes`` payload (owned,
   above) it may keep as is.
 * Back-pressure: when the transport's write buffer passes its high-water mark, or too many
-  requests are in flight, or suspended requests hold too many payload bytes, the connection
-  stops parsing and pauses reading, so a client that never reads its replies, or outruns a
-  slow device or a full trace queue, costs a bounded amount of memory.
+  requests are in flight, or suspended requests hold too many payload bytes, or the server's
+  payload budget has no room, the connection stops parsing and pauses reading, so a client
+  that never reads its replies, or outruns a slow device or a full trace queue, costs a
+  bounded amount of memory, in total across connections too (docs/nbd-server.md, RESOURCE
+  BOUNDS).
 
 Each connection is isolated: any exception inside it is logged and ends only that connection.
 """
