@@ -83,8 +83,9 @@ def convert(src: Path, dst: Path, empty: Path) -> None:
     from blocktrace.logwrites.reader import LogReader
     from blocktrace.logwrites.writer import LogWriter
 
-    LogWriter.create(empty, direct=False).close()
-    with LogReader(src) as r, LogWriter.create(dst, sector_size=r.sector_size) as w:
+    # regenerated on purpose (--keep reuses the directory): replace what is there
+    LogWriter.create(empty, direct=False, overwrite=True).close()
+    with LogReader(src) as r, LogWriter.create(dst, sector_size=r.sector_size, overwrite=True) as w:
         for e in r.entries(with_data=True):
             if e.mark is not None:
                 w.mark(e.mark)

@@ -10,8 +10,10 @@ APT_PACKAGES=(
   libnbd-bin python3-libnbd                      # nbdinfo, nbdcopy, nbdsh, nbdfuse, module nbd
   nbdkit fio e2fsprogs fuse3 util-linux          # fio's nbd engine, mkfs.ext4/debugfs, losetup
   file kmod procps                               # nbdinfo runs file(1); modprobe; ps/pkill
+  xfsprogs dosfstools                            # crashcheck: mkfs.xfs/xfs_repair, fsck.vfat
   python3-venv python3-pip
   libdeflate0                                    # optional: 2-3x faster log CRCs (zlib otherwise)
+  linux-image-amd64 busybox-static cpio          # the attach tests' guest (scripts/build-guest.sh)
 )
 
 missing=()

@@ -141,6 +141,12 @@ class Service:
         self.startup_hooks: list[Hook] = []
         #: Run in reverse order after the last connection closed, before devices close.
         self.shutdown_hooks: list[Hook] = []
+        #: Run once listening (clients can connect): ``blocktrace attach`` moves a VM's disk
+        #: onto an export here, which needs QEMU to connect to the NBD socket.
+        self.started_hooks: list[Hook] = []
+        #: Run in reverse order first thing on stop, while connections are still served:
+        #: ``blocktrace attach`` moves a VM's disk back off its export here.
+        self.stopping_hooks: list[Hook] = []
         # First in, so it runs last: traces end (queues delivered, logs closed) once every
         # connection is done, before the devices close.
         self.shutdown_hooks.append(_stop_traces)
@@ -217,6 +223,8 @@ class Service:
             for hook in self.startup_hooks:
                 await hook(self)
             await self._listen()
+            for hook in self.started_hooks:
+                await hook(self)
         except BaseException:
             await self._close_all()
             raise
@@ -299,6 +307,11 @@ class Service:
         if self._stopped:
             return
         self._stopped = True
+        for hook in reversed(self.stopping_hooks):
+            try:
+                await hook(self)
+            except Exception:
+                log.exception("stopping hook %r failed", hook)
         for server in self._servers:
             server.close()
         await self.nbd.shutdown(self.config.stop_timeout)

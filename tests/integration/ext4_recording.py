@@ -32,17 +32,11 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15) ->
 
 
 @contextlib.contextmanager
-def logged_nbd(workdir: Path, image: Path, log: Path) -> Iterator[Path]:
-    """Serve ``image`` through blklogwrites (log to ``log``); yields the NBD Unix socket."""
-    sock = workdir / "qnbd.sock"
-    log.write_bytes(b"")
-    opts = (
-        f"driver=blklogwrites,file.driver=file,file.filename={image},"
-        f"log.driver=file,log.filename={log},log-sector-size=512,"
-        f"log-super-update-interval=1"
-    )
+def qemu_nbd(sock: Path, args: list[str]) -> Iterator[Path]:
+    """``qemu-nbd -k SOCK ARGS`` until it exits by itself (its last client gone, as qemu-nbd
+    does without ``--persistent``), or is stopped after 30 s; yields the socket."""
     qemu = subprocess.Popen(
-        ["qemu-nbd", "--image-opts", opts, "-k", str(sock), "--cache=none"],
+        ["qemu-nbd", "-k", str(sock), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -55,6 +49,19 @@ def logged_nbd(workdir: Path, image: Path, log: Path) -> Iterator[Path]:
         except subprocess.TimeoutExpired:
             qemu.terminate()
             qemu.wait(10)
+
+
+@contextlib.contextmanager
+def logged_nbd(workdir: Path, image: Path, log: Path) -> Iterator[Path]:
+    """Serve ``image`` through blklogwrites (log to ``log``); yields the NBD Unix socket."""
+    log.write_bytes(b"")
+    opts = (
+        f"driver=blklogwrites,file.driver=file,file.filename={image},"
+        f"log.driver=file,log.filename={log},log-sector-size=512,"
+        f"log-super-update-interval=1"
+    )
+    with qemu_nbd(workdir / "qnbd.sock", ["--image-opts", opts, "--cache=none"]) as sock:
+        yield sock
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import subprocess
 from pathlib import Path
 
@@ -212,3 +213,34 @@ def test_replay_matches_model_without_replay_log(tmp_path: Path, sector_size: in
         with LogReader(log) as r:
             hit = find(r, opts)
         assert (hit.index if hit else None) == stop, opts
+
+
+def test_skip_policy_matches_replay_log_on_an_oversized_discard(tmp_path: Path) -> None:
+    """replay-log skips a discard it cannot zero-fill (over 128 MiB) on a regular file; our
+    ``--on-bad-entry skip`` skips the same entry (it lies outside the 1 MiB target) and the
+    images agree, and ours keeps its size."""
+    require("replay-log")
+    S = 512
+    hdrs = [
+        (struct.pack("<QQQQ", 0, 2, 0, 0).ljust(S, b"\0"), b"\x11" * 2 * S),
+        (struct.pack("<QQQQ", 0, (256 << 20) // S, 4, 0).ljust(S, b"\0"), b""),  # 256 MiB
+        (struct.pack("<QQQQ", 8, 1, 0, 0).ljust(S, b"\0"), b"\x22" * S),
+    ]
+    log = tmp_path / "log"
+    log.write_bytes(
+        struct.pack("<QQQI", 0x6A736677736872, 1, len(hdrs), S).ljust(S, b"\0")
+        + b"".join(h + d for h, d in hdrs)
+    )
+    theirs, ours = tmp_path / "theirs.img", tmp_path / "ours.img"
+    for p in (theirs, ours):
+        p.write_bytes(b"\x07" * SIZE)
+    subprocess.run(
+        ["replay-log", "--log", log, "--replay", theirs],
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
+    r = blocktrace("replay", "--on-bad-entry", "skip", log, ours)
+    assert "1 skipped" in r.stderr
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert ours.stat().st_size == SIZE

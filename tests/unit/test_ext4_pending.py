@@ -1,5 +1,5 @@
-"""The pending set's bulk fast path (``Ext4Engine._pend_run``) must leave exactly the state and
-counters of the per-block reference loop (``_pend_blocks``), whichever caps bind."""
+"""The pending set's bulk fast path (``PendingData.run``) must leave exactly the state and
+counters of the per-block reference loop (``PendingData.per_block``), whichever caps bind."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def test_fast_path_matches_per_block_policy(
         offset = start * BS + skew
         data = memoryview(rng.randbytes(count * BS - skew))
         first, end = offset // BS, (offset + len(data) - 1) // BS + 1
-        fast._pend_run(first, end, record, offset, data)
-        ref._pend_blocks(first, end, record, offset, data)
+        fast.pend.run(first, end, record, offset, data)
+        ref.pend.per_block(first, end, record, offset, data)
         if rng.random() < 0.2:  # some get claimed, as a commit would
             lo = rng.randrange(2000, 7000)
             assert fast.claim_pending(lo, 50) == ref.claim_pending(lo, 50)

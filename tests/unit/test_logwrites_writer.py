@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from blocktrace.errors import StateError
+from blocktrace.errors import StateError, UsageError
 from blocktrace.logwrites.format import (
     REPLAY_LOG_MAX_ZERO_SIZE,
     ChecksumMismatch,
@@ -37,7 +37,10 @@ def _super(path: Path) -> SuperBlock:
 def test_create_writes_an_empty_counted_super(tmp_path: Path) -> None:
     log = tmp_path / "log"
     log.write_bytes(b"old junk" * 1000)
-    w = LogWriter.create(log, sector_size=4096)
+    with pytest.raises(UsageError, match="refusing to overwrite it without force=on"):
+        LogWriter.create(log, sector_size=4096)
+    assert log.read_bytes() == b"old junk" * 1000  # untouched
+    w = LogWriter.create(log, sector_size=4096, overwrite=True)
     assert log.stat().st_size == 4096
     sup = _super(log)
     assert (sup.nr_entries, sup.sector_size, sup.log_id) == (0, 4096, w.log_id)

@@ -20,6 +20,8 @@ from blocktrace.errors import BlocktraceError, UsageError
 
 #: command name -> (module under blocktrace.cli, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "attach": ("attach", "attach", "Trace a running QEMU's disk without a restart."),
+    "detach": ("attach", "detach", "Detach disks from a running `blocktrace attach`."),
     "serve": ("serve", "serve", "Serve disk images over NBD (optionally traced, with QMP)."),
     "demo": ("demo", "demo", "Run the built-in demonstration end to end."),
     "log": ("log", "log", "Inspect dm-log-writes logs (info, list, find)."),
@@ -28,6 +30,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "watch": ("watch", "watch", "File-level events (ext4) from a base image and a write log."),
     "qmp": ("qmp", "qmp", "Run one QMP command on a running server (--socket PATH)."),
     "trace": ("trace", "trace", "Start, stop, mark and list traces on a running server."),
+    "crashcheck": (
+        "crashcheck",
+        "crashcheck",
+        "Check a file system at every crash point of a log.",
+    ),
+    "record": ("record", "record", "Run a workload on a traced scratch disk, then crashcheck it."),
+    "mark": ("record", "mark", "Write a mark into the running `record` trace (from its workload)."),
 }
 
 

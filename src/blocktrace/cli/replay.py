@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import click
 
@@ -83,6 +84,8 @@ def make_options(
     next_fua: bool,
     no_discard: bool = False,
     salvage: bool = False,
+    on_bad_entry: Literal["stop", "skip"] = "stop",
+    grow: bool = False,
 ) -> ReplayOptions:
     return ReplayOptions(
         limit=limit,
@@ -93,6 +96,8 @@ def make_options(
         next_fua=next_fua,
         no_discard=no_discard,
         salvage=salvage,
+        on_bad_entry=on_bad_entry,
+        grow=grow,
     )
 
 
@@ -124,6 +129,19 @@ def verbose_line(entry: LogEntry, verb: str = "replaying") -> str:
     help="On a corrupt or truncated log, replay the valid prefix (and checksum-"
     "verified uncounted entries) instead of failing.",
 )
+@click.option(
+    "--on-bad-entry",
+    type=click.Choice(["stop", "skip"]),
+    default="stop",
+    show_default=True,
+    help="An entry whose range does not fit IMAGE: stop with an error naming it, or skip it "
+    "(with a warning) and go on.",
+)
+@click.option(
+    "--grow",
+    is_flag=True,
+    help="Let entries past the end extend IMAGE (a regular file); without it IMAGE never grows.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Print each replayed entry.")
 def replay(
     log: str,
@@ -137,11 +155,22 @@ def replay(
     no_discard: bool,
     find_mode: bool,
     salvage: bool,
+    on_bad_entry: Literal["stop", "skip"],
+    grow: bool,
     verbose: bool,
 ) -> None:
     """Replay the dm-log-writes LOG onto IMAGE (an existing file or block device)."""
     opts = make_options(
-        limit, start_entry, start_mark, end_mark, next_flush, next_fua, no_discard, salvage
+        limit,
+        start_entry,
+        start_mark,
+        end_mark,
+        next_flush,
+        next_fua,
+        no_discard,
+        salvage,
+        on_bad_entry,
+        grow,
     )
     with LogReader(log) as reader:
         if find_mode:
@@ -161,6 +190,11 @@ def replay(
                     update(entry.end_offset)
 
             result = do_replay(reader, image, opts, progress=on_entry)
+    for bad in result.skipped:
+        click.echo(f"blocktrace: warning: skipped {bad}", err=True)
+    if result.skipped_count > len(result.skipped):
+        more = result.skipped_count - len(result.skipped)
+        click.echo(f"blocktrace: warning: skipped {more} more entries", err=True)
     if result.salvage_error is not None:
         click.echo(
             f"blocktrace: warning: {result.salvage_error}; replayed the "
@@ -174,6 +208,8 @@ def replay(
     )
     click.echo(
         f"replayed {result.entries} entries: {result.bytes_written} bytes written, "
-        f"{result.bytes_zeroed} bytes zeroed{last}",
+        f"{result.bytes_zeroed} bytes zeroed"
+        + (f", {result.skipped_count} skipped" if result.skipped_count else "")
+        + last,
         err=True,
     )

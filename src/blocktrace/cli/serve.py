@@ -110,7 +110,8 @@ def build_config(
     help="Trace an export from the start; TYPE:ARG is log:PATH (dm-log-writes log), "
     "replica:PATH (raw image), nbd:URI (remote export) or introspect:PATH (ext4 events as "
     "JSON lines).  Options: sync=none|full, copy-mode=background|write-blocking, "
-    "on-target-error=report|break, queue-size=64M, sector-size=512, job-id=ID; repeatable.  "
+    "on-target-error=report|break, queue-size=64M, sector-size=512, job-id=ID, force=on "
+    "(replace an existing log or events file); repeatable.  "
     "See docs/trace.md.",
 )
 @click.option(

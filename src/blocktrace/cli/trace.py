@@ -18,9 +18,12 @@ from blocktrace.cli.qmp import command_failed, connection_options, open_client
 from blocktrace.errors import BlocktraceError, UsageError
 from blocktrace.qmp.client import CommandError, QMPClient
 from blocktrace.trace.options import parse_size, parse_trace_spec
+from blocktrace.trace.targets.replica import parse_bool
 
 #: target keys whose values are integers on the QMP side
 _INT_TARGET_KEYS = ("sector-size",)
+#: on|off target options, sent to QMP as JSON booleans
+_BOOL_TARGET_KEYS = ("force",)
 
 
 def _human_bytes(n: int) -> str:
@@ -74,13 +77,17 @@ def start(
     SPEC is spelled as for serve --trace:
       sync=none|full  copy-mode=background|write-blocking
       on-target-error=report|break  queue-size=SIZE  job-id=ID
-      and the target's own options (log: sector-size=N).
+      and the target's own options (log: sector-size=N, force=on to replace
+      an existing file).
     """
     parsed = parse_trace_spec(spec)
     target = dict(parsed.target)
     for key in _INT_TARGET_KEYS:
         if key in target:
             target[key] = parse_size(target[key], key)
+    for key in _BOOL_TARGET_KEYS:
+        if key in target:
+            target[key] = parse_bool(key, target[key])
     with open_client(socket_path, tcp, timeout) as client:
         export = parsed.export
         if not export:

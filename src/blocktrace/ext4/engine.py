@@ -21,12 +21,11 @@ block maps become events; newly mapped blocks claim their pending writes.  Direc
 are netted per settle, so an entry that moved between htree blocks is not an event, and an entry
 that left one name and appeared under another is a ``rename``.
 
-Pending policy (bounded memory): at most ``max_pending`` unowned blocks are remembered (block
-number + the record that wrote it, about 100 bytes each); the oldest is forgotten beyond that
-and counted in ``stats.pending_overflow``.  Their contents are kept only within
-``max_pending_bytes`` (oldest dropped first, counted in ``stats.pending_data_dropped``); the
-contents matter only if the block later turns out to be metadata written outside the journal
-(e.g. a symlink target on an old kernel), attribution of file writes needs only the number.
+Pending data (bounded memory: ``max_pending`` blocks, ``max_pending_bytes`` of contents) is
+:class:`~.pending.PendingData`; the contents matter only if a block later turns out to be
+metadata written outside the journal (e.g. a symlink target on an old kernel), attribution of
+file writes needs only the number.  Settling is :mod:`.infer`, which sees the engine through
+its :class:`~.infer.Model` protocol.
 """
 
 from __future__ import annotations
@@ -35,17 +34,23 @@ import logging
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
-from itertools import repeat
-from typing import cast
 
 from blocktrace.errors import FormatError
 from blocktrace.ext4 import constants as C
 from blocktrace.ext4.events import FileEvent
-from blocktrace.ext4.fs import ByteSource, DirEntry, Ext4FS, InodeMap, superblock_from_bytes
+from blocktrace.ext4.fs import (
+    DEFAULT_WORK_BUDGET,
+    ByteSource,
+    DirEntry,
+    Ext4FS,
+    InodeMap,
+    superblock_from_bytes,
+)
 from blocktrace.ext4.infer import IState, infer
 from blocktrace.ext4.journal import Journal, Transaction, recover
 from blocktrace.ext4.namespace import Namespace
 from blocktrace.ext4.ownership import Owner, OwnerKind, OwnershipMap
+from blocktrace.ext4.pending import PendingData
 from blocktrace.ext4.structs import Ext4FormatError, Inode
 
 log = logging.getLogger(__name__)
@@ -91,19 +96,24 @@ class Ext4Engine:
         name: str = "",
         max_pending: int = DEFAULT_MAX_PENDING,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        work_budget: int = DEFAULT_WORK_BUDGET,
     ) -> None:
+        """``work_budget``: decoding steps (tree nodes, extents, block pointers, directory
+        entries) one record may cost, and the crawl per directory block or inode; beyond it the
+        structures still to decode are reported as ``error`` events (hostile metadata)."""
         self.name = name
+        self.work_budget = work_budget
         self.source = source
         self.stats = EngineStats()
-        self.max_pending = max_pending
-        self.max_pending_bytes = max_pending_bytes
         sb = superblock_from_bytes(source.pread(C.EXT4_SUPERBLOCK_OFFSET, 1024))
         self.block_size = 1024 << sb.s_log_block_size
         self.overlay: dict[int, bytes] = {}
-        self.pending: OrderedDict[int, int] = OrderedDict()  # block -> record that wrote it
-        self.pending_data: OrderedDict[int, bytes] = OrderedDict()
-        self._pending_bytes = 0
-        self.fs = Ext4FS(sb, self)
+        self.pend = PendingData(
+            self.stats, self.block_size, max_pending, max_pending_bytes, self._block_bytes
+        )
+        self.pending = self.pend.blocks  #: block -> record that wrote it (the same dicts)
+        self.pending_data = self.pend.data
+        self.fs = Ext4FS(sb, self, device_bytes=source.length)
         self.owners = OwnershipMap()
         self.ns = Namespace()
         self.istate: dict[int, IState] = {}
@@ -112,6 +122,8 @@ class Ext4Engine:
         self.writes: dict[int, list[list[int]]] = {}  # ino -> [[lstart, lend, data_record]]
         self.journal: Journal | None = None
         self._journal_blocks: dict[int, int] = {}  # jblk -> physical block
+        #: the last transaction replayed into the base at start (None: none was)
+        self._recovered_last: int | None = None
         self._errors: list[FileEvent] = []
         #: names seen before their inode was initialised: ino -> [(dir, name, ino)]
         self.unborn: OrderedDict[int, list[tuple[int, str, int]]] = OrderedDict()
@@ -125,9 +137,9 @@ class Ext4Engine:
     def read_block(self, n: int) -> bytes:
         data = self.overlay.get(n)
         if data is None:
-            data = self.pending_data.get(n)
-        if data is None:
-            data = self.source.pread(n * self.block_size, self.block_size)
+            data = self.pend.contents(n)
+            if data is None:
+                data = self.source.pread(n * self.block_size, self.block_size)
         return data
 
     # ------------------------------------------------------------------ public API
@@ -135,6 +147,7 @@ class Ext4Engine:
         """A write of ``data`` at byte ``offset`` of the file system, record number ``record``."""
         self.stats.records += 1
         self.stats.bytes += len(data)
+        self.fs.work_left = self.work_budget
         out: list[FileEvent] = []
         if not data or offset < 0:
             return out
@@ -144,11 +157,11 @@ class Ext4Engine:
         mv = memoryview(data)
         for start, end, owner in self.owners.overlaps(first, last + 1):
             if owner is not None and owner.kind is OwnerKind.DATA:
-                self._note_write(owner.ino, owner.lblk, owner.lblk + end - start, record)
-                self._unpend_range(start, end)
+                self.note_write(owner.ino, owner.lblk, owner.lblk + end - start, record)
+                self.pend.forget_range(start, end)
                 continue
             if owner is None:
-                self._pend_run(start, end, record, offset, mv)
+                self.pend.run(start, end, record, offset, mv)
                 continue
             for b in range(start, end):
                 block = self._block_bytes(b, offset, mv)
@@ -159,22 +172,32 @@ class Ext4Engine:
         return out
 
     def zero(self, record: int, offset: int, length: int) -> list[FileEvent]:
-        """A write of zeroes (no payload carried): as a write, without materialising it."""
+        """A write of zeroes (no payload carried): as a write, without materialising it.
+
+        Zeroes are data like any other: a guest's zero-filled file data reaches the disk as
+        WRITE_ZEROES when QEMU's ``detect-zeroes`` turns it into one, so zeroed free space is
+        pending (data before its extent) exactly as written free space is."""
+        self.stats.records += 1
+        self.fs.work_left = self.work_budget
         bs = self.block_size
         out: list[FileEvent] = []
+        if offset < 0 or length <= 0:
+            return out
         first, end = offset // bs, min(-(-(offset + length) // bs), self.fs.blocks_count)
         zero_block = bytes(bs)
         for start, stop, owner in self.owners.overlaps(first, end):
             if owner is not None and owner.kind is OwnerKind.DATA:
-                self._note_write(owner.ino, owner.lblk, owner.lblk + stop - start, record)
+                self.note_write(owner.ino, owner.lblk, owner.lblk + stop - start, record)
+                self.pend.forget_range(start, stop)
                 continue
             if owner is None:
-                self._unpend_range(start, stop)  # zeroed free space claims nothing
+                self.pend.zeroed(start, stop, record)
                 continue
             for b in range(start, stop):
                 lo, hi = max(offset, b * bs), min(offset + length, (b + 1) * bs)
                 out += self.write(record, lo, zero_block[: hi - lo])
                 self.stats.records -= 1
+                self.stats.bytes -= hi - lo
         return out
 
     def flush(self, record: int) -> list[FileEvent]:
@@ -184,18 +207,27 @@ class Ext4Engine:
         this flush is the commit's pre-flush; file writes wait for the commit block (the next
         record or so) so that they are named with the metadata they go with."""
         self.stats.records += 1
+        self.fs.work_left = self.work_budget
         hold = self.journal is not None and self.journal.in_transaction
         return self._settle(record, emit_writes=not hold)
 
     def discard(self, record: int, offset: int, length: int) -> list[FileEvent]:
-        """A discard/trim: ext4 discards free blocks only; forget pending writes there."""
+        """A discard/trim.  ext4 discards free blocks (forget pending writes there); a trim of
+        a live file's blocks changes what the file reads back, so it is a ``write`` of it."""
         self.stats.records += 1
         bs = self.block_size
-        self._unpend_range(-(-offset // bs), (offset + length) // bs)
+        first, end = -(-offset // bs), min((offset + length) // bs, self.fs.blocks_count)
+        if offset < 0 or first >= end:
+            return []
+        for start, stop, owner in self.owners.overlaps(first, end):
+            if owner is not None and owner.kind is OwnerKind.DATA:
+                self.note_write(owner.ino, owner.lblk, owner.lblk + stop - start, record)
+        self.pend.forget_range(first, end)
         return []
 
     def finish(self, record: int) -> list[FileEvent]:
         """End of the stream: settle what is left."""
+        self.fs.work_left = self.work_budget
         return self._settle(record)
 
     def owner_of(self, block: int) -> Owner | None:
@@ -219,7 +251,10 @@ class Ext4Engine:
         if self.journal is not None:
             self._recover_journal()
         queue = [C.EXT4_ROOT_INO]
-        self._track(C.EXT4_ROOT_INO)
+        fs = self.fs
+        budget = self.work_budget
+        fs.work_left = budget
+        self.track(C.EXT4_ROOT_INO)
         while queue:
             d = queue.pop()
             st = self.istate.get(d)
@@ -228,23 +263,32 @@ class Ext4Engine:
             for ext in st.map.extents:
                 for i in range(ext.length):
                     pblk = ext.pblk + i
-                    entries = self._read_dir_block(pblk)
+                    fs.work_left = budget  # the crawl's budget: per directory block, per inode
+                    entries = self.read_dir_block(pblk)
                     self.dir_entries[pblk] = (d, entries)
                     for e in entries:
                         if e.name in (".", ".."):
                             continue
                         known = e.inode in self.istate
                         self.ns.add(d, e.name, e.inode)
-                        if not known and self._track(e.inode) and self.istate[e.inode].inode.is_dir:
+                        fs.work_left = budget
+                        if not known and self.track(e.inode) and self.istate[e.inode].inode.is_dir:
                             queue.append(e.inode)
 
     def _open_journal(self) -> None:
         ino = self.fs.journal_inum
         try:
-            jmap = self.fs.map_inode(self.fs.read_inode(ino))
+            inode = self.fs.read_inode(ino)
+            jmap = self.fs.map_inode(inode)
+            # the journal is as long as its inode says: mappings past i_size are not journal
+            # blocks (the tree itself is already bounded: in order, no overlap, <= the fs)
+            length = -(-inode.size // self.block_size)
             for ext in jmap.extents:
-                self.owners.assign(ext.pblk, ext.length, Owner(OwnerKind.JOURNAL, ino, ext.lblk))
-                for i in range(ext.length):
+                n = min(ext.length, length - ext.lblk)
+                if n <= 0:
+                    continue
+                self.owners.assign(ext.pblk, n, Owner(OwnerKind.JOURNAL, ino, ext.lblk))
+                for i in range(n):
                     self._journal_blocks[ext.lblk + i] = ext.pblk + i
             for pblk, tree in jmap.meta:
                 self.owners.assign(pblk, 1, Owner(_TREE_KINDS[tree], ino))
@@ -255,7 +299,7 @@ class Ext4Engine:
                 self.read_block(sb_blk), len(self._journal_blocks), self._read_jblock
             )
         except FormatError as exc:
-            self._error(-1, f"journal not followed: {exc}", ino)
+            self.error(-1, f"journal not followed: {exc}", ino)
 
     def _recover_journal(self) -> None:
         """A base image taken while mounted: replay its committed transactions into the view
@@ -265,12 +309,14 @@ class Ext4Engine:
         replay, found = recover(self.journal.jsb, self._read_jblock, problems)
         for problem in problems:
             self.journal.stats.checksum_errors += 1
-            self._error(-1, problem)
+            self.error(-1, problem)
         for home, data in replay:
             owner = self.owners.lookup(home)
             if home < self.fs.blocks_count and not (owner and owner.kind is OwnerKind.JOURNAL):
                 self.overlay[home] = data
         self.stats.recovered_transactions = found
+        if found:
+            self._recovered_last = (self.journal.jsb.s_sequence + found - 1) & 0xFFFFFFFF
         if replay:  # group descriptors may have been logged too
             self.fs.groups = self.fs.read_group_descs()
 
@@ -280,7 +326,7 @@ class Ext4Engine:
             raise Ext4FormatError(f"journal block {jblk} outside the journal")
         return self.read_block(pblk)
 
-    def _track(self, ino: int) -> bool:
+    def track(self, ino: int) -> bool:
         """Decode inode ``ino`` from the view, map it and claim its blocks; False if unusable."""
         try:
             raw = self.fs.read_inode_bytes(ino)
@@ -289,13 +335,13 @@ class Ext4Engine:
                 return False
             imap = self.fs.map_inode(inode)
         except FormatError as exc:
-            self._error(-1, f"inode {ino}: {exc}", ino)
+            self.error(-1, f"inode {ino}: {exc}", ino)
             return False
         self.istate[ino] = IState(inode, imap, raw)
-        self._claim(ino, inode, imap)
+        self.claim(ino, inode, imap)
         return True
 
-    def _claim(self, ino: int, inode: Inode, imap: InodeMap) -> None:
+    def claim(self, ino: int, inode: Inode, imap: InodeMap) -> None:
         ftype = inode.i_mode & C.S_IFMT
         kind = (
             OwnerKind.DIR
@@ -319,7 +365,7 @@ class Ext4Engine:
         for pblk, _ in imap.meta:
             self._adopt(pblk)
 
-    def _release(self, ino: int, st: IState) -> None:
+    def release(self, ino: int, st: IState) -> None:
         for ext in st.map.extents:
             self.owners.release(ext.pblk, ext.length, ino)
         for pblk, _ in st.map.meta:
@@ -327,11 +373,11 @@ class Ext4Engine:
         if st.inode.file_acl:
             self.owners.release(st.inode.file_acl, 1, ino)
 
-    def _read_dir_block(self, pblk: int) -> list[DirEntry]:
+    def read_dir_block(self, pblk: int) -> list[DirEntry]:
         try:
             return self.fs.parse_dir_block(self.read_block(pblk))
         except FormatError as exc:
-            self._error(-1, f"directory block {pblk}: {exc}")
+            self.error(-1, f"directory block {pblk}: {exc}")
             return []
 
     # ------------------------------------------------------------------ write routing
@@ -350,7 +396,7 @@ class Ext4Engine:
         if b not in self.dirty:
             self.dirty[b] = self.read_block(b)
         self.overlay[b] = block
-        self._unpend(b)
+        self.pend.forget(b)
 
     def _journal_write(self, record: int, jblk: int, b: int, block: bytes) -> list[FileEvent]:
         self.overlay[b] = block
@@ -364,9 +410,17 @@ class Ext4Engine:
 
     def _apply_transaction(self, record: int, tx: Transaction) -> list[FileEvent]:
         self.stats.transactions += 1
+        last = self._recovered_last
+        if last is not None and (last - tx.sequence) & 0xFFFFFFFF < 1 << 31:
+            # a live attach read the base while this commit landed: it is in the base already
+            self.error(
+                record,
+                f"journal transaction {tx.sequence} was already in the base image (committed "
+                "while it was read): its changes are not reported",
+            )
         if tx.error is not None:  # torn or corrupt: nothing of it becomes an event
             self.stats.bad_transactions += 1
-            self._error(record, f"journal transaction {tx.sequence} not applied: {tx.error}")
+            self.error(record, f"journal transaction {tx.sequence} not applied: {tx.error}")
             for jblk in tx.descriptors:
                 self.overlay.pop(self._journal_blocks.get(jblk, -1), None)
             return self._settle(record)
@@ -391,7 +445,7 @@ class Ext4Engine:
             self.overlay.pop(pblk, None)
         return events
 
-    def _note_write(self, ino: int, lstart: int, lend: int, record: int) -> None:
+    def note_write(self, ino: int, lstart: int, lend: int, record: int) -> None:
         if lend > self.written_upto.get(ino, 0):
             self.written_upto[ino] = lend
             self.written_upto.move_to_end(ino)
@@ -406,151 +460,16 @@ class Ext4Engine:
                 return
         ranges.append([lstart, lend, record])
 
-    def _pend_run(self, start: int, end: int, record: int, offset: int, mv: memoryview) -> None:
-        """Remember blocks ``[start, end)`` as pending (the bulk-data path: data written before
-        its extent is committed).  Policy per block, in order: a rewrite moves to the newest
-        end; contents kept within ``max_pending_bytes`` (oldest dropped); at most
-        ``max_pending`` blocks (oldest forgotten with their contents).
-
-        Fast path, for whole blocks none of which is pending yet and when the block count cap
-        does not bind: insert the run at once, then drop the oldest contents over the byte cap;
-        the result and the counters are those of the per-block loop (tested against it)."""
-        bs = self.block_size
-        lo = start * bs - offset
-        count = end - start
-        pending, pending_data = self.pending, self.pending_data
-        if (
-            lo >= 0
-            and lo + count * bs <= len(mv)
-            and len(pending) + count <= self.max_pending
-            and (not pending or pending.keys().isdisjoint(range(start, end)))
-            and (not pending_data or pending_data.keys().isdisjoint(range(start, end)))
-        ):
-            blocks = range(start, end)
-            pending.update(dict.fromkeys(blocks, record))
-            if self.max_pending_bytes >= bs:
-                pending_data.update(
-                    zip(
-                        blocks,
-                        [mv[i : i + bs].tobytes() for i in range(lo, lo + count * bs, bs)],
-                        strict=True,
-                    )
-                )
-                self._pending_bytes += count * bs
-                while self._pending_bytes > self.max_pending_bytes:
-                    _, dropped = pending_data.popitem(last=False)
-                    self._pending_bytes -= len(dropped)
-                    self.stats.pending_data_dropped += 1
-            self.stats.pending_blocks = len(pending)
-            self.stats.pending_bytes = self._pending_bytes
-            return
-        self._pend_blocks(start, end, record, offset, mv)
-
-    def _pend_blocks(self, start: int, end: int, record: int, offset: int, mv: memoryview) -> None:
-        """:meth:`_pend_run`, block by block (the reference the fast path must match)."""
-        bs = self.block_size
-        pending, pending_data, stats = self.pending, self.pending_data, self.stats
-        max_pending, max_bytes = self.max_pending, self.max_pending_bytes
-        pending_bytes = self._pending_bytes
-        n = len(mv)
-        for b in range(start, end):
-            lo = b * bs - offset
-            block = mv[lo : lo + bs].tobytes() if lo >= 0 and lo + bs <= n else None
-            if block is None:
-                block = self._block_bytes(b, offset, mv)
-            pending.pop(b, None)  # a rewrite moves to the end, as move_to_end would
-            pending[b] = record
-            old = pending_data.pop(b, None)
-            if old is not None:
-                pending_bytes -= len(old)
-            size = len(block)
-            if max_bytes >= size:
-                pending_data[b] = block
-                pending_bytes += size
-                while pending_bytes > max_bytes:
-                    _, dropped = pending_data.popitem(last=False)
-                    pending_bytes -= len(dropped)
-                    stats.pending_data_dropped += 1
-            while len(pending) > max_pending:
-                gone, _ = pending.popitem(last=False)
-                dropped_data = pending_data.pop(gone, None)
-                if dropped_data is not None:
-                    pending_bytes -= len(dropped_data)
-                stats.pending_overflow += 1
-        self._pending_bytes = pending_bytes
-        stats.pending_blocks = len(pending)
-        stats.pending_bytes = pending_bytes
-
     def claim_pending(self, pblk: int, n: int) -> list[tuple[int, int, int]]:
-        """Unpend blocks ``[pblk, pblk+n)``: the runs ``(i, j, first_record)`` of offsets into
-        the range that were pending (``first_record``: the earliest record of the run)."""
-        pending = self.pending
-        runs: list[tuple[int, int, int]] = []
-        if not pending or n <= 0:
-            return runs
-        pop, data_pop = pending.pop, self.pending_data.pop
-        blocks = range(pblk, pblk + n)
-        recs = list(map(pop, blocks, repeat(None, n)))
-        if None not in recs:  # the common case (all pending: one run), in C-level loops
-            gone = filter(None, map(data_pop, blocks, repeat(None, n)))
-            self._pending_bytes -= sum(map(len, gone))
-            self.stats.attributed += n
-            self.stats.pending_blocks = len(pending)
-            self.stats.pending_bytes = self._pending_bytes
-            return [(0, n, min(cast("list[int]", recs)))]
-        start = -1
-        first_rec = 0
-        claimed = 0
-        for i, rec in enumerate(recs):
-            if rec is None:
-                if start >= 0:
-                    runs.append((start, i, first_rec))
-                    start = -1
-                continue
-            claimed += 1
-            data = data_pop(pblk + i, None)
-            if data is not None:
-                self._pending_bytes -= len(data)
-            if start < 0:
-                start, first_rec = i, rec
-            elif rec < first_rec:
-                first_rec = rec
-        if start >= 0:
-            runs.append((start, n, first_rec))
-        if claimed:
-            self.stats.attributed += claimed
-            self.stats.pending_blocks = len(pending)
-            self.stats.pending_bytes = self._pending_bytes
-        return runs
-
-    def _unpend(self, b: int) -> int | None:
-        record = self.pending.pop(b, None)
-        if record is not None:
-            data = self.pending_data.pop(b, None)
-            if data is not None:
-                self._pending_bytes -= len(data)
-            self.stats.pending_blocks = len(self.pending)
-            self.stats.pending_bytes = self._pending_bytes
-        return record
-
-    def _unpend_range(self, start: int, end: int) -> None:
-        """Forget pending blocks in ``[start, end)`` (cheap for huge ranges, e.g. a discard of
-        the whole disk: it walks whichever is smaller, the range or the pending set)."""
-        if not self.pending:
-            return
-        if end - start > len(self.pending):
-            for b in [b for b in self.pending if start <= b < end]:
-                self._unpend(b)
-        else:
-            for b in range(start, end):
-                self._unpend(b)
+        """Unpend blocks ``[pblk, pblk+n)``: see :meth:`PendingData.claim`."""
+        return self.pend.claim(pblk, n)
 
     def _adopt(self, b: int) -> None:
         """A pending block turned out to be metadata: keep its contents in the view."""
-        data = self.pending_data.get(b)
+        data = self.pend.contents(b)
         if data is not None and b not in self.overlay:
             self.overlay[b] = data
-        self._unpend(b)
+        self.pend.forget(b)
 
     def note_unborn(self, triple: tuple[int, str, int]) -> None:
         self.unborn.setdefault(triple[2], []).append(triple)
@@ -568,7 +487,7 @@ class Ext4Engine:
             while len(self.freed_modes) > MAX_REMEMBERED:
                 self.freed_modes.popitem(last=False)
 
-    def _error(self, record: int, message: str, ino: int = 0) -> None:
+    def error(self, record: int, message: str, ino: int = 0) -> None:
         """Report what could not be parsed (as an ``error`` event at the next settle); go on."""
         self.stats.errors += 1
         log.debug("%s: %s", self.name or "ext4", message)
@@ -579,8 +498,9 @@ class Ext4Engine:
     # ------------------------------------------------------------------ settle
     def _settle(self, record: int, *, emit_writes: bool = True) -> list[FileEvent]:
         self.stats.settles += 1
+        dirty, self.dirty = self.dirty, {}
         try:
-            events = infer(self, record, emit_writes=emit_writes)
+            events = infer(self, dirty, record, emit_writes=emit_writes)
         except (
             FormatError,
             ValueError,
@@ -589,7 +509,7 @@ class Ext4Engine:
             struct.error,
             RecursionError,
         ) as exc:  # the watcher must survive any image
-            self._error(record, f"inference failed: {exc!r}")
+            self.error(record, f"inference failed: {exc!r}")
             events = []
         events = self.take_errors() + events
         self.stats.events += len(events)

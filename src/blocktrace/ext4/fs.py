@@ -8,8 +8,15 @@ directory blocks are decoded on request from a :class:`BlockReader`, which the i
 engine points at its live view (base image + the write stream so far), so the same code reads a
 static image and a changing one.
 
-Hostile input: every loop is bounded (tree depth, entry counts, rec_len progress, indirect
-block budget) and every decoder raises :class:`Ext4FormatError`, never ``struct.error``.
+Hostile input: every structure is bounded by what the file system's geometry allows, and the
+impossible is refused before it is walked (:class:`Ext4FormatError`, never ``struct.error`` or
+``IndexError``): the superblock's geometry must fit the device (blocks, groups, descriptor and
+inode sizes); an extent tree is at most 5 deep, each node holds at most what its block holds,
+extents come in logical order without overlap (as the kernel's ``ext4_ext_check`` demands), and
+a file maps at most as many blocks as the file system has; indirect blocks are read once each;
+a symlink maps only its first block (a target is never longer than a block).  On top of the
+per-structure bounds, every decoding step is charged to :attr:`Ext4FS.work_left`, a budget the
+introspection engine refills per record, so no single record can make a settle run unbounded.
 """
 
 from __future__ import annotations
@@ -37,6 +44,12 @@ from blocktrace.ext4.structs import (
 MAX_EXTENT_DEPTH = 5  #: the kernel's EXT4_MAX_EXTENT_DEPTH
 MAX_INDIRECT_BLOCKS = 1 << 16  #: budget of indirect blocks read per inode (hostile maps)
 MAX_DIR_BLOCKS = 1 << 16  #: larger directories are refused (every block is read and parsed)
+MAX_LBLK = 1 << 32  #: logical block numbers are 32-bit (ee_block, ei_block)
+EXT4_MAX_DESC_SIZE = 1024  #: the kernel's EXT4_MAX_DESC_SIZE (EXT4_MIN_BLOCK_SIZE)
+MIN_BLOCKS_PER_GROUP = 8  #: a group holds at least one byte of block bitmap
+#: decoding steps (tree nodes, extents, block pointers, directory entries) allowed per record
+#: by default: about a second of Python at worst, far above what real transactions need
+DEFAULT_WORK_BUDGET = 1 << 22
 #: plain ints: ``int & IntFlag`` goes through enum's Python ``__and__`` (hot in map_inode)
 _INLINE_DATA = int(C.InodeFlags.INLINE_DATA)
 _EXTENTS = int(C.InodeFlags.EXTENTS)
@@ -52,6 +65,9 @@ class BlockReader(Protocol):
 
 class ByteSource(Protocol):
     """A read-only byte range: a base image, or a partition inside one."""
+
+    #: bytes in the range (the device size the file system must fit in)
+    length: int
 
     def pread(self, offset: int, length: int) -> bytes: ...
 
@@ -132,10 +148,16 @@ def probe(source: ByteSource) -> bool:
 class Ext4FS:
     """The static layout of one ext4 file system, with lazy decoders over ``reader``."""
 
-    def __init__(self, sb: Superblock, reader: BlockReader) -> None:
+    def __init__(
+        self, sb: Superblock, reader: BlockReader, *, device_bytes: int | None = None
+    ) -> None:
+        """``device_bytes``: the size of the device holding the file system (its geometry
+        must fit in it, as the kernel checks at mount; None: not checked)."""
         self.sb = sb
         self.reader = reader
         self.block_size = 1024 << sb.s_log_block_size
+        #: decoding steps left before :meth:`charge` refuses (refilled by the caller)
+        self.work_left = DEFAULT_WORK_BUDGET
         incompat = sb.s_feature_incompat
         unsupported = incompat & ~int(C.SUPPORTED_INCOMPAT)
         if unsupported:
@@ -145,7 +167,10 @@ class Ext4FS:
             raise Ext4FormatError("bigalloc file systems are not supported")
         self.bit64 = bool(incompat & C.FeatureIncompat.BIT64)
         self.desc_size = sb.s_desc_size if self.bit64 else C.EXT4_MIN_DESC_SIZE
-        if self.bit64 and self.desc_size < C.EXT4_MIN_DESC_SIZE_64BIT:
+        if self.bit64 and not (
+            C.EXT4_MIN_DESC_SIZE_64BIT <= self.desc_size <= EXT4_MAX_DESC_SIZE
+            and self.desc_size & (self.desc_size - 1) == 0
+        ):
             raise Ext4FormatError(f"64bit file system with s_desc_size {self.desc_size}")
         self.filetype = bool(incompat & C.FeatureIncompat.FILETYPE)
         self.inode_size = sb.s_inode_size if sb.s_rev_level >= 1 else C.EXT4_GOOD_OLD_INODE_SIZE
@@ -157,29 +182,69 @@ class Ext4FS:
             raise Ext4FormatError(f"inode size {self.inode_size} invalid")
         self.first_ino = sb.s_first_ino if sb.s_rev_level >= 1 else C.EXT4_GOOD_OLD_FIRST_INO
         self.blocks_count = sb.s_blocks_count_lo | (sb.s_blocks_count_hi << 32 if self.bit64 else 0)
+        self._check_geometry(sb, device_bytes)
         first = sb.s_first_data_block
         self.group_count = max(1, -(-(self.blocks_count - first) // sb.s_blocks_per_group))
-        if self.group_count > 1 << 24:
-            raise Ext4FormatError(f"{self.group_count} block groups: implausible")
         self.inodes_per_block = self.block_size // self.inode_size
         if sb.s_inodes_per_group % self.inodes_per_block:
             raise Ext4FormatError("s_inodes_per_group is not a whole number of blocks")
+        if sb.s_inodes_count > self.group_count * sb.s_inodes_per_group:
+            raise Ext4FormatError(
+                f"s_inodes_count {sb.s_inodes_count} exceeds {self.group_count} groups of "
+                f"{sb.s_inodes_per_group} inodes"
+            )
         self.inode_table_blocks = sb.s_inodes_per_group // self.inodes_per_block
         if incompat & C.FeatureIncompat.META_BG:
             raise Ext4FormatError("meta_bg group descriptor layout is not supported")
         self.gdt_start = first + 1
         self.gdt_blocks = -(-(self.group_count * self.desc_size) // self.block_size)
+        if self.gdt_blocks + sb.s_reserved_gdt_blocks >= sb.s_blocks_per_group:
+            # the descriptor table sits in group 0, after the superblock: a table longer than
+            # a group is impossible (and bounds the groups read below by the geometry)
+            raise Ext4FormatError(
+                f"{self.group_count} group descriptors do not fit in a group of "
+                f"{sb.s_blocks_per_group} blocks"
+            )
         self.groups = self.read_group_descs()
         self.journal_inum = (
             sb.s_journal_inum if sb.s_feature_compat & C.FeatureCompat.HAS_JOURNAL else 0
         )
+
+    def _check_geometry(self, sb: Superblock, device_bytes: int | None) -> None:
+        """Refuse geometry the kernel refuses at mount (``ext4_fill_super``), before anything
+        is read in proportion to it: a hostile superblock must not make us read 16 M group
+        descriptors from a 16 MiB image."""
+        bits = 8 * self.block_size
+        if not MIN_BLOCKS_PER_GROUP <= sb.s_blocks_per_group <= bits:
+            raise Ext4FormatError(f"s_blocks_per_group {sb.s_blocks_per_group} out of range")
+        if sb.s_inodes_per_group > bits:
+            raise Ext4FormatError(f"s_inodes_per_group {sb.s_inodes_per_group} out of range")
+        if sb.s_first_data_block >= self.blocks_count:
+            raise Ext4FormatError(
+                f"s_first_data_block {sb.s_first_data_block} beyond {self.blocks_count} blocks"
+            )
+        if device_bytes is not None and self.blocks_count > device_bytes // self.block_size:
+            raise Ext4FormatError(
+                f"block count {self.blocks_count} exceeds the size of the device "
+                f"({device_bytes // self.block_size} blocks of {self.block_size} bytes)"
+            )
 
     @classmethod
     def open(cls, source: ByteSource, reader: BlockReader | None = None) -> Ext4FS:
         """Identify the fs in ``source``; ``reader`` (default: ``source``) serves blocks."""
         raw = source.pread(C.EXT4_SUPERBLOCK_OFFSET, C.EXT4_SUPERBLOCK_SIZE)
         sb = superblock_from_bytes(raw)
-        return cls(sb, reader or SourceBlocks(source, 1024 << sb.s_log_block_size))
+        return cls(
+            sb,
+            reader or SourceBlocks(source, 1024 << sb.s_log_block_size),
+            device_bytes=source.length,
+        )
+
+    def charge(self, steps: int) -> None:
+        """Spend ``steps`` of the work budget; refuse (Ext4FormatError) once it is spent."""
+        self.work_left -= steps
+        if self.work_left < 0:
+            raise Ext4FormatError("work budget of this record exhausted (hostile metadata?)")
 
     # ---------------------------------------------------------------- groups and inodes
     def read_group_descs(self) -> list[GroupDesc]:
@@ -214,9 +279,9 @@ class Ext4FS:
 
     def inode_location(self, ino: int) -> tuple[int, int]:
         """(block, byte offset in it) of inode ``ino``."""
-        if not 1 <= ino <= self.sb.s_inodes_count:
-            raise Ext4FormatError(f"inode {ino} out of range")
         g, index = divmod(ino - 1, self.sb.s_inodes_per_group)
+        if not 1 <= ino <= self.sb.s_inodes_count or g >= len(self.groups):
+            raise Ext4FormatError(f"inode {ino} out of range")
         blk, slot = divmod(index, self.inodes_per_block)
         return self.groups[g].inode_table + blk, slot * self.inode_size
 
@@ -237,7 +302,11 @@ class Ext4FS:
 
     # ---------------------------------------------------------------- block maps
     def map_inode(self, inode: Inode) -> InodeMap:
-        """Extents and tree blocks of an inode (nothing for inline data or fast symlinks)."""
+        """Extents and tree blocks of an inode (nothing for inline data or fast symlinks).
+
+        Bounded by the geometry: a file maps at most ``blocks_count`` blocks, in logical order
+        without overlap; a symlink only its first block.  Each step is charged to the work
+        budget (:meth:`charge`)."""
         result = InodeMap()
         flags = inode.i_flags
         if flags & _INLINE_DATA or inode.i_mode == 0:
@@ -247,12 +316,17 @@ class Ext4FS:
             return result  # fast symlink: the target is in i_block
         if ftype != C.S_IFREG and ftype != C.S_IFDIR and ftype != C.S_IFLNK:
             return result  # devices, fifos, sockets: i_block is not a block map
+        end = 1 if ftype == C.S_IFLNK else MAX_LBLK  # a symlink target fits in one block
         if flags & _EXTENTS:
             node = inode.i_block
             magic, entries, _, depth = _EXT_HEADER4.unpack_from(node)
-            if magic == C.EXT4_EXT_MAGIC and depth == 0 and len(node) == 60:
+            if magic == C.EXT4_EXT_MAGIC and depth == 0 and len(node) == 60 and end > 1:
                 # the common case (a small file: a leaf in the inode), decoded without the
                 # per-entry objects of the general walk; the same extents, in the same order
+                # (at most 4 in the inode, each <= 32768 blocks: bounded as it is)
+                self.work_left -= 1 + entries  # charge(), inlined: once per inode
+                if self.work_left < 0:
+                    self.charge(0)
                 extents = result.extents
                 nblocks = self.blocks_count
                 for i in range(min(entries, 4)):
@@ -264,74 +338,27 @@ class Ext4FS:
                     if ee_len and pblk + ee_len <= nblocks:
                         extents.append(Extent(ee_block, pblk, ee_len, unwritten))
             else:
-                self._walk_extents(node, MAX_EXTENT_DEPTH + 1, result, set())
+                _ExtentWalk(self, result, end).node(node, MAX_EXTENT_DEPTH + 1)
         else:
-            self._walk_blockmap(inode.i_block, result)
+            self._walk_blockmap(inode.i_block, result, end)
         if ftype == C.S_IFDIR and sum(e.length for e in result.extents) > MAX_DIR_BLOCKS:
             raise Ext4FormatError(f"directory of more than {MAX_DIR_BLOCKS} blocks")
         return result
 
-    def _walk_extents(self, node: bytes, depth_budget: int, out: InodeMap, seen: set[int]) -> None:
-        hdr = ExtentHeader.parse(node)
-        if hdr.eh_magic != C.EXT4_EXT_MAGIC:
-            raise Ext4FormatError(f"bad extent header magic {hdr.eh_magic:#06x}")
-        if hdr.eh_depth >= depth_budget:
-            raise Ext4FormatError(f"extent tree deeper than {MAX_EXTENT_DEPTH}")
-        count = min(hdr.eh_entries, (len(node) - EXTENT_HEADER.size) // 12)
-        for i in range(count):
-            pos = EXTENT_HEADER.size + 12 * i
-            if hdr.eh_depth == 0:
-                ext = Extent.parse(node, pos)
-                if ext.length and ext.pblk + ext.length <= self.blocks_count:
-                    out.extents.append(ext)
-                continue
-            idx = ExtentIdx.parse(node, pos)
-            if idx.leaf >= self.blocks_count or idx.leaf in seen:
-                raise Ext4FormatError(f"extent index points at block {idx.leaf}: loop or range")
-            seen.add(idx.leaf)
-            out.meta.append((idx.leaf, "extent"))
-            self._walk_extents(self.reader.read_block(idx.leaf), hdr.eh_depth, out, seen)
-
-    def _walk_blockmap(self, i_block: bytes, out: InodeMap) -> None:
+    def _walk_blockmap(self, i_block: bytes, out: InodeMap, end: int) -> None:
         ptrs = struct.unpack("<15I", i_block)
-        budget = [MAX_INDIRECT_BLOCKS]
+        walk = _IndirectWalk(self, out)
         per = self.block_size // 4
-        for i in range(C.EXT4_NDIR_BLOCKS):
-            self._add_block(out, i, ptrs[i])
+        for i in range(min(C.EXT4_NDIR_BLOCKS, end)):
+            walk.add(i, ptrs[i])
         span = per
         lblk = C.EXT4_NDIR_BLOCKS
         for level, ptr in enumerate(ptrs[C.EXT4_IND_BLOCK :], start=1):
-            self._walk_indirect(ptr, level, lblk, out, budget)
+            if lblk >= end:
+                break
+            walk.indirect(ptr, level, lblk)
             lblk += span
             span *= per
-
-    def _walk_indirect(
-        self, ptr: int, level: int, lblk: int, out: InodeMap, budget: list[int]
-    ) -> None:
-        if ptr == 0 or ptr >= self.blocks_count:
-            return
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise Ext4FormatError("indirect block map larger than the safety budget")
-        out.meta.append((ptr, "indirect"))
-        per = self.block_size // 4
-        ptrs = struct.unpack(f"<{per}I", self.reader.read_block(ptr))
-        child_span = per ** (level - 1)
-        for i, p in enumerate(ptrs):
-            if level == 1:
-                self._add_block(out, lblk + i, p)
-            else:
-                self._walk_indirect(p, level - 1, lblk + i * child_span, out, budget)
-
-    def _add_block(self, out: InodeMap, lblk: int, pblk: int) -> None:
-        if pblk == 0 or pblk >= self.blocks_count:
-            return
-        if out.extents:
-            last = out.extents[-1]
-            if last.lblk + last.length == lblk and last.pblk + last.length == pblk:
-                out.extents[-1] = Extent(last.lblk, last.pblk, last.length + 1, False)
-                return
-        out.extents.append(Extent(lblk, pblk, 1, False))
 
     # ---------------------------------------------------------------- directories
     def parse_dir_block(self, data: bytes) -> list[DirEntry]:
@@ -359,6 +386,9 @@ class Ext4FS:
                 if ino <= self.sb.s_inodes_count:
                     entries.append(DirEntry(ino, name, ftype))
             pos += rec_len
+        self.work_left -= 1 + len(entries)  # charge(), inlined: once per directory block
+        if self.work_left < 0:
+            self.charge(0)
         return entries
 
     def read_dir(self, inode: Inode) -> Iterator[tuple[int, DirEntry]]:
@@ -393,3 +423,118 @@ class Ext4FS:
             yield gd.block_bitmap, 1, "block_bitmap", g
             yield gd.inode_bitmap, 1, "inode_bitmap", g
             yield gd.inode_table, self.inode_table_blocks, "inode_table", g
+
+
+class _ExtentWalk:
+    """One walk of an extent tree, with the bounds of ``ext4_ext_check``: depth <= 5, entries
+    <= what the node holds (``eh_max`` included), each index block visited once, extents in
+    logical order without overlap, at most ``blocks_count`` blocks mapped in all; extents at or
+    past ``end`` (logical) are not wanted and end the walk."""
+
+    __slots__ = ("end", "fs", "mapped", "next_lblk", "out", "seen")
+
+    def __init__(self, fs: Ext4FS, out: InodeMap, end: int) -> None:
+        self.fs, self.out, self.end = fs, out, end
+        self.seen: set[int] = set()
+        self.next_lblk = 0  #: every later extent must start here or after
+        self.mapped = 0
+
+    def node(self, node: bytes, depth_budget: int) -> bool:
+        """Walk one node; False once the wanted logical range is done."""
+        fs = self.fs
+        hdr = ExtentHeader.parse(node)
+        if hdr.eh_magic != C.EXT4_EXT_MAGIC:
+            raise Ext4FormatError(f"bad extent header magic {hdr.eh_magic:#06x}")
+        if hdr.eh_depth >= depth_budget:
+            raise Ext4FormatError(f"extent tree deeper than {MAX_EXTENT_DEPTH}")
+        room = (len(node) - EXTENT_HEADER.size) // 12
+        if hdr.eh_entries > hdr.eh_max or hdr.eh_max > room:
+            raise Ext4FormatError(
+                f"extent node with {hdr.eh_entries} entries, max {hdr.eh_max}, room for {room}"
+            )
+        count = hdr.eh_entries
+        fs.charge(1 + count)
+        prev_idx = -1
+        for i in range(count):
+            pos = EXTENT_HEADER.size + 12 * i
+            if hdr.eh_depth == 0:
+                ext = Extent.parse(node, pos)
+                if ext.lblk < self.next_lblk:
+                    raise Ext4FormatError(
+                        f"extent at logical block {ext.lblk} overlaps or is out of order"
+                    )
+                if ext.lblk >= self.end:
+                    return False
+                self.next_lblk = ext.lblk + max(ext.length, 1)
+                if ext.length and ext.pblk + ext.length <= fs.blocks_count:
+                    if ext.lblk + ext.length > self.end:
+                        ext = Extent(ext.lblk, ext.pblk, self.end - ext.lblk, ext.unwritten)
+                    self.mapped += ext.length
+                    if self.mapped > fs.blocks_count:
+                        raise Ext4FormatError(
+                            f"extents map more blocks than the file system's {fs.blocks_count}"
+                        )
+                    self.out.extents.append(ext)
+                continue
+            idx = ExtentIdx.parse(node, pos)
+            if idx.lblk <= prev_idx:
+                raise Ext4FormatError(f"extent index at logical block {idx.lblk} out of order")
+            prev_idx = idx.lblk
+            if idx.lblk >= self.end:
+                return False
+            if idx.leaf >= fs.blocks_count or idx.leaf in self.seen:
+                raise Ext4FormatError(f"extent index points at block {idx.leaf}: loop or range")
+            self.seen.add(idx.leaf)
+            self.out.meta.append((idx.leaf, "extent"))
+            if not self.node(fs.reader.read_block(idx.leaf), hdr.eh_depth):
+                return False
+        return True
+
+
+class _IndirectWalk:
+    """One walk of an ext2/3 block map: each indirect block read once (a shared one is a loop
+    or a cross-link), at most ``MAX_INDIRECT_BLOCKS`` of them and ``blocks_count`` blocks
+    mapped in all."""
+
+    __slots__ = ("fs", "mapped", "out", "seen")
+
+    def __init__(self, fs: Ext4FS, out: InodeMap) -> None:
+        self.fs, self.out = fs, out
+        self.seen: set[int] = set()
+        self.mapped = 0
+
+    def indirect(self, ptr: int, level: int, lblk: int) -> None:
+        fs = self.fs
+        if ptr == 0 or ptr >= fs.blocks_count:
+            return
+        if ptr in self.seen:
+            raise Ext4FormatError(f"indirect block {ptr} referenced twice: loop or cross-link")
+        if len(self.seen) >= min(MAX_INDIRECT_BLOCKS, fs.blocks_count):
+            raise Ext4FormatError("indirect block map larger than the safety budget")
+        self.seen.add(ptr)
+        self.out.meta.append((ptr, "indirect"))
+        per = fs.block_size // 4
+        fs.charge(1 + per)
+        ptrs = struct.unpack(f"<{per}I", fs.reader.read_block(ptr))
+        child_span = per ** (level - 1)
+        for i, p in enumerate(ptrs):
+            if not p:
+                continue
+            if level == 1:
+                self.add(lblk + i, p)
+            else:
+                self.indirect(p, level - 1, lblk + i * child_span)
+
+    def add(self, lblk: int, pblk: int) -> None:
+        fs, out = self.fs, self.out
+        if pblk == 0 or pblk >= fs.blocks_count:
+            return
+        self.mapped += 1
+        if self.mapped > fs.blocks_count:
+            raise Ext4FormatError(f"block map maps more than the file system's {fs.blocks_count}")
+        if out.extents:
+            last = out.extents[-1]
+            if last.lblk + last.length == lblk and last.pblk + last.length == pblk:
+                out.extents[-1] = Extent(last.lblk, last.pblk, last.length + 1, False)
+                return
+        out.extents.append(Extent(lblk, pblk, 1, False))

@@ -29,6 +29,7 @@ home-location writes of the checkpoint bring those changes later).  Fast commit 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,10 +47,16 @@ from blocktrace.ext4.structs import (
 )
 
 MAX_OPEN_TRANSACTIONS = 64  #: uncommitted sequences remembered (hostile streams cannot grow it)
+#: revoked block numbers remembered over all open transactions (distinct per transaction).  The
+#: live engine applies each transaction at its commit, in stream order, so revocation changes
+#: nothing there: the list is informational and a guest rewriting revoke blocks must not grow it
+MAX_OPEN_REVOKES = 1 << 16
 JBD2_CRC32_CHKSUM, JBD2_CRC32_CHKSUM_SIZE = 1, 4  #: v1 commit block h_chksum_type / size
 _V23 = int(C.JBD2FeatureIncompat.CSUM_V2 | C.JBD2FeatureIncompat.CSUM_V3)
 _V3 = int(C.JBD2FeatureIncompat.CSUM_V3)
 _V1 = int(C.JBD2FeatureCompat.CHECKSUM)
+#: plain ints: ``int & IntFlag`` goes through enum's Python ``__and__`` (per logged block)
+_DELETED, _ESCAPE = int(C.JBD2TagFlags.DELETED), int(C.JBD2TagFlags.ESCAPE)
 _TAIL = slice(-4, None)
 _ZERO4 = bytes(4)
 
@@ -111,6 +118,7 @@ class Transaction:
     #: why the transaction must not be applied (a checksum failed: torn or corrupt); then
     #: ``blocks`` is empty
     error: str | None = None
+    tags: int = 0  #: descriptor tags read (bounded by the journal's length)
 
 
 @dataclass(slots=True)
@@ -122,6 +130,7 @@ class JournalStats:
     fast_commit_blocks: int = 0
     errors: int = 0
     dropped_transactions: int = 0
+    revokes_dropped: int = 0  #: revoke records not remembered (the table was full)
     checksum_errors: int = 0  #: blocks whose JBD2 checksum did not match
     bad_transactions: int = 0  #: committed transactions not applied (a checksum failed)
 
@@ -137,8 +146,10 @@ class Journal:
         self.nblocks = maxlen_blocks
         self.jsb = self._parse_sb(superblock)
         self.csum = Checksums(self.jsb)
-        self._descriptors: dict[int, list[int]] = {}
-        self._revoked: dict[int, list[int]] = {}
+        #: open sequence -> its descriptor blocks (an ordered set: a rewrite is not a new one)
+        self._descriptors: dict[int, dict[int, None]] = {}
+        self._revoked: dict[int, dict[int, None]] = {}  #: open sequence -> revoked blocks
+        self._revoked_total = 0
         self._bad: dict[int, str] = {}  #: open sequences already known corrupt (revoke tail)
 
     def _parse_sb(self, block: bytes) -> JournalSuperblock:
@@ -199,9 +210,7 @@ class Journal:
             return None  # a logged copy of a metadata block
         if btype == C.JBD2BlockType.DESCRIPTOR_BLOCK:
             self.stats.descriptors += 1
-            descs = self._open(seq, self._descriptors)
-            if jblk not in descs:
-                descs.append(jblk)
+            self._open(seq, self._descriptors)[jblk] = None
         elif btype == C.JBD2BlockType.REVOKE_BLOCK:
             self.stats.revokes += 1
             if not self.csum.tail_ok(data):
@@ -210,9 +219,11 @@ class Journal:
                     self._bad[seq] = f"revoke block {jblk}: checksum mismatch"
                 return None
             try:
-                self._open(seq, self._revoked).extend(parse_revoke_blocks(data, self.incompat))
+                blocks = parse_revoke_blocks(data, self.incompat)
             except Ext4FormatError:
                 self.stats.errors += 1
+                return None
+            self._note_revoked(seq, blocks)
         elif btype == C.JBD2BlockType.COMMIT_BLOCK:
             self.stats.commits += 1
             return self._commit(seq, data)
@@ -220,11 +231,35 @@ class Journal:
             self.stats.fast_commit_blocks += 1
         return None
 
-    def _open(self, seq: int, table: dict[int, list[int]]) -> list[int]:
+    def _open(self, seq: int, table: dict[int, dict[int, None]]) -> dict[int, None]:
         if seq not in table and len(table) >= MAX_OPEN_TRANSACTIONS:
-            del table[next(iter(table))]
+            self._drop(table, next(iter(table)))
             self.stats.dropped_transactions += 1
-        return table.setdefault(seq, [])
+        return table.setdefault(seq, {})
+
+    def _drop(self, table: dict[int, dict[int, None]], seq: int) -> dict[int, None]:
+        gone = table.pop(seq, {})
+        if table is self._revoked:
+            self._revoked_total -= len(gone)
+        return gone
+
+    def _note_revoked(self, seq: int, blocks: list[int]) -> None:
+        """Remember ``blocks`` as revoked by ``seq``: de-duplicated, at most MAX_OPEN_REVOKES
+        over all open transactions (beyond: counted in ``stats.revokes_dropped``)."""
+        revoked = self._open(seq, self._revoked)
+        if self._revoked_total >= MAX_OPEN_REVOKES:  # full: not even compared (CPU bound)
+            self.stats.revokes_dropped += len(blocks)
+            return
+        fresh = dict.fromkeys(blocks)  # de-duplicated, in order
+        if revoked:  # (``keys() & keys()`` would walk the whole table)
+            for blk in [b for b in fresh if b in revoked]:
+                del fresh[blk]
+        room = max(0, MAX_OPEN_REVOKES - self._revoked_total)
+        if len(fresh) > room:
+            self.stats.revokes_dropped += len(fresh) - room
+            fresh = dict(itertools.islice(fresh.items(), room))
+        revoked.update(fresh)
+        self._revoked_total += len(fresh)
 
     def _commit(self, seq: int, commit_block: bytes) -> Transaction:
         tx = Transaction(seq)
@@ -233,16 +268,19 @@ class Journal:
             tx.commit_time = sec + nsec / 1e9
         except Ext4FormatError:
             pass
-        tx.revoked = self._revoked.pop(seq, [])
+        tx.revoked = list(self._drop(self._revoked, seq))
         tx.error = self._bad.pop(seq, None)
-        for table in (self._descriptors, self._revoked, self._bad):  # older, never committed
+        descriptors = list(self._drop(self._descriptors, seq))
+        for table in (self._descriptors, self._revoked):  # older, never committed
             for old in [s for s in table if 0 < (seq - s) % (1 << 32) < 1 << 31]:
-                del table[old]
+                self._drop(table, old)
+        for old in [s for s in self._bad if 0 < (seq - s) % (1 << 32) < 1 << 31]:
+            del self._bad[old]
         if tx.error is None and not self.csum.commit_ok(commit_block):
             tx.error = f"commit block of transaction {seq}: checksum mismatch"
             self.stats.checksum_errors += 1
         crc32_sum = 0xFFFFFFFF
-        for desc_jblk in self._descriptors.pop(seq, []):
+        for desc_jblk in descriptors:
             tx.descriptors.append(desc_jblk)
             crc32_sum = self._tags_of(desc_jblk, tx, crc32_sum)
         if (
@@ -275,6 +313,12 @@ class Journal:
             crc32_sum = crc32_be(crc32_sum, block)
         pos = desc_jblk
         for tag in tags:
+            if tx.tags >= self.nblocks:  # each tag's logged copy takes a journal block
+                tx.error = (
+                    tx.error or f"transaction {tx.sequence} logs more blocks than the journal"
+                )
+                break
+            tx.tags += 1
             pos = self._next(pos)
             if csum.v23 or csum.v1:
                 try:
@@ -289,9 +333,9 @@ class Journal:
                         f"logged copy of block {tag.blocknr} (journal block {pos}):"
                         " checksum mismatch"
                     )
-            if tag.flags & C.JBD2TagFlags.DELETED:
+            if tag.flags & _DELETED:
                 continue
-            tx.blocks.append((tag.blocknr, pos, bool(tag.flags & C.JBD2TagFlags.ESCAPE)))
+            tx.blocks.append((tag.blocknr, pos, bool(tag.flags & _ESCAPE)))
             self.stats.logged_blocks += 1
         return crc32_sum
 
@@ -322,7 +366,11 @@ def recover(
     logged: list[tuple[int, int, bool, int, JournalTag]] = []  # (home, jblk, escaped, seq, tag)
     pending: list[tuple[int, int, bool, int, JournalTag]] = []
     crc32_sum = 0xFFFFFFFF
-    revoked: dict[int, int] = {}
+    # revoke blocks (journal block, sequence) of committed transactions: parsed after the scan,
+    # keeping only blocks some transaction logged, so the table is bounded by the journal's
+    # length whatever a guest writes into revoke blocks
+    revokes: list[tuple[int, int]] = []
+    pending_revokes: list[tuple[int, int]] = []
     found = 0
     steps = 0
 
@@ -355,18 +403,18 @@ def recover(
                 if csum.v1:
                     with contextlib.suppress(Ext4FormatError):
                         crc32_sum = crc32_be(crc32_sum, read_jblock(pos))
-                if not tag.flags & C.JBD2TagFlags.DELETED:
-                    escaped = bool(tag.flags & C.JBD2TagFlags.ESCAPE)
+                if not tag.flags & _DELETED:
+                    escaped = bool(tag.flags & _ESCAPE)
                     pending.append((tag.blocknr, pos, escaped, seq, tag))
         elif btype == C.JBD2BlockType.REVOKE_BLOCK:
             if not csum.tail_ok(block):
                 problems.append(f"journal recovery: revoke block {pos}: checksum mismatch")
                 break
             try:
-                for blk in parse_revoke_blocks(block, incompat):
-                    revoked[blk] = seq
+                parse_revoke_blocks(block, incompat)
             except Ext4FormatError:
                 break
+            pending_revokes.append((pos, seq))
         elif btype == C.JBD2BlockType.COMMIT_BLOCK:
             if not csum.commit_ok(block) or (
                 csum.v1 and not Checksums.commit_v1_ok(block, crc32_sum)
@@ -376,11 +424,20 @@ def recover(
             crc32_sum = 0xFFFFFFFF
             logged += pending
             pending = []
+            revokes += pending_revokes
+            pending_revokes = []
             found += 1
             seq = (seq + 1) & 0xFFFFFFFF
         else:
             break
         pos = advance(pos)
+    homes = {entry[0] for entry in logged}
+    revoked: dict[int, int] = {}
+    for rpos, by_seq in revokes:
+        with contextlib.suppress(Ext4FormatError):
+            for blk in parse_revoke_blocks(read_jblock(rpos), incompat):
+                if blk in homes:
+                    revoked[blk] = by_seq
     magic_bytes = struct.pack(">I", C.JBD2_MAGIC_NUMBER)
     out: list[tuple[int, bytes]] = []
     for home, jblk, escaped, tseq, tag in logged:

@@ -527,33 +527,45 @@ class JournalTag:
     checksum: int = 0
 
 
+#: plain ints: ``int & IntFlag`` goes through enum's Python ``__and__`` (per descriptor tag)
+_J_CSUM_V2, _J_CSUM_V3, _J_BIT64 = (
+    int(f)
+    for f in (
+        C.JBD2FeatureIncompat.CSUM_V2,
+        C.JBD2FeatureIncompat.CSUM_V3,
+        C.JBD2FeatureIncompat.BIT64,
+    )
+)
+_T_SAME_UUID, _T_LAST_TAG = int(C.JBD2TagFlags.SAME_UUID), int(C.JBD2TagFlags.LAST_TAG)
+
+
 def jbd2_tag_size(incompat: int) -> int:
     """``journal_tag_bytes()``: 16 with csum v3, else 8 + 4 if 64bit + 2 if csum v2."""
-    if incompat & C.JBD2FeatureIncompat.CSUM_V3:
+    if incompat & _J_CSUM_V3:
         return JBD2_TAG3.size
-    size = JBD2_TAG.size + (2 if incompat & C.JBD2FeatureIncompat.CSUM_V2 else 0)
-    return size if incompat & C.JBD2FeatureIncompat.BIT64 else size - 4
+    size = JBD2_TAG.size + (2 if incompat & _J_CSUM_V2 else 0)
+    return size if incompat & _J_BIT64 else size - 4
 
 
 def parse_descriptor_tags(block: bytes | bytearray | memoryview, incompat: int) -> list[JournalTag]:
     """The tags of a descriptor block, up to LAST_TAG or the end (before a csum tail)."""
     tag_size = jbd2_tag_size(incompat)
-    csum = incompat & (C.JBD2FeatureIncompat.CSUM_V2 | C.JBD2FeatureIncompat.CSUM_V3)
+    csum = incompat & (_J_CSUM_V2 | _J_CSUM_V3)
     end = len(block) - (JBD2_BLOCK_TAIL_SIZE if csum else 0)
-    bit64 = bool(incompat & C.JBD2FeatureIncompat.BIT64)
+    bit64 = bool(incompat & _J_BIT64)
     tags: list[JournalTag] = []
     pos = JBD2_HEADER.size
     while pos + tag_size <= end:
-        if incompat & C.JBD2FeatureIncompat.CSUM_V3:
+        if incompat & _J_CSUM_V3:
             lo, flags, hi, csum = JBD2_TAG3.unpack(block, pos)
         else:
             lo, csum, flags = struct.unpack_from(">IHH", block, pos)
             hi = struct.unpack_from(">I", block, pos + 8)[0] if bit64 else 0
         tags.append(JournalTag(lo | (hi << 32 if bit64 else 0), flags, csum))
         pos += tag_size
-        if not flags & C.JBD2TagFlags.SAME_UUID:
+        if not flags & _T_SAME_UUID:
             pos += 16
-        if flags & C.JBD2TagFlags.LAST_TAG:
+        if flags & _T_LAST_TAG:
             break
     return tags
 
@@ -561,11 +573,8 @@ def parse_descriptor_tags(block: bytes | bytearray | memoryview, incompat: int) 
 def parse_revoke_blocks(block: bytes | bytearray | memoryview, incompat: int) -> list[int]:
     """Block numbers listed by a revoke block (``r_count`` bytes used, header included)."""
     (r_count,) = JBD2_REVOKE.unpack(block)
-    width = 8 if incompat & C.JBD2FeatureIncompat.BIT64 else 4
+    width = 8 if incompat & _J_BIT64 else 4
     if r_count > len(block) or r_count < JBD2_REVOKE.size:
         raise Ext4FormatError(f"revoke block r_count {r_count} out of range")
-    fmt = ">Q" if width == 8 else ">I"
-    return [
-        struct.unpack_from(fmt, block, p)[0]
-        for p in range(JBD2_REVOKE.size, r_count - width + 1, width)
-    ]
+    n = (r_count - JBD2_REVOKE.size) // width
+    return list(struct.unpack_from(f">{n}{'Q' if width == 8 else 'I'}", block, JBD2_REVOKE.size))

@@ -157,7 +157,11 @@ class LogFile:
         try:
             if not stat.S_ISREG(os.fstat(self.fd).st_mode):
                 return
-            self._dfd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            # reopen the file ``fd`` is open on, not whatever ``path`` names by now (it may
+            # have been replaced by a symlink since the checked open)
+            self._dfd = os.open(
+                f"/proc/self/fd/{self.fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC
+            )
         except OSError:
             return  # tmpfs and friends: buffered appends
         self._stage = mmap.mmap(-1, STAGE_BYTES)

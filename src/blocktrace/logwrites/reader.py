@@ -17,6 +17,7 @@ describes them; ``salvage=True`` iteration also yields those whose checksum prov
 
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
 import zlib
@@ -52,9 +53,12 @@ def _continue_crc(crc: int, data: bytes) -> int:
     return zlib.crc32(data, crc)
 
 
-#: Entry data larger than this is verified in a separate pass instead of being held in memory.
-_MAX_INLINE = 64 * 1024 * 1024
-_CHUNK = 8 * 1024 * 1024
+#: Bytes of log data held in memory at once: entry data up to this size is loaded with its
+#: header (replay reads the log once); larger entries are verified and applied in chunks of
+#: this size, so a hostile entry of any size costs at most this much memory.
+CHUNK_BYTES = 8 * 1024 * 1024
+_MAX_INLINE = CHUNK_BYTES
+_CHUNK = CHUNK_BYTES
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -72,6 +76,11 @@ class LogEntry:
     @property
     def sector(self) -> int:
         return self.header.sector
+
+    @property
+    def log_path(self) -> str:
+        """The log this entry was read from (for error messages)."""
+        return self._reader.path
 
     @property
     def nr_sectors(self) -> int:
@@ -141,11 +150,36 @@ class LogEntry:
         return self.header.trailer is not None
 
     def read_data(self) -> bytes:
-        """The entry's payload (empty for discards, flushes and marks)."""
+        """The entry's whole payload (empty for discards, flushes and marks).  Holds it all in
+        memory: callers facing untrusted logs use :meth:`data_chunks`."""
         if self._data is not None:
             return self._data
         n = self.header.data_bytes(self.sector_size)
         return self._reader._pread_exact(n, self.data_offset, self.index) if n else b""
+
+    def data_chunks(self, *, reuse: bool = False) -> Iterator[tuple[int, bytes | memoryview]]:
+        """The payload as ``(offset in the payload, piece)`` pieces of at most
+        :data:`CHUNK_BYTES` (one piece if it was loaded with the header): memory stays bounded
+        whatever the entry's size claims.  ``reuse``: each piece is a view of one buffer the
+        reader reuses, valid only until the next piece (no allocation per chunk; for callers
+        that consume a piece at once, like a ``pwrite``)."""
+        if self._data is not None:
+            if self._data:
+                yield 0, self._data
+            return
+        n = self.header.data_bytes(self.sector_size)
+        done = 0
+        reader = self._reader
+        while done < n:
+            k = min(CHUNK_BYTES, n - done)
+            offset = self.data_offset + done
+            piece = (
+                reader._read_scratch(k, offset, self.index)
+                if reuse
+                else reader._pread_exact(k, offset, self.index)
+            )
+            yield done, piece
+            done += k
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +200,22 @@ class TailInfo:
     trailing_bytes: int
 
 
+def file_kind(mode: int) -> str:
+    """What ``mode`` (``st_mode``) is, in words, for "not a regular file" errors."""
+    for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return f"file type {stat.S_IFMT(mode):#o}"
+
+
 class LogReader:
     """An open log.  ``LogReader(path)`` raises :class:`BadSuperBlock` unless it is a log."""
 
@@ -173,11 +223,17 @@ class LogReader:
         self.path = os.fspath(path)
         self.verify = verify
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; the type is checked next
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise LogFormatError(f"cannot open: {exc.strerror}", path=self.path) from exc
         try:
             st = os.fstat(self._fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise LogFormatError(
+                    f"not a regular file or block device ({file_kind(st.st_mode)})",
+                    path=self.path,
+                )
             self.size = (
                 st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(self._fd, 0, os.SEEK_END)
             )
@@ -201,6 +257,10 @@ class LogReader:
             raise
         self.sector_size = self.super.sector_size
         self.nr_entries = self.super.nr_entries
+        #: the error a ``salvage=True`` walk stopped at (set by :meth:`entries`)
+        self.salvage_error: LogFormatError | None = None
+        self._scratch: bytearray | None = None  # _crc_range's reused chunk buffer
+        self._scratch_addr = 0
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -223,7 +283,7 @@ class LogReader:
         reads the log once.  ``salvage``: stop quietly at the first bad counted entry (the
         error is kept in :attr:`salvage_error`) and go on past ``nr_entries`` with entries whose
         checksum proves them whole."""
-        self.salvage_error: LogFormatError | None = None
+        self.salvage_error = None
         pos = self.sector_size
         index = 0
         try:
@@ -321,10 +381,12 @@ class LogReader:
         if load and nbytes <= _MAX_INLINE:
             data = self._pread_exact(nbytes, pos + S, index) if nbytes else b""
         if trailer is not None and (check or not counted):
+            # incremental: a chunk at a time, never the whole entry in memory
+            crc = entry_crc(buf)
             if data is not None:
-                crc = _continue_crc(entry_crc(buf), data)
+                crc = _continue_crc(crc, data)
             else:
-                crc = entry_crc(buf, list(self._chunks(pos + S, nbytes, index)))
+                crc = self._crc_range(crc, pos + S, nbytes, index)
             if crc != trailer.crc:
                 raise ChecksumMismatch(
                     f"checksum mismatch (stored {trailer.crc:#010x}, computed {crc:#010x})",
@@ -355,12 +417,40 @@ class LogReader:
             pos = entry.end_offset
             index += 1
 
-    def _chunks(self, offset: int, length: int, index: int) -> Iterator[memoryview]:
+    def _crc_range(self, crc: int, offset: int, length: int, index: int) -> int:
+        """Continue ``crc`` over ``length`` log bytes at ``offset``, a chunk at a time through
+        the reused buffer (a large entry is read once more to be verified before it is
+        applied, so this pass must be cheap: no allocation or page faults per chunk)."""
+        from blocktrace.logwrites.fileio import fast_crc32
+
         while length:
             n = min(_CHUNK, length)
-            yield memoryview(self._pread_exact(n, offset, index))
+            view = self._read_scratch(n, offset, index)
+            if fast_crc32 is not None:
+                crc = int(fast_crc32(crc, self._scratch_addr, n))
+            else:
+                crc = zlib.crc32(view, crc)
             offset += n
             length -= n
+        return crc
+
+    def _read_scratch(self, n: int, offset: int, index: int) -> memoryview:
+        """Read ``n <= CHUNK_BYTES`` bytes at ``offset`` into the reader's one reused buffer;
+        the view is valid until the next call."""
+        if self._fd < 0:
+            raise StateError(f"{self.path}: log reader is closed")
+        if self._scratch is None:
+            self._scratch = bytearray(_CHUNK)
+            self._scratch_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._scratch))
+        view = memoryview(self._scratch)[:n]
+        if os.preadv(self._fd, [view], offset) != n:
+            raise TruncatedLog(
+                f"short read of {n} bytes at byte {offset}",
+                entry=index,
+                offset=offset,
+                path=self.path,
+            )
+        return view
 
     def _pread_exact(self, n: int, offset: int, index: int) -> bytes:
         if self._fd < 0:

@@ -23,7 +23,9 @@ import shutil
 import stat
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
 
 from blocktrace.block.device import BlockDevice
 from blocktrace.block.file import (
@@ -32,9 +34,10 @@ from blocktrace.block.file import (
     FALLOC_FL_ZERO_RANGE,
     fallocate,
 )
-from blocktrace.errors import UsageError
+from blocktrace.errors import BlocktraceError, UsageError
 from blocktrace.logwrites.format import LogFlag, LogFormatError
-from blocktrace.logwrites.reader import LogEntry, LogReader
+from blocktrace.logwrites.reader import LogEntry, LogReader, file_kind
+from blocktrace.outfile import open_output, output_mode
 
 #: replay-log truncates ``--start-mark``/``--end-mark`` to ``4097 - sizeof(entry)`` characters.
 MARK_ARG_MAX = 4097 - 40
@@ -56,6 +59,12 @@ class ReplayOptions:
     #: Stop quietly at the first corrupt entry instead of failing (and include uncounted
     #: entries whose checksum proves them whole).
     salvage: bool = False
+    #: A well-formed entry whose range does not fit the target: ``stop`` the replay with an
+    #: error naming it (default), or ``skip`` it and go on (replay-log skips what it cannot
+    #: apply); skipped entries are listed in :attr:`ReplayResult.skipped`.
+    on_bad_entry: Literal["stop", "skip"] = "stop"
+    #: Let writes and discards past the end extend a regular-file target (never a device).
+    grow: bool = False
 
     @property
     def stop_flags(self) -> int:
@@ -80,6 +89,8 @@ class ReplayResult:
     last: LogEntry | None = None  # the last entry walked
     stopped_by: str = "end"  # "limit", "flush", "fua", "mark" or "end" (of the log)
     salvage_error: LogFormatError | None = None
+    skipped_count: int = 0  # entries not applied because their range did not fit
+    skipped: list[BadEntry] = field(default_factory=list)  # the first MAX_SKIPPED_KEPT
 
 
 def _mark_arg(mark: str | None) -> str | None:
@@ -139,7 +150,7 @@ def select_entries(
                 else "fua"
             )
             return
-    result.salvage_error = getattr(reader, "salvage_error", None)
+    result.salvage_error = reader.salvage_error
 
 
 def find(reader: LogReader, opts: ReplayOptions) -> LogEntry | None:
@@ -151,23 +162,95 @@ def find(reader: LogReader, opts: ReplayOptions) -> LogEntry | None:
     return result.last if result.stopped_by != "end" else None
 
 
+#: Largest byte offset a file can have (``off_t`` is signed 64-bit): ranges ending past it
+#: cannot be written anywhere, with or without ``grow``.
+MAX_OFFSET = (1 << 63) - 1
+#: At most this many skipped entries are kept in :attr:`ReplayResult.skipped` (all are counted).
+MAX_SKIPPED_KEPT = 100
+
+
+class BadEntry(LogFormatError):
+    """A well-formed entry that cannot be applied to this target (its range lies outside it).
+    The message names the entry, its byte offset in the log and what is wrong, in one line."""
+
+
+class ReplayIOError(BlocktraceError):
+    """Applying an entry failed on the target (EFBIG, ENOSPC, EIO...): one line naming the
+    entry; ``errno`` says why."""
+
+    def __init__(self, message: str, errno: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+def check_entry_bounds(entry: LogEntry, target_size: int, *, grow: bool = False) -> None:
+    """Raise :class:`BadEntry` unless ``entry``'s range fits the target.
+
+    The one place replay decides what an untrusted entry may touch: ``[offset, offset +
+    length)`` must end within ``target_size`` bytes, or, with ``grow`` (regular files only,
+    the caller decides), within the largest file offset.  A log is input from anyone, its
+    ranges are not trusted: a DISCARD of 4 TiB or a write past the end is refused whole,
+    never clipped, so the target is never written outside (nor grown) unless asked.
+    """
+    start = entry.target_offset
+    end = start + entry.length
+    kind = "DISCARD" if entry.is_discard else "write"
+    what = f"{kind} of {entry.length} bytes at byte {start}"
+    problem = None
+    if end > MAX_OFFSET:
+        problem = f"{what} ends past the largest file offset"
+    elif end > target_size and not grow:
+        problem = f"{what} ends past the target's {target_size} bytes (--grow extends a file)"
+    if problem is not None:
+        raise BadEntry(problem, entry=entry.index, offset=entry.offset, path=entry.log_path)
+
+
+def _open_target_fd(path: str) -> tuple[int, os.stat_result]:
+    """Open a replay target for writing without blocking, and refuse what is not an image.
+
+    O_NONBLOCK, then ``fstat``, before anything is written: a FIFO would block the open and a
+    character device (``/dev/zero``) accepts writes it does not keep.  Only regular files and
+    block devices (loop devices, real disks) are replay targets.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise UsageError(f"cannot open replay target {path}: {exc.strerror}") from exc
+    st = os.fstat(fd)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        os.close(fd)
+        raise UsageError(
+            f"replay target {path} is {file_kind(st.st_mode)}, not a regular file or block device"
+        )
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd, st
+
+
 class FileTarget:
-    """Apply entries to a regular file or block device with ``pwrite``/hole punching."""
+    """Apply entries to a regular file or block device with ``pwrite``/hole punching.
+
+    Callers check every range first (:func:`check_entry_bounds` against :attr:`size`); these
+    methods trust their arguments."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise UsageError(f"cannot open replay target {self.path}: {exc.strerror}") from exc
-        self.is_block = stat.S_ISBLK(os.fstat(self.fd).st_mode)
+        self.fd, st = _open_target_fd(self.path)
+        self.is_block = stat.S_ISBLK(st.st_mode)
+        self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block else st.st_size
 
-    def write(self, offset: int, data: bytes) -> None:
+    @property
+    def can_grow(self) -> bool:
+        return not self.is_block
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             n = os.pwrite(self.fd, view, offset)
+            if n <= 0:  # a device that takes nothing would otherwise loop forever
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             view = view[n:]
             offset += n
+        self.size = max(self.size, offset)
 
     def zero(self, offset: int, length: int) -> None:
         """Make ``[offset, offset+length)`` read as zeroes, extending a file like zero-fill."""
@@ -186,12 +269,14 @@ class FileTarget:
                 try:
                     fallocate(self.fd, mode, offset, length)
                 except OSError as exc:
-                    if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                         continue
                     raise
                 if offset + length > size:
                     os.ftruncate(self.fd, offset + length)
+                    self.size = offset + length
                 return
+        # no hole punching here: write zeroes (the range was checked against the target)
         zero = bytes(min(length, _ZERO_CHUNK))
         end = offset + length
         while offset < end:
@@ -201,9 +286,11 @@ class FileTarget:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 Progress = Callable[[LogEntry], None]
@@ -216,21 +303,70 @@ def replay(
     *,
     progress: Progress | None = None,
 ) -> ReplayResult:
-    """Replay ``log`` onto the file or block device ``image`` (which must exist)."""
+    """Replay ``log`` onto the file or block device ``image`` (which must exist).
+
+    Every entry's range is checked against the target before it is applied (see
+    :func:`check_entry_bounds` and ``ReplayOptions.on_bad_entry``/``grow``); I/O errors
+    become one-line :class:`ReplayIOError`.
+    """
     opts = options or ReplayOptions()
     reader = log if isinstance(log, LogReader) else LogReader(log)
-    target = FileTarget(image)
     result = ReplayResult()
     try:
+        target = FileTarget(image)
+    except BaseException:
+        if not isinstance(log, LogReader):
+            reader.close()
+        raise
+    try:
         for entry in select_entries(reader, opts, result):
-            _apply_sync(target, entry, opts, result)
+            if _admit(entry, target.size, opts, result, can_grow=target.can_grow):
+                with _io_errors(entry, target.path):
+                    _apply_sync(target, entry, opts, result)
             if progress is not None:
                 progress(entry)
     finally:
-        target.close()
-        if not isinstance(log, LogReader):
-            reader.close()
+        try:
+            with _io_errors(None, target.path):
+                target.close()
+        finally:
+            if not isinstance(log, LogReader):
+                reader.close()
     return result
+
+
+def _admit(
+    entry: LogEntry, size: int, opts: ReplayOptions, result: ReplayResult, *, can_grow: bool
+) -> bool:
+    """Whether to apply ``entry``: flushes and marks always pass; a data entry whose range
+    does not fit the target stops the replay (``on_bad_entry="stop"``) or is skipped and
+    recorded (``"skip"``, replay-log's behaviour for discards it cannot apply)."""
+    if not entry.is_data or (entry.is_discard and opts.no_discard):
+        return True
+    try:
+        check_entry_bounds(entry, size, grow=opts.grow and can_grow)
+    except BadEntry as exc:
+        if opts.on_bad_entry == "stop":
+            raise
+        result.skipped_count += 1
+        if len(result.skipped) < MAX_SKIPPED_KEPT:
+            result.skipped.append(exc)
+        return False
+    return True
+
+
+@contextmanager
+def _io_errors(entry: LogEntry | None, path: str) -> Iterator[None]:
+    """Turn an ``OSError``/``OverflowError`` from the target into one line naming the entry."""
+    where = f"entry {entry.index} (log byte {entry.offset}): " if entry is not None else ""
+    try:
+        yield
+    except OSError as exc:
+        raise ReplayIOError(
+            f"replay target {path}: {where}{exc.strerror or exc}", exc.errno
+        ) from exc
+    except OverflowError as exc:
+        raise ReplayIOError(f"replay target {path}: {where}{exc}", None) from exc
 
 
 def _apply_sync(
@@ -244,7 +380,9 @@ def _apply_sync(
         target.zero(entry.target_offset, entry.length)
         result.bytes_zeroed += entry.length
     else:
-        target.write(entry.target_offset, entry.read_data())
+        base = entry.target_offset
+        for off, piece in entry.data_chunks(reuse=True):  # written at once: reuse is safe
+            target.write(base + off, piece)
         result.bytes_written += entry.length
     result.applied += 1
 
@@ -255,7 +393,7 @@ async def replay_to_device(
     options: ReplayOptions | None = None,
 ) -> ReplayResult:
     """Replay onto any :class:`BlockDevice` (discards become ``write_zeroes(may_trim=True)``),
-    then flush it."""
+    then flush it.  Ranges are checked against ``device.size`` (a device never grows)."""
     opts = options or ReplayOptions()
     reader = log if isinstance(log, LogReader) else LogReader(log)
     result = ReplayResult()
@@ -263,11 +401,14 @@ async def replay_to_device(
         for entry in select_entries(reader, opts, result):
             if not entry.is_data or (entry.is_discard and opts.no_discard):
                 continue
+            if not _admit(entry, device.size, opts, result, can_grow=False):
+                continue
             if entry.is_discard:
                 await device.write_zeroes(entry.target_offset, entry.length, may_trim=True)
                 result.bytes_zeroed += entry.length
             else:
-                await device.write(entry.target_offset, entry.read_data())
+                for off, piece in entry.data_chunks():
+                    await device.write(entry.target_offset + off, piece)
                 result.bytes_written += entry.length
             result.applied += 1
         await device.flush()
@@ -296,13 +437,20 @@ def replay_records(
     n: int,
     *,
     base: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> ReplayResult:
     """Replay the first ``n`` data records (writes, zeroes, trims; a request split into
-    several entries counts once) onto ``image``; with ``base``, ``image`` is first made a copy
-    of it.  This is the trace guarantee's check: the result equals the traced image after
-    its first ``n`` write-class operations."""
+    several entries counts once) onto ``image``; with ``base``, ``image`` is first created as
+    a copy of it (by :func:`blocktrace.outfile.open_output`: not through a symlink, no more
+    readable than ``base``, an existing file only with ``overwrite``).  This is the trace
+    guarantee's check: the result equals the traced image after its first ``n`` write-class
+    operations."""
     if base is not None:
-        shutil.copyfile(base, image)
+        fd = open_output(
+            os.fspath(image), overwrite=overwrite, mode=output_mode(os.fspath(base)), what="image"
+        )
+        with open(base, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst)
     with LogReader(log) as reader:
         limit = entries_for_records(reader, n)
         if limit == 0:
@@ -317,9 +465,12 @@ def count_records(log: str | os.PathLike[str]) -> int:
 
 
 __all__ = [
+    "BadEntry",
     "FileTarget",
+    "ReplayIOError",
     "ReplayOptions",
     "ReplayResult",
+    "check_entry_bounds",
     "count_records",
     "entries_for_records",
     "find",

@@ -49,18 +49,19 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import random
 import stat
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 from zlib import crc32
 
-from blocktrace.errors import StateError, TargetError
+from blocktrace.errors import StateError, TargetError, UsageError
 from blocktrace.logwrites.fileio import MAX_IOV as _MAX_IOV
 from blocktrace.logwrites.fileio import Buffer, LogFile, OpenHeader, PackBuffer
 from blocktrace.logwrites.fileio import fast_crc32 as _fast_crc32
@@ -79,6 +80,7 @@ from blocktrace.logwrites.format import (
     seal_entry_header,
     validate_mark,
 )
+from blocktrace.outfile import DEFAULT_MODE, Protected, open_output
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +178,11 @@ class LogWriter:
         zeroes: ZeroesMode = "discard",
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         direct: bool = True,
+        overwrite: bool = False,
+        protected: Iterable[Protected] = (),
+        mode: int = DEFAULT_MODE,
     ) -> LogWriter:
-        """Start a new, empty log at ``path`` (a regular file is truncated; a device is not).
+        """Start a new, empty log at ``path``.
 
         ``sector_size``: the recorded device's logical block size (512 default; the kernel and
         QEMU both count ``sector``/``nr_sectors`` in this unit).  ``checksums``: add our CRC
@@ -186,18 +191,26 @@ class LogWriter:
         it (no page-cache copy or write-back storm at ``sync``; silently buffered otherwise).
         The empty super is written and made durable (with the directory entry) before this
         returns.
+
+        The file is opened by :func:`blocktrace.outfile.open_output`: never through a symlink,
+        created ``O_EXCL`` with ``mode`` (at most 0600), an existing file (or block device)
+        only with ``overwrite`` (a regular file is then truncated), never one of
+        ``protected`` (the served images), and locked while the writer is open so a second
+        writer on a live log is refused (:class:`~blocktrace.errors.UsageError`).
         """
         check_sector_size(sector_size, for_writing=True)
         if zeroes not in ("discard", "data"):
             raise ValueError(f"zeroes must be 'discard' or 'data', not {zeroes!r}")
         p = os.fspath(path)
+        fd = open_output(
+            p,
+            overwrite=overwrite,
+            protected=protected,
+            mode=mode,
+            what="log",
+            allow_block_device=True,
+        )
         try:
-            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise TargetError(p, f"cannot create log: {exc.strerror}") from exc
-        try:
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                os.ftruncate(fd, 0)
             log_id = random.getrandbits(32) if checksums else 0
             self = cls(
                 fd,
@@ -245,6 +258,11 @@ class LogWriter:
             fd = os.open(p, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise TargetError(p, f"cannot open log: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UsageError(f"log {p}: in use by a running trace (locked)") from None
         try:
             if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size > end:
                 log.info(

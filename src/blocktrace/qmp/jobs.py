@@ -60,7 +60,7 @@ REPLICA_MEMBERS: tuple[Member, ...] = (
 #: ``blocktrace.trace.targets.TARGET_TYPES``.
 TARGET_VARIANTS: dict[str, tuple[Member, ...]] = {
     "log": (
-        Member("filename", Str(), doc="the dm-log-writes log file (created or truncated)"),
+        Member("filename", Str(), doc="the dm-log-writes log file (created; see force)"),
         Member(
             "sector-size",
             Int(512, 65536, kind="uint32"),
@@ -73,6 +73,7 @@ TARGET_VARIANTS: dict[str, tuple[Member, ...]] = {
             optional=True,
             doc="how WRITE_ZEROES is logged: a DISCARD entry (default) or zero data",
         ),
+        Member("force", Bool(), optional=True, doc="overwrite an existing file (not a symlink)"),
     ),
     "replica": (
         Member("filename", Str(), doc="a raw image kept identical to the export"),
@@ -93,6 +94,7 @@ TARGET_VARIANTS: dict[str, tuple[Member, ...]] = {
             optional=True,
             doc="bytes of such data kept for attribution",
         ),
+        Member("force", Bool(), optional=True, doc="overwrite an existing file (not a symlink)"),
     ),
 }
 

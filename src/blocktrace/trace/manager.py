@@ -469,6 +469,7 @@ class TraceManager:
                 device=filt,
                 filename=exp.filename,
                 sync=options.sync.value,
+                served=tuple(e.filename for e in self.exports if e.filename),
             )
             await tgt.open(info)
             if filt.size % tgt.alignment:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from blocktrace.outfile import Protected, protect_path
 from blocktrace.trace.records import TraceRecord
 
 if TYPE_CHECKING:
@@ -41,6 +42,17 @@ class TargetInfo:
     filename: str = ""
     #: the trace's ``sync`` option (``full`` | ``none``)
     sync: str = "none"
+    #: image files of every export of the server: a target must never write to them
+    served: tuple[str, ...] = ()
+
+
+def served_images(info: TargetInfo) -> list[Protected]:
+    """The files a target's output must not be (by device and inode): every served image."""
+    out: list[Protected] = []
+    for path in dict.fromkeys((info.filename, *info.served)):
+        if path:
+            out += protect_path(path, f"a served image ({path})")
+    return out
 
 
 class Target(abc.ABC):

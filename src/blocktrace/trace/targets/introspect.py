@@ -16,14 +16,17 @@ I/O; with ``copy-mode=background`` a slow inference only lengthens the trace's q
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from blocktrace.errors import BlocktraceError, TargetError, UsageError
+from blocktrace.outfile import open_output, output_mode
 from blocktrace.trace.records import TraceRecord
-from blocktrace.trace.targets.base import Target, TargetInfo
+from blocktrace.trace.targets.base import Target, TargetInfo, served_images
+from blocktrace.trace.targets.replica import parse_bool
 
 EventSink = Callable[[Any], None]  #: receives each FileEvent
 
@@ -38,9 +41,11 @@ class IntrospectTarget(Target):
         sink: EventSink | None = None,
         max_pending: int | None = None,
         max_pending_bytes: int | None = None,
+        force: bool = False,
     ) -> None:
         self.name = f"introspect:{filename}" if filename else "introspect"
         self.filename = filename
+        self.force = force
         self.sink = sink
         self.limits: dict[str, int] = {}
         if max_pending is not None:
@@ -49,6 +54,7 @@ class IntrospectTarget(Target):
             self.limits["max_pending_bytes"] = max_pending_bytes
         self._info: TargetInfo | None = None
         self._watcher: Any = None
+        self._crawl: asyncio.Future[Any] | None = None
         self._out: IO[str] | None = None
         self.events = 0
 
@@ -66,9 +72,10 @@ class IntrospectTarget(Target):
                 limits.append(None if value is None else int(value))
             except (TypeError, ValueError):
                 raise UsageError(f"introspect target: {key} must be an integer") from None
+        force = parse_bool("force", spec.pop("force", False))
         if spec:
             raise UsageError(f"introspect target: unknown option {sorted(spec)[0]!r}")
-        return cls(filename, max_pending=limits[0], max_pending_bytes=limits[1])
+        return cls(filename, max_pending=limits[0], max_pending_bytes=limits[1], force=force)
 
     async def open(self, info: TargetInfo) -> None:
         if info.sync == "full":
@@ -76,16 +83,30 @@ class IntrospectTarget(Target):
         if not info.filename:
             raise UsageError(f"introspect target: export {info.export} has no image file")
         self._info = info
+        await asyncio.to_thread(_check_followable, info.filename, self.name)
         if self.filename == "-":
             self._out = sys.stdout
         elif self.filename:
-            try:
-                self._out = open(self.filename, "a", encoding="utf-8")  # noqa: SIM115
-            except OSError as exc:
-                raise TargetError(self.name, exc.strerror or str(exc)) from exc
+            # the events describe the guest's files: same rules as a log (docs/trace.md)
+            fd = open_output(
+                self.filename,
+                overwrite=self.force,
+                protected=served_images(info),
+                mode=output_mode(info.filename),
+                what="events file",
+            )
+            self._out = os.fdopen(fd, "w", encoding="utf-8")
 
     def attached(self) -> None:
-        self._ensure_watcher()
+        """Start the crawl of the base image (now that the stream carries every later
+        change) in a worker thread; records wait for it in :meth:`deliver`."""
+        if self._crawl is None and self._watcher is None:
+            self._crawl = asyncio.ensure_future(asyncio.to_thread(self._ensure_watcher))
+
+    async def _crawled(self) -> None:
+        if self._crawl is not None:
+            crawl, self._crawl = self._crawl, None
+            await crawl
 
     def _ensure_watcher(self) -> Any:
         if self._watcher is None:
@@ -99,6 +120,7 @@ class IntrospectTarget(Target):
         return self._watcher
 
     async def deliver(self, records: Sequence[TraceRecord]) -> None:
+        await self._crawled()
         await asyncio.to_thread(self._process, records)
 
     def _process(self, records: Sequence[TraceRecord]) -> None:
@@ -125,6 +147,9 @@ class IntrospectTarget(Target):
             await asyncio.to_thread(os.fsync, out.fileno())
 
     async def close(self, *, clean: bool) -> None:
+        if self._crawl is not None:
+            with contextlib.suppress(TargetError):  # reported by deliver, or nothing to finish
+                await self._crawled()
         if self._watcher is not None:
             self._emit(await asyncio.to_thread(self._watcher.finish))
             self._watcher.close()
@@ -139,4 +164,39 @@ class IntrospectTarget(Target):
         return self._watcher.stats() if self._watcher is not None else {}
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "introspect", "filename": self.filename or "", "events": self.events}
+        return {
+            "type": "introspect",
+            "filename": self.filename or "",
+            "events": self.events,
+            "force": self.force,
+        }
+
+
+def _check_followable(filename: str, name: str) -> None:
+    """Refuse, before the trace starts, an image with no ext4 file system to follow (the
+    superblock and group descriptors only: bounded by the geometry; the crawl comes later)."""
+    from blocktrace.ext4.fs import Ext4FS, FileSource
+    from blocktrace.ext4.partitions import discover, slice_source
+
+    try:
+        source = FileSource(filename)
+    except OSError as exc:
+        raise TargetError(name, f"{filename}: {exc.strerror or exc}") from exc
+    why: list[str] = []
+    try:
+        for part in discover(source, source.length):
+            if part.ext4:
+                try:
+                    Ext4FS.open(slice_source(source, part.offset, part.length))
+                    return
+                except BlocktraceError as exc:
+                    why.append(str(exc))
+        raise TargetError(
+            name, f"{filename}: no ext4 file system to watch ({'; '.join(why) or 'none found'})"
+        )
+    except BlocktraceError as exc:
+        if isinstance(exc, TargetError):
+            raise
+        raise TargetError(name, f"{filename}: {exc}") from exc
+    finally:
+        source.close()

@@ -32,9 +32,11 @@ from typing import Any
 from blocktrace.errors import TargetError, UsageError
 from blocktrace.logwrites.format import LogFlag, validate_mark
 from blocktrace.logwrites.writer import DIRECT_THRESHOLD, LogWriter, ZeroesMode
+from blocktrace.outfile import output_mode
 from blocktrace.trace.options import parse_size
 from blocktrace.trace.records import RecordKind, TraceRecord
-from blocktrace.trace.targets.base import Target, TargetInfo
+from blocktrace.trace.targets.base import Target, TargetInfo, served_images
+from blocktrace.trace.targets.replica import parse_bool
 
 _FUA = int(LogFlag.FUA)
 
@@ -45,11 +47,16 @@ WRITE_OUT_BYTES = 4 * 1024 * 1024
 
 _WRITER_BATCH_BYTES = 64 * 1024 * 1024
 
-_KEYS = {"type", "filename", "sector-size", "zeroes", "direct"}
+_KEYS = {"type", "filename", "sector-size", "zeroes", "direct", "force"}
 
 
 class LogTarget(Target):
-    """Write the stream to a new dm-log-writes log at ``filename`` (truncated if it exists)."""
+    """Write the stream to a new dm-log-writes log at ``filename``.
+
+    The file is opened by :func:`blocktrace.outfile.open_output`: an existing file is
+    replaced only with ``force`` (``force=on``), a symlink is never followed, a served image
+    (compared by device and inode) or another trace's live log (locked) is refused, and a new
+    log is created no more readable than the image (0600 at most)."""
 
     def __init__(
         self,
@@ -58,8 +65,10 @@ class LogTarget(Target):
         sector_size: int | None = None,
         zeroes: ZeroesMode = "discard",
         direct: bool = True,
+        force: bool = False,
     ) -> None:
         self.filename = os.path.abspath(filename)
+        self.force = force
         self.name = f"log:{filename}"
         self._sector_size = sector_size
         self._zeroes: ZeroesMode = zeroes
@@ -72,7 +81,7 @@ class LogTarget(Target):
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> LogTarget:
         """``{"type": "log", "filename": PATH, "sector-size"?: N, "zeroes"?: discard|data,
-        "direct"?: on|off}``."""
+        "direct"?: on|off, "force"?: on|off}``."""
         unknown = set(spec) - _KEYS
         if unknown:
             raise UsageError(f"log target: unknown option {sorted(unknown)[0]!r}")
@@ -94,7 +103,8 @@ class LogTarget(Target):
             direct = False
         else:
             raise UsageError(f"direct must be on|off, not {direct!r}")
-        return cls(filename, sector_size=sector_size, zeroes=zeroes, direct=direct)
+        force = parse_bool("force", spec.get("force", False))
+        return cls(filename, sector_size=sector_size, zeroes=zeroes, direct=direct, force=force)
 
     @property
     def alignment(self) -> int:
@@ -119,6 +129,9 @@ class LogTarget(Target):
             sector_size=self._sector_size,
             zeroes=self._zeroes,
             direct=self._direct,
+            overwrite=self.force,
+            protected=served_images(info),
+            mode=output_mode(info.filename),
             # write-outs are ours (in a thread), not triggered by small appends on the loop
             batch_bytes=_WRITER_BATCH_BYTES,
         )
@@ -206,4 +219,5 @@ class LogTarget(Target):
             "filename": self.filename,
             "sector-size": self.alignment,
             "direct": self._direct,
+            "force": self.force,
         }
