@@ -68,6 +68,13 @@ class BlockDevice(abc.ABC):
     #: Every connection shares this one object, so FLUSH on one covers writes on all.
     can_multi_conn: bool = True
 
+    @property
+    def keeps_payloads(self) -> bool:
+        """True if ``write`` keeps its data beyond returning (a traced export keeps it in a
+        record): the NBD server then receives large payloads into fresh immutable ``bytes``
+        the device may keep without copying, instead of a buffer it reuses."""
+        return False
+
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> ReadableBuffer:
         """Return exactly ``length`` bytes at ``offset``."""

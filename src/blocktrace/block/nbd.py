@@ -20,9 +20,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from blocktrace.block.device import BlockDevice, Extent, ExtentFlags, ReadableBuffer
 from blocktrace.errors import BlockDeviceError, UsageError
 from blocktrace.nbd.client import NBDClient
+from blocktrace.nbd.constants import NBD_PORT
 from blocktrace.nbd.constants import TransmissionFlag as TF
-
-NBD_PORT = 10809
 
 
 @dataclass(frozen=True, slots=True)

@@ -384,18 +384,3 @@ class QMPServer:
         log.debug("event %s %s", name, data)
         for client in list(self.clients.values()):
             client.offer_event(message)
-
-
-def parse_listen(spec: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``:PORT`` or ``PORT`` (loopback by default); IPv6 as ``[::1]:PORT``."""
-    host, sep, port = spec.rpartition(":")
-    if not sep:
-        host, port = "", spec
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        number = int(port)
-    except ValueError:
-        raise UsageError(f"invalid --qmp-listen {spec!r}: expected HOST:PORT") from None
-    if not 0 <= number <= 65535:
-        raise UsageError(f"invalid --qmp-listen {spec!r}: port out of range")
-    return host, number

@@ -120,7 +120,7 @@ class TraceFilter(Filter):
     def keeps_payloads(self) -> bool:
         """True while traces are attached: a WRITE's ``bytes`` payload then becomes a record's
         data by reference, so the NBD connection receives large payloads into fresh ``bytes``
-        objects (:func:`blocktrace.nbd.dispatch.owned_payload`) instead of a reused buffer the
+        objects (:class:`blocktrace.nbd.dispatch.PayloadBuffer`) instead of a reused buffer the
         filter would have to copy out of."""
         return bool(self.sinks)
 
