@@ -110,6 +110,17 @@ Listener = Callable[["Trace", TraceEvent], None]
 
 
 @dataclass(frozen=True, slots=True)
+class MarkPlace:
+    """Where a mark went: ``position`` in the trace's stream (from 1: the trace's records,
+    ``sync=full``'s copy included) and ``entry``, the target's own index for it (a log's
+    entry index, as ``log list`` shows; None where the target has none or, while the trace
+    is paused, does not hold the mark yet)."""
+
+    position: int
+    entry: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class TraceStats:
     """Counters for ``query-block-jobs``; ``len``/``offset`` are QEMU's progress pair."""
 
@@ -220,9 +231,10 @@ class Trace:
             sync_done=self._sync_done,
         )
 
-    async def mark(self, name: str) -> int:
+    async def mark(self, name: str) -> MarkPlace:
         """Put mark ``name`` into the stream; returns once the target holds it (at once while
-        the trace is paused).  Returns the mark's position (entry number, from 1)."""
+        the trace is paused), with where it went: its position in this trace's stream (from
+        1) and, where the target numbers what it stores (a log), its entry index there."""
         if self.concluded or self._stopping is not None:
             raise StateError(f"trace {self.job_id!r} is not running")
         if not name:
@@ -231,9 +243,11 @@ class Trace:
         if self.delivery.error is not None:
             raise StateError(f"trace {self.job_id!r} has failed: {self.error}")
         pos = self.filter.put_mark(self, name)
-        if not self.paused:
-            await self.delivery.wait_held(pos)
-        return pos
+        seq = self.filter.seq  # put_mark numbered the mark synchronously: this is its seq
+        if self.paused:
+            return MarkPlace(pos, None)
+        await self.delivery.wait_held(pos)
+        return MarkPlace(pos, self.target.mark_entry(seq))
 
     def pause(self) -> None:
         """Stop delivering to the target (records keep queueing until the cap, then clients
@@ -553,7 +567,7 @@ class TraceManager:
         await trace.stop()
         return trace
 
-    async def mark(self, job_id: str, name: str) -> int:
+    async def mark(self, job_id: str, name: str) -> MarkPlace:
         return await self.get(job_id).mark(name)
 
     def begin_shutdown(self) -> None:
