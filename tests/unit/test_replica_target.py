@@ -117,7 +117,7 @@ async def test_metadata_claims_consistent_only_after_a_clean_close(tmp_path: Pat
     async with asyncio.timeout(30):
         await trace.wait_ready()
     await workload(filt, 3, 50)
-    assert trace.info()["target"]["consistent"]  # live: equal as of applied-seq
+    assert job_info(trace)["target"]["consistent"]  # live: equal as of applied-seq
     target = trace.target
     assert isinstance(target, LocalReplicaTarget)
     target._save(force=True)  # what a periodic save writes, as a kill -9 would find it
