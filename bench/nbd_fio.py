@@ -68,6 +68,10 @@ class Contender:
     samples: dict[str, list[float]] = field(default_factory=dict)
     #: workload -> median of the samples
     results: dict[str, float] = field(default_factory=dict)
+    #: workload -> server CPU microseconds per I/O, one per round (includes fio's 1 s ramp)
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)
+    #: environment for the server (``--baseline``: PYTHONPATH of the old tree)
+    env: dict[str, str] | None = None
 
 
 def qemu_nbd(image: Path, sock: Path, workdir: Path) -> list[str]:
@@ -302,7 +306,8 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
-def run_fio(uri: str, w: Workload, size: int, runtime: int) -> float:
+def run_fio(uri: str, w: Workload, size: int, runtime: int) -> tuple[float, int]:
+    """The workload's figure and the number of I/Os fio completed (after its ramp)."""
     cmd = [
         "fio",
         "--name=bench",
@@ -321,12 +326,19 @@ def run_fio(uri: str, w: Workload, size: int, runtime: int) -> float:
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + 120, check=True)
     job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0][w.direction]
+    ios = int(job.get("total_ios", 0))
     if w.metric == "iops":
-        return float(job["iops"])
+        return float(job["iops"]), ios
     if w.metric == "MB/s":
-        return float(job["bw"]) * 1024 / 1e6
+        return float(job["bw"]) * 1024 / 1e6, ios
     pct = "50.000000" if w.metric == "p50 us" else "99.000000"
-    return float(job["clat_ns"]["percentile"][pct]) / 1000
+    return float(job["clat_ns"]["percentile"][pct]) / 1000, ios
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU the process used so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(c: Contender, image: Path, w: Workload, size: int, runtime: int) -> float:
@@ -341,11 +353,18 @@ def measure(c: Contender, image: Path, w: Workload, size: int, runtime: int) -> 
                     procs.append(side)
                     wait_listening(workdir / "replica.sock", side)
                 proc = subprocess.Popen(
-                    c.command(image, sock, workdir), stdout=subprocess.DEVNULL, stderr=err
+                    c.command(image, sock, workdir),
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    env=c.env,
                 )
                 procs.insert(0, proc)
                 wait_listening(sock, proc)
-                value = run_fio(f"nbd+unix:///{EXPORT}?socket={sock}", w, size, runtime)
+                cpu = cpu_seconds(proc.pid)
+                value, ios = run_fio(f"nbd+unix:///{EXPORT}?socket={sock}", w, size, runtime)
+                cpu = cpu_seconds(proc.pid) - cpu
+                if ios:  # less sensitive to the neighbours' load than throughput
+                    c.cpu_us.setdefault(w.name, []).append(cpu * 1e6 / ios)
                 c.peak_rss = max(c.peak_rss, peak_rss(proc.pid))
             finally:
                 for p in procs:  # the server first: it flushes to its sidecar on the way out
@@ -388,6 +407,14 @@ def main() -> int:
         help="rounds; each round measures every contender once, so a ratio pairs figures "
         "taken minutes apart, not a whole run apart; medians are reported",
     )
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="TREE",
+        help="also run every blocktrace contender from another source tree (e.g. `git "
+        "archive main | tar -x -C /tmp/base`), as 'base:NAME', interleaved in the same "
+        "rounds, and report NAME / base:NAME",
+    )
     ap.add_argument("--dir", type=Path, help="where to put the image (default: a temp dir)")
     ap.add_argument("--markdown", type=Path, help="write the report as Markdown here")
     ap.add_argument("--json", type=Path, help="write raw results as JSON here")
@@ -420,6 +447,15 @@ def main() -> int:
                 paired.append(other)
                 ratios.append((f"{c.name}: this / {args.compare_label}", c.name, other.name, None))
         contenders = paired
+    if args.baseline:
+        env = dict(os.environ, PYTHONPATH=os.fspath(args.baseline.resolve() / "src"))
+        based = []
+        for c in contenders:
+            based.append(c)
+            if c.name.startswith("blocktrace"):
+                based.append(Contender(f"base:{c.name}", c.command, c.sidecar, env=env))
+                ratios.append((f"{c.name} / base:{c.name}", c.name, f"base:{c.name}", None))
+        contenders = based
     workloads = [w for w in WORKLOADS if w.default]
     if args.workloads:
         names = args.workloads.split(",")
@@ -457,7 +493,12 @@ def main() -> int:
         args.json.write_text(
             json.dumps(
                 {
-                    c.name: {"results": c.results, "samples": c.samples, "peak_rss": c.peak_rss}
+                    c.name: {
+                        "results": c.results,
+                        "samples": c.samples,
+                        "cpu_us": c.cpu_us,
+                        "peak_rss": c.peak_rss,
+                    }
                     for c in contenders
                 },
                 indent=2,
@@ -491,6 +532,8 @@ def render(
         command += f" --workloads '{args.workloads}'"
     if args.compare:
         command += f" --compare {args.compare} --compare-label '{args.compare_label}'"
+    if args.baseline:
+        command += f" --baseline {args.baseline}"
     lines = [
         f"Machine: {machine()}",
         "",
@@ -504,6 +547,23 @@ def render(
     for c in contenders:
         cells = [f"{c.results[w.name]:,.0f}" if w.name in c.results else "n/a" for w in workloads]
         lines.append(f"| {c.name} | " + " | ".join(cells) + f" | {c.peak_rss / MiB:.0f} |")
+    lines += [
+        "",
+        "Server CPU per I/O (us, median over rounds, range in brackets; user + system from "
+        "/proc/PID/stat around the fio run, which includes its 1 s ramp):",
+        "",
+        "| contender | " + " | ".join(w.name for w in workloads) + " |",
+        "|---|" + "---:|" * len(workloads),
+    ]
+    for c in contenders:
+        cells = []
+        for w in workloads:
+            vals = sorted(c.cpu_us.get(w.name, []))
+            cell = f"{statistics.median(vals):,.1f}" if vals else "n/a"
+            if len(vals) > 1:
+                cell += f" ({vals[0]:,.1f}..{vals[-1]:,.1f})"
+            cells.append(cell)
+        lines.append(f"| {c.name} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Ratios (throughput: contender / baseline; latency: microseconds added over the baseline):",

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -15,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +176,21 @@ class ServerProcess:
             rc = self.stop()
             if exc[0] is None:
                 assert rc == 0, f"server exited {rc} on SIGTERM:\n{self.stderr()}"
+
+
+@contextlib.contextmanager
+def small_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """Mount a tmpfs of ``size`` (``512k``, ``1m``) on ``mnt``: a real file system that fills
+    up (ENOSPC).  Skips the test where mounting is not possible (not root, no tmpfs)."""
+    require("mount", "umount")
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt.mkdir(exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    if proc.returncode != 0:
+        pytest.skip(f"machine cannot mount tmpfs: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], timeout=30, check=False)

@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "blocktrace"
 #: lowest first; packages in one row are independent of each other
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
-    ("sockets", "outfile"),
+    ("sockets", "outfile", "listen"),
     ("block",),
     ("stream",),
     ("logwrites", "replica", "ext4", "jetstream"),

@@ -46,7 +46,7 @@ def open_export(name: str, path: str | os.PathLike[str], *, read_only: bool = Fa
     if not name or len(name.encode()) > MAX_EXPORT_NAME:
         raise UsageError(f"invalid export name {name!r}")
     # Every export carries an idle trace filter, so a trace can attach at runtime.
-    device: BlockDevice = TraceFilter(FileDevice(path, read_only=read_only))
+    device: BlockDevice = TraceFilter(FileDevice(path, read_only=read_only, lock=True))
     return Export(name=name, device=device, filename=os.fspath(path))
 
 

@@ -31,6 +31,7 @@ from typing import Any, Literal, TypeVar
 
 from blocktrace.errors import BlocktraceError, StateError, UsageError
 from blocktrace.exports import Export, ExportRegistry, open_export
+from blocktrace.nbd.limits import ServerLimits
 from blocktrace.nbd.server import NBDServer
 from blocktrace.sockets import bind_unix
 from blocktrace.trace.manager import TraceManager
@@ -41,7 +42,6 @@ T = TypeVar("T")
 Hook = Callable[["Service"], Awaitable[None]]
 
 DEFAULT_SOCKET = "./blocktrace.sock"
-NBD_PORT = 10809
 
 
 @dataclass
@@ -58,22 +58,8 @@ class ServiceConfig:
     read_only: bool = False
     #: Seconds to wait for in-flight requests on stop before dropping connections.
     stop_timeout: float = 30.0
-
-
-def parse_listen(spec: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``:PORT``, ``PORT`` or ``[V6ADDR]:PORT``; the host defaults to loopback."""
-    host, sep, port_s = spec.rpartition(":")
-    if not sep:
-        host, port_s = "", spec
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        port = int(port_s)
-    except ValueError:
-        raise UsageError(f"--listen {spec!r}: expected HOST:PORT") from None
-    if not 0 <= port <= 65535:
-        raise UsageError(f"--listen {spec!r}: port out of range")
-    return host or "127.0.0.1", port
+    #: What NBD clients may cost: connections, handshake time, payload memory.
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
 
 class Service:
@@ -82,7 +68,7 @@ class Service:
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
         self.registry = ExportRegistry()
-        self.nbd = NBDServer(self.registry)
+        self.nbd = NBDServer(self.registry, config.limits)
         #: Traces of this server's exports (``serve --trace``, QMP ``block-trace``).
         self.traces = TraceManager(self.registry)
         #: ``async def hook(service)``: run after exports open, before accepting clients.
@@ -262,7 +248,8 @@ class Service:
                 log.exception("stopping hook %r failed", hook)
         for server in self._servers:
             server.close()
-        await self.nbd.shutdown(self.config.stop_timeout)
+        self.traces.begin_shutdown()
+        await self.nbd.shutdown(self.config.stop_timeout, on_timeout=self.traces.refuse_unapplied)
         for hook in reversed(self.shutdown_hooks):
             try:
                 await hook(self)
@@ -284,7 +271,7 @@ class Service:
 
 
 async def _stop_traces(service: Service) -> None:
-    await service.traces.close()
+    await service.traces.close(service.config.stop_timeout)
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

@@ -64,3 +64,21 @@ def jbd2_blocks(op: Op, kind: int, block: int = 4096) -> list[int]:
 
 def next_flush(ops: list[Op], after: int) -> int:
     return next(i for i in range(after + 1, len(ops)) if ops[i].is_flush)
+
+
+def xfs_log_sectors(base: Path) -> range:
+    """The 512-byte sectors of the internal log of the XFS file system on ``base`` (from its
+    primary superblock): a write there is a log write, anywhere else an in-place write."""
+    with open(base, "rb") as f:
+        sb = f.read(512)
+    assert sb[:4] == b"XFSB", f"{base}: no XFS superblock"
+    (blocksize,) = struct.unpack_from(">I", sb, 4)
+    (logstart,) = struct.unpack_from(">Q", sb, 48)  # a file-system block number
+    (agblocks,) = struct.unpack_from(">I", sb, 84)
+    (logblocks,) = struct.unpack_from(">I", sb, 96)
+    agblklog = sb[124]
+    assert logstart != 0, f"{base}: external log"
+    agno, agbno = logstart >> agblklog, logstart & ((1 << agblklog) - 1)
+    per_block = blocksize // 512
+    first = (agno * agblocks + agbno) * per_block
+    return range(first, first + logblocks * per_block)

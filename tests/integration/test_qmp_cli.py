@@ -58,6 +58,27 @@ def test_trace_cli_round_trip(tmp_path: Path) -> None:
     assert base.read_bytes() == img.read_bytes()
 
 
+@pytest.mark.parametrize("sync", ["none", "full"])
+def test_trace_mark_reports_the_entry_log_list_shows(tmp_path: Path, sync: str) -> None:
+    """``trace mark`` answered the stream position (from 1, copy records included) where
+    ``log list`` shows the entry index (from 0): the two must name the same entry."""
+    img = make_image(tmp_path / "disk.img", 4 * MiB, seed=5)
+    qmp = tmp_path / "qmp.sock"
+    log = tmp_path / "m.log"
+    with ServerProcess(tmp_path, [img], ["--qmp", str(qmp)]) as srv:
+        blocktrace("trace", "start", f"disk=log:{log},sync={sync}", "--job-id", "t", "-s", qmp)
+        write_some(srv, n=5)
+        reply = json.loads(blocktrace("trace", "mark", "t", "here", "-s", qmp, "--json").stdout)
+        write_some(srv, n=2)
+        blocktrace("trace", "stop", "t", "-s", qmp)
+    listed = [
+        line for line in blocktrace("log", "list", log).stdout.splitlines() if "mark here" in line
+    ]
+    assert len(listed) == 1, listed
+    assert listed[0].startswith(f"entry {reply['entry']}@"), (reply, listed)
+    assert reply["position"] == reply["entry"] + 1  # a fresh log: one entry per record
+
+
 def test_qmp_cli_commands_and_errors(tmp_path: Path) -> None:
     img = make_image(tmp_path / "disk.img", 2 * MiB)
     extra = make_image(tmp_path / "extra.img", MiB)

@@ -25,7 +25,7 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from blocktrace.logwrites.replay import replay
 from qmp_helpers import ServerThread
-from support import make_image, require
+from support import make_image, require, small_tmpfs
 
 MiB = 1024 * 1024
 SIZE = 16 * MiB
@@ -541,19 +541,8 @@ def test_export_add_trace_delete(srv: ServerThread, tmp_path: Path) -> None:
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 512 KiB tmpfs: a log on it fails with ENOSPC after a few hundred KiB."""
-    require("mount", "umount")
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
-    if proc.returncode != 0:
-        pytest.skip(f"machine cannot mount tmpfs: {proc.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "512k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], timeout=30, check=False)
 
 
 @pytest.mark.parametrize("policy", ["break", "report"])

@@ -8,6 +8,7 @@ disconnected alone while the others keep working.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import stat
@@ -239,6 +240,49 @@ def test_client_that_never_reads_is_dropped_alone(tmp_path: Path, image: str) ->
         assert reader.cmd("query-version", id="ok")["id"] == "ok"
         sleeper.close()
         reader.close()
+
+
+def test_slow_reader_of_huge_replies_is_bounded_then_dropped(tmp_path: Path, image: str) -> None:
+    """Issue #10 item 2: 1 MiB commands whose non-ASCII ids come back escaped (6 bytes a
+    character), from a client that never reads.  The server holds at most its byte cap (plus
+    one message) for it: its own commands wait, nothing else does; the first event it cannot
+    take drops it, and what was queued for it is released."""
+    cap = 4 * MiB
+    with ServerThread(tmp_path, [("disk", image)], max_outgoing=cap) as st:
+        hog = RawClient(st.path)
+        hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.sock.settimeout(1)
+        other = RawClient(st.path)
+        control = st.control
+        assert control is not None
+        msg = json.dumps(
+            {"execute": "query-version", "id": "\u00e9" * 400_000}, ensure_ascii=False
+        ).encode()
+        reply_size = 400_000 * 6
+
+        def held() -> int:
+            return st.run(lambda: sum(c.outgoing.nbytes for c in control.server.clients.values()))
+
+        peak = 0
+        for _ in range(60):  # 60 MiB of commands: 144 MiB of replies on main's count bound
+            try:
+                hog.send(msg)
+            except TimeoutError:
+                break  # the server stopped reading it: its own commands wait
+            peak = max(peak, held())
+        peak = max(peak, held())
+        assert 0 < peak <= cap + reply_size, peak
+        assert other.cmd("query-version", id="meanwhile")["id"] == "meanwhile"
+        for n in range(2000):  # events it cannot take: it is dropped, alone
+            if st.client_count() == 1:
+                break
+            st.emit("TEST_EVENT", {"n": n})
+            assert other.recv()["data"]["n"] == n
+        assert st.client_count() == 1, "a client that never reads was not disconnected"
+        assert held() == 0  # nothing is kept for it
+        assert other.cmd("query-version", id="still")["id"] == "still"
+        hog.close()
+        other.close()
 
 
 def test_many_clients_at_once(srv: ServerThread) -> None:

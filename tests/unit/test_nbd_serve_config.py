@@ -8,7 +8,8 @@ import pytest
 
 from blocktrace.cli.serve import build_config, parse_image_arg
 from blocktrace.errors import UsageError
-from blocktrace.service import DEFAULT_SOCKET, parse_listen
+from blocktrace.listen import parse_listen
+from blocktrace.service import DEFAULT_SOCKET
 
 
 @pytest.mark.parametrize(
@@ -29,6 +30,15 @@ def test_parse_listen(spec: str, expected: tuple[str, int]) -> None:
 def test_parse_listen_rejects(spec: str) -> None:
     with pytest.raises(UsageError, match="--listen"):
         parse_listen(spec)
+
+
+@pytest.mark.parametrize("spec", ["[::1:10809", "::1]:10809", "[[::1]:1"])
+def test_parse_listen_refuses_stray_brackets_for_every_option(spec: str) -> None:
+    """One parser for NBD and QMP listeners: a stray bracket is an error for both (QMP's own
+    copy used to strip it and bind whatever was left)."""
+    for option in ("--listen", "--qmp-listen"):
+        with pytest.raises(UsageError, match=f"{option} .*brackets"):
+            parse_listen(spec, option)
 
 
 def test_image_args(tmp_path: Path) -> None:

@@ -244,11 +244,6 @@ def test_large_payloads_a_device_keeps_are_owned_never_reused(tmp_path: Path) ->
     """For a device that keeps payloads, a large WRITE arrives as a fresh ``bytes`` object
     (no copy needed to keep it), and no later request ever writes into one kept earlier, with
     writes completing at once, suspending, and interleaved with small ones."""
-    from blocktrace.nbd import dispatch
-
-    if not dispatch.OWNED_PAYLOADS:
-        pytest.skip("interpreter without CPython's bytes layout")
-
     sent: list[tuple[int, bytes]] = []
 
     async def body(path: str, dev: GatedDevice, srv: NBDServer) -> None:
@@ -274,24 +269,70 @@ def test_large_payloads_a_device_keeps_are_owned_never_reused(tmp_path: Path) ->
     dev = serve(tmp_path, body, 32 * MiB, KeepingDevice)
     assert isinstance(dev, KeepingDevice)
     assert dev.kept == sent  # every kept object still holds what was sent
-    large = [v for v in dev.views if len(v) > nbd_server.BUFFER_SIZE]  # type: ignore[arg-type]
+    large = [v for v in dev.views if len(v) > nbd_server.BUFFER_SIZE]
     assert len(large) == 6 and all(type(v) is bytes for v in large)
     assert [bytes(v) for v in large] == [d for _, d in sent if len(d) > nbd_server.BUFFER_SIZE]
     for offset, data in sent:
         assert bytes(dev.buf[offset : offset + len(data)]) == data
 
 
-def test_owned_payload_is_a_fresh_bytes_object_filled_through_its_view() -> None:
-    from blocktrace.nbd.dispatch import OWNED_PAYLOADS, owned_payload
+class LateKeepingDevice(KeepingDevice):
+    """Starts keeping payloads only when told: a trace attached to a live export."""
 
-    if not OWNED_PAYLOADS:
-        pytest.skip("interpreter without CPython's bytes layout")
-    a, va = owned_payload(8192)
-    b, vb = owned_payload(8192)
-    assert a is not b and type(a) is bytes and len(a) == len(b) == 8192
-    va[:] = b"a" * 8192
-    vb[:] = b"b" * 8192
-    assert a == b"a" * 8192 and b == b"b" * 8192
+    keeping = False
+
+    @property
+    def keeps_payloads(self) -> bool:  # type: ignore[override]
+        return self.keeping
+
+
+def test_payloads_become_owned_when_a_trace_attaches_to_an_open_connection(
+    tmp_path: Path,
+) -> None:
+    async def body(path: str, dev: GatedDevice, srv: NBDServer) -> None:
+        assert isinstance(dev, LateKeepingDevice)
+        c = await Client.connect(path)
+        data = [os.urandom(MiB) for _ in range(3)]
+        for i, d in enumerate(data):
+            dev.keeping = i > 0
+            c.request(Cmd.WRITE, i, i * MiB, MiB, data=d)
+            assert (await c.reply())[:2] == (i, 0)
+        await c.close()
+        assert [type(v) is bytes for v in dev.views] == [False, True, True]
+        assert [d for _, d in dev.kept] == data
+
+    serve(tmp_path, body, 8 * MiB, LateKeepingDevice)
+
+
+@pytest.mark.parametrize("owned", [True, False])
+def test_payload_buffer_grows_as_bytes_arrive_and_hands_over_the_payload(owned: bool) -> None:
+    """A 32 MiB payload's buffer starts at one step and doubles as it fills: it never holds
+    more than twice what arrived (or one step); an owned one ends as a fresh ``bytes``."""
+    from blocktrace.nbd.dispatch import GROW_STEP, PayloadBuffer
+
+    length = 32 * MiB
+    data = os.urandom(length)
+    p = PayloadBuffer(length, owned=owned)
+    assert p.capacity == 0  # nothing allocated from the header's claim
+    p.fill(memoryview(data)[:1000])
+    pos = 1000
+    while not p.complete:
+        room = p.space()
+        assert p.capacity <= max(GROW_STEP, 2 * pos)
+        n = min(len(room), 300_000)
+        room[:n] = data[pos : pos + n]
+        del room
+        p.filled += n
+        pos += n
+    out = p.take()
+    assert bytes(out) == data
+    if owned:
+        assert type(out) is bytes
+        out2 = PayloadBuffer(4096, owned=True)
+        out2.fill(memoryview(b"y" * 4096))
+        assert out2.take() == b"y" * 4096 and out == data  # a fresh object: no sharing
+    else:
+        assert p.reusable() is not None
 
 
 def test_shutdown_finishes_in_flight_requests(tmp_path: Path) -> None:

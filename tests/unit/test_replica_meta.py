@@ -154,6 +154,25 @@ def test_plan_unclean_compares_and_source_changed_compares() -> None:
     assert plan.mode is AttachMode.COMPARE and "source changed" in plan.reason
 
 
+@pytest.mark.parametrize("sync", ["full", "none"])
+def test_plan_known_replica_ignores_sync_none(sync: str) -> None:
+    """The decision table holds for every sync mode (issue #10 item 10): ``sync=none`` vouches
+    for a new replica only; a known one's metadata decides."""
+    bm = DirtyBitmap(1 << 20, G)  # stale: records queued at a kill -9 are not in it
+    plan = plan_attach(_meta(clean=False), bm, _source(), "/r.img", size=1 << 20, sync=sync)
+    assert plan.mode is AttachMode.COMPARE, plan
+    plan = plan_attach(
+        _meta(clean=True),
+        bm,
+        _source(fp=[100, 5]),
+        "/r.img",
+        size=1 << 20,
+        sync=sync,
+        source_fingerprint=(100, 6),
+    )
+    assert plan.mode is AttachMode.COMPARE and "source changed" in plan.reason, plan
+
+
 def test_plan_refuses_other_source_unless_forced() -> None:
     meta = _meta(source_id="OTHER", clean=True)
     with pytest.raises(SplitBrainError, match="belongs to source OTHER"):

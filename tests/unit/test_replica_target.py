@@ -107,6 +107,30 @@ async def replicate(
 
 
 @aio
+async def test_metadata_claims_consistent_only_after_a_clean_close(tmp_path: Path) -> None:
+    """Issue #10 item 10: during a session the saved metadata never says ``consistent``
+    (a kill -9 leaves the replica past its saved applied-seq); the clean close does."""
+    filt, mgr, src = await setup(tmp_path)
+    rep = tmp_path / "rep.img"
+    opts = TraceOptions.from_dict({"sync": "full", "copy-mode": "background"})
+    trace = await mgr.start("r", "disk", {"type": "replica", "filename": str(rep)}, opts)
+    async with asyncio.timeout(30):
+        await trace.wait_ready()
+    await workload(filt, 3, 50)
+    assert job_info(trace)["target"]["consistent"]  # live: equal as of applied-seq
+    target = trace.target
+    assert isinstance(target, LocalReplicaTarget)
+    target._save(force=True)  # what a periodic save writes, as a kill -9 would find it
+    got = load_meta(Path(str(rep) + ".btreplica"))
+    assert got is not None and not got[0].clean and not got[0].consistent
+    await trace.stop()
+    await filt.close()
+    got = load_meta(Path(str(rep) + ".btreplica"))
+    assert got is not None and got[0].clean and got[0].consistent
+    assert same(src, rep)
+
+
+@aio
 async def test_full_sync_under_load_then_identical(tmp_path: Path) -> None:
     rep = tmp_path / "rep.img"
     info = await replicate(tmp_path, {"type": "replica", "filename": str(rep)}, 10)

@@ -340,7 +340,7 @@ def test_several_traces_marks_and_sync_full_on_one_export() -> None:
         )
         assert filt.alignment == 4096
         await asyncio.sleep(0)
-        assert await a.mark("middle") > 0
+        assert (await a.mark("middle")).position > 0
         with pytest.raises(UsageError):
             await b.mark("")
         await b.wait_ready()

@@ -80,9 +80,9 @@ class BlockDevice(abc.ABC):
 
     @property
     def keeps_payloads(self) -> bool:
-        """True while a WRITE's ``bytes`` payload is kept by reference after the call returns
-        (a trace records it): the NBD server then receives large payloads into fresh ``bytes``
-        objects instead of a reused buffer that would have to be copied."""
+        """True if ``write`` keeps its data beyond returning (a traced export keeps it in a
+        record): the NBD server then receives large payloads into fresh immutable ``bytes``
+        the device may keep without copying, instead of a buffer it reuses."""
         return False
 
     @abc.abstractmethod

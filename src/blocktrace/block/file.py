@@ -28,6 +28,7 @@ from blocktrace.block.device import (
     ReadableBuffer,
     WriteCallback,
 )
+from blocktrace.block.locking import READ_ONLY, WRITABLE, lock_image
 from blocktrace.errors import BlockDeviceError, UsageError
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -72,7 +73,11 @@ class FileDevice(PipelinedWrites):
 
     applies_inline = True
 
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, read_only: bool = False, lock: bool = False
+    ) -> None:
+        """``lock``: take QEMU-compatible image locks (:mod:`.locking`) so another writer of
+        the same image (QEMU, qemu-nbd, a second export) is refused, and refuses us."""
         self.path = os.fspath(path)
         flags = os.O_RDONLY if read_only else os.O_RDWR
         try:
@@ -85,6 +90,12 @@ class FileDevice(PipelinedWrites):
             raise UsageError(f"{self.path}: permission denied") from None
         except OSError as exc:
             raise UsageError(f"{self.path}: {exc.strerror}") from None
+        if lock:
+            try:
+                lock_image(self.fd, self.path, READ_ONLY if read_only else WRITABLE)
+            except BaseException:
+                os.close(self.fd)
+                raise
         st = os.fstat(self.fd)
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block_device else st.st_size

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import click
 
 from blocktrace.errors import BlocktraceError, UsageError
+from blocktrace.listen import parse_listen
 from blocktrace.qmp.client import DEFAULT_TIMEOUT, CommandError, QMPClient
-from blocktrace.qmp.server import parse_listen
 
 ENV_SOCKET = "BLOCKTRACE_QMP"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -54,7 +54,7 @@ def open_client(socket_path: str | None, tcp: str | None, timeout: float) -> QMP
     if tcp is not None:
         if socket_path is not None:
             raise UsageError("give either --socket or --tcp, not both")
-        return QMPClient.connect_to(parse_listen(tcp), timeout=timeout)
+        return QMPClient.connect_to(parse_listen(tcp, "--tcp"), timeout=timeout)
     path = socket_path or os.environ.get(ENV_SOCKET)
     if not path:
         raise UsageError(f"no QMP socket: give --socket PATH (or set ${ENV_SOCKET})")

@@ -14,8 +14,15 @@ import click
 
 from blocktrace.errors import UsageError
 from blocktrace.exports import default_export_name
-from blocktrace.service import DEFAULT_SOCKET, Service, ServiceConfig, parse_listen, run
+from blocktrace.listen import parse_listen
+from blocktrace.nbd.limits import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    ServerLimits,
+)
+from blocktrace.service import DEFAULT_SOCKET, Service, ServiceConfig, run
 from blocktrace.stream.registry import targets
+from blocktrace.stream.schema import parse_size
 from blocktrace.trace.options import TraceSpec, parse_trace_spec
 
 
@@ -37,6 +44,7 @@ def build_config(
     socket_path: str | None,
     listen: tuple[str, ...],
     read_only: bool,
+    limits: ServerLimits | None = None,
 ) -> ServiceConfig:
     pairs = [parse_image_arg(a) for a in images]
     seen: set[str] = set()
@@ -52,6 +60,7 @@ def build_config(
         socket=socket_path or None,
         listen=[parse_listen(spec) for spec in listen],
         read_only=read_only,
+        limits=limits or ServerLimits(),
     )
 
 
@@ -119,6 +128,29 @@ def install_traces(service: Service, specs: tuple[str, ...] | list[str]) -> list
 )
 @click.option("--read-only", is_flag=True, help="Export every image read-only.")
 @click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_CONNECTIONS,
+    show_default=True,
+    help="NBD connections open at once; one more is closed on arrival (and logged).",
+)
+@click.option(
+    "--handshake-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_HANDSHAKE_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help="Close an NBD connection that has not finished negotiating by then.",
+)
+@click.option(
+    "--payload-memory",
+    default="256M",
+    show_default=True,
+    metavar="SIZE",
+    help="Memory all NBD connections together may hold for WRITE payloads and READ data "
+    "(K/M/G suffixes; at least 32M); past it clients wait.  See docs/nbd-server.md.",
+)
+@click.option(
     "--trace",
     "traces",
     multiple=True,
@@ -150,6 +182,9 @@ def serve(
     traces: tuple[str, ...] = (),
     qmp_path: str | None = None,
     qmp_listen: tuple[str, ...] = (),
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    payload_memory: str = "256M",
 ) -> None:
     """Serve raw disk images over NBD; the first image is the default export.
 
@@ -159,12 +194,17 @@ def serve(
     logger = logging.getLogger("blocktrace")
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
-    config = build_config(images, socket_path, listen, read_only)
+    limits = ServerLimits(
+        max_connections=max_connections,
+        handshake_timeout=handshake_timeout,
+        payload_memory=parse_size(payload_memory, "--payload-memory"),
+    )
+    config = build_config(images, socket_path, listen, read_only, limits)
     service = Service(config)
     install_traces(service, traces)
     if qmp_path or qmp_listen:
         from blocktrace.qmp.control import install as install_qmp
-        from blocktrace.qmp.server import parse_listen as parse_qmp_listen
 
-        install_qmp(service, unix=qmp_path, tcp=[parse_qmp_listen(s) for s in qmp_listen])
+        tcp = [parse_listen(s, "--qmp-listen") for s in qmp_listen]
+        install_qmp(service, unix=qmp_path, tcp=tcp)
     run(service.run())

@@ -160,7 +160,12 @@ def mark(
     """Write mark NAME into trace JOB (returns once the target holds it)."""
     with open_client(socket_path, tcp, timeout) as client:
         value = _run(client, "block-trace-mark", {"job-id": job, "name": name})
-    _emit(value, as_json, f"mark {name!r} written to {job} at entry {value['entry']}")
+    where = (
+        f"at entry {value['entry']}"
+        if "entry" in value
+        else f"at stream position {value['position']}"
+    )
+    _emit(value, as_json, f"mark {name!r} written to {job} {where}")
 
 
 @trace.command(name="list")

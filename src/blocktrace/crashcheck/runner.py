@@ -29,10 +29,10 @@ from blocktrace.errors import BlocktraceError, UsageError
 from blocktrace.exports import Export, ExportRegistry
 from blocktrace.logwrites.reader import LogEntry, LogReader
 from blocktrace.nbd.server import NBDServer
+from blocktrace.sockets import MAX_SUN_PATH
 
 #: Yield to the event loop (NBD requests of running checks) after replaying this many bytes.
 _YIELD_BYTES = 4 << 20
-_MAX_SUN_PATH = 107
 
 
 class CrashcheckError(BlocktraceError):
@@ -250,10 +250,10 @@ def run(cfg: RunConfig, points: list[CrashPoint]) -> RunResult:
     sockdir = None
     try:
         sock = os.path.join(workdir, "nbd.sock")
-        if len(sock) > _MAX_SUN_PATH:  # a deep --tmpdir: the socket alone goes to $TMPDIR
+        if len(sock) > MAX_SUN_PATH:  # a deep --tmpdir: the socket alone goes to $TMPDIR
             sockdir = tempfile.mkdtemp(prefix="blocktrace-cc-")
             sock = os.path.join(sockdir, "nbd.sock")
-            if len(sock) > _MAX_SUN_PATH:
+            if len(sock) > MAX_SUN_PATH:
                 raise UsageError(f"{sock}: path too long for a Unix socket (set TMPDIR)")
         started = time.monotonic()
         r = Run(cfg, workdir, sock)

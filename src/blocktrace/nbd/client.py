@@ -7,9 +7,10 @@ In the transmission phase every request gets a fresh cookie and a future; any nu
 requests are in flight at once (bounded by ``max_in_flight``) and replies, simple or
 structured, are matched by cookie in whatever order the server sends them.
 
-Replies are parsed in place from one receive buffer (the layouts of :mod:`blocktrace.nbd.wire`,
-the same rules as :class:`~blocktrace.nbd.transmission.ReplyParser`): a successful write's
-reply completes its future without allocating anything, which is the replica's hot path.
+Replies are framed in place in one receive buffer by the sans-IO
+:class:`~blocktrace.nbd.transmission.ReplyParser` (the one its unit tests drive): a
+successful write's reply settles its request without a future or task per reply, which is
+the replica's hot path.
 
 Why a Protocol and not streams: replies are dispatched from ``data_received`` without a reader
 task in between, so a completed request's waiter is woken in the same loop iteration the reply
@@ -29,6 +30,7 @@ import contextlib
 import errno
 import socket
 from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 from blocktrace.block.device import Extent, ExtentFlags, ReadableBuffer
 from blocktrace.errors import BlockDeviceError
@@ -36,8 +38,6 @@ from blocktrace.nbd import wire
 from blocktrace.nbd.constants import (
     BASE_ALLOCATION,
     NBD_REQUEST_MAGIC,
-    NBD_SIMPLE_REPLY_MAGIC,
-    NBD_STRUCTURED_REPLY_MAGIC,
     Cmd,
     CmdFlag,
     ReplyFlag,
@@ -46,23 +46,21 @@ from blocktrace.nbd.constants import (
 )
 from blocktrace.nbd.errors import NBDRemoteProtocolError
 from blocktrace.nbd.events import (
+    NEED_DATA,
     ExportInfo,
     HandshakeDone,
+    Need,
     ReplyChunk,
     SimpleReply,
 )
 from blocktrace.nbd.handshake import ClientHandshake
-from blocktrace.nbd.transmission import encode_request
+from blocktrace.nbd.transmission import MAX_CHUNK, ReplyParser, encode_request
 
-_U32 = wire.U32
-_SIMPLE = wire.SIMPLE_REPLY
-_CHUNK = wire.CHUNK
 _REQUEST = wire.REQUEST
 _MAGIC = NBD_REQUEST_MAGIC
 _WRITE = int(Cmd.WRITE)
+_READ = int(Cmd.READ)
 _FUA = int(CmdFlag.FUA)
-#: largest structured reply chunk accepted (a READ chunk is at most the 32 MiB request)
-MAX_CHUNK = 64 * 1024 * 1024
 #: WRITE payloads up to this size are joined with their header into one send
 _JOIN_LIMIT = 64 * 1024
 
@@ -178,6 +176,7 @@ class NBDClient:
             export_name, structured_replies=structured_replies, meta_contexts=meta_contexts
         )
         self._rbuf = bytearray()
+        self._parser = ReplyParser(self._read_length, MAX_CHUNK)
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._done: asyncio.Future[HandshakeDone] = self._loop.create_future()
@@ -223,6 +222,15 @@ class NBDClient:
         except BaseException:
             self._abort()
             raise
+
+    @property
+    def socket(self) -> socket.socket | None:
+        """The connected socket (for peer checks such as :mod:`blocktrace.block.peer`)."""
+        if self._transport is None:
+            return None
+        # asyncio gives a TransportSocket, uvloop a PseudoSocket: both have socket's
+        # getsockopt/getpeername/family, which is all a peer check needs
+        return cast("socket.socket | None", self._transport.get_extra_info("socket"))
 
     # -- what negotiation said -----------------------------------------------------------------
 
@@ -423,48 +431,45 @@ class NBDClient:
             self._fail_all(exc)
             self._abort()
 
+    def _read_length(self, cookie: int) -> int:
+        """Data bytes a successful simple reply to ``cookie`` carries (the parser asks)."""
+        pend = self._pending.get(cookie)
+        return pend.length if pend is not None and pend.cmd == _READ else 0
+
     def _replies(self, data: bytes) -> None:
-        """Parse every complete reply in the buffer: one ``del`` per read, no object per
-        successful write reply (the replica's hot path)."""
+        """Frame every complete reply in the buffer with the sans-IO :class:`ReplyParser`
+        (views, no copies) and complete its request; a successful write's reply settles its
+        group without building a future or task (the replica's hot path)."""
         buf = self._rbuf
         buf += data
         pos, end = 0, len(buf)
         pending = self._pending
+        parser = self._parser
+        ev: SimpleReply | ReplyChunk | Need | None = None
         try:
-            while end - pos >= 4:
-                (magic,) = _U32.unpack_from(buf, pos)
-                if magic == NBD_SIMPLE_REPLY_MAGIC:
-                    if end - pos < _SIMPLE.size:
+            with memoryview(buf) as view:
+                while True:
+                    ev, after = parser.next_event(view, pos, end)
+                    if ev is NEED_DATA:
                         break
-                    _, error, cookie = _SIMPLE.unpack_from(buf, pos)
-                    pend = pending.get(cookie)
-                    if pend is None:
-                        raise NBDRemoteProtocolError(f"reply to unknown cookie {cookie}")
-                    n = pend.length if pend.cmd == Cmd.READ and not error else 0
-                    if end - pos < _SIMPLE.size + n:
-                        break
-                    start = pos + _SIMPLE.size
-                    pos = start + n
-                    if not error and not n:  # the common case: a write acknowledged
-                        del pending[cookie]
-                        pend.settle()
-                        continue
-                    self._on_simple(SimpleReply(cookie, error, bytes(buf[start:pos])))
-                elif magic == NBD_STRUCTURED_REPLY_MAGIC:
-                    if end - pos < _CHUNK.size:
-                        break
-                    _, flags, rtype, cookie, length = _CHUNK.unpack_from(buf, pos)
-                    if length > MAX_CHUNK:
-                        raise NBDRemoteProtocolError(f"reply chunk of {length} bytes is too large")
-                    if end - pos < _CHUNK.size + length:
-                        break
-                    start = pos + _CHUNK.size
-                    pos = start + length
-                    self._on_chunk(ReplyChunk(cookie, flags, rtype, bytes(buf[start:pos])))
-                else:
-                    raise NBDRemoteProtocolError(f"bad reply magic {magic:#x}")
+                    pos = after
+                    if type(ev) is SimpleReply:
+                        if not ev.error and ev.data is None:  # a write acknowledged
+                            pend = pending.pop(ev.cookie, None)
+                            if pend is None:
+                                raise NBDRemoteProtocolError(f"reply to unknown cookie {ev.cookie}")
+                            pend.settle()
+                            continue
+                        self._on_simple(ev)
+                    else:
+                        assert type(ev) is ReplyChunk
+                        self._on_chunk(ev)
         finally:
-            del buf[:pos]
+            ev = None  # no view of the buffer may outlive this call
+            try:
+                del buf[:pos]
+            except BufferError:  # an exception's traceback still holds a view: copy
+                self._rbuf = bytearray(memoryview(buf)[pos:])
 
     def _on_simple(self, ev: SimpleReply) -> None:
         pend = self._pending.pop(ev.cookie, None)
@@ -511,7 +516,7 @@ class NBDClient:
                 raise NBDRemoteProtocolError("short error chunk")
             err, mlen = wire.ERROR_PAYLOAD.unpack_from(payload, 0)
             pend.error = pend.error or err or errno.EIO
-            pend.message = payload[6 : 6 + mlen].decode(errors="replace")
+            pend.message = bytes(payload[6 : 6 + mlen]).decode(errors="replace")
         elif rtype != ReplyType.NONE and rtype & 0x8000:
             # unknown error types are still errors; unknown others are ignored (spec)
             pend.error = pend.error or errno.EIO

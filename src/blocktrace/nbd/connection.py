@@ -5,12 +5,14 @@ Thin by design: all protocol decisions live in the sans-IO cores (:mod:`.handsha
 
 Hot-path choices, each for a measured reason (``docs/nbd-server.md``):
 
-* ``BufferedProtocol`` with one preallocated receive buffer per connection: the loop
-  ``recv_into``s it, headers are parsed with ``unpack_from`` in place, and WRITE payloads go to
-  the device as memoryview slices of it (no copy).  A payload larger than the buffer gets a
-  buffer of its own that the loop fills directly: for a device that keeps payloads (a traced
-  export) a fresh ``bytes`` object it keeps without a copy (:func:`~.dispatch.owned_payload`),
-  else a reused ``bytearray``.  While a device write that holds a view
+* ``BufferedProtocol`` with one receive buffer per connection (4 KiB while negotiating,
+  512 KiB after): the loop ``recv_into``s it, the sans-IO :class:`~.transmission.RequestParser`
+  frames requests in place, and WRITE payloads go to the device as memoryview slices of it (no
+  copy).  A payload larger than the buffer gets a :class:`~.dispatch.PayloadBuffer` of its own
+  that the loop fills directly, allocated as the bytes arrive and reserved from the server's
+  payload budget (:mod:`.limits`): for a device that keeps payloads (a traced export) it ends
+  as a fresh ``bytes`` object the device keeps without a copy, else it is a reused
+  ``bytearray``.  While a device write that holds a view
   is still running, the buffer is *pinned*: instead of being rewound or compacted (which would
   overwrite the bytes under the view) it is replaced by a fresh one.
 * No Task per request: the device coroutine is driven with ``coro.send(None)``; local devices
@@ -25,9 +27,11 @@ Hot-path choices, each for a measured reason (``docs/nbd-server.md``):
   the data longer (a queue, a background copy) must copy it; a ``bytes`` payload (owned,
   above) it may keep as is.
 * Back-pressure: when the transport's write buffer passes its high-water mark, or too many
-  requests are in flight, or suspended requests hold too many payload bytes, the connection
-  stops parsing and pauses reading, so a client that never reads its replies, or outruns a
-  slow device or a full trace queue, costs a bounded amount of memory.
+  requests are in flight, or suspended requests hold too many payload bytes, or the server's
+  payload budget has no room, the connection stops parsing and pauses reading, so a client
+  that never reads its replies, or outruns a slow device or a full trace queue, costs a
+  bounded amount of memory, in total across connections too (docs/nbd-server.md, RESOURCE
+  BOUNDS).
 
 Each connection is isolated: any exception inside it is logged and ends only that connection.
 """
@@ -48,9 +52,16 @@ from blocktrace.exports import Export
 from blocktrace.nbd import transmission as tx
 from blocktrace.nbd import wire
 from blocktrace.nbd.constants import NBD_SIMPLE_REPLY_MAGIC, Cmd, CmdFlag
-from blocktrace.nbd.dispatch import OWNED_PAYLOADS, Resume, block_status, owned_payload
+from blocktrace.nbd.dispatch import PayloadBuffer, Resume, block_status
 from blocktrace.nbd.errors import NBDRequestError
-from blocktrace.nbd.events import NEED_DATA, HandshakeAborted, HandshakeDone
+from blocktrace.nbd.events import (
+    NEED_DATA,
+    HandshakeAborted,
+    HandshakeDone,
+    PayloadNeeded,
+    PayloadRefused,
+    Request,
+)
 from blocktrace.nbd.handshake import ServerHandshake
 
 if TYPE_CHECKING:
@@ -60,6 +71,9 @@ log = logging.getLogger("blocktrace.nbd")
 
 #: Receive buffer per connection; WRITE payloads up to about this size are parsed in place.
 BUFFER_SIZE = 512 * 1024
+#: Receive buffer while negotiating: the 512 KiB one is allocated only once a client has
+#: finished the handshake, so connections that never do cost little (issue 10).
+HANDSHAKE_BUFFER_SIZE = 4096
 #: Requests in flight (suspended in the device) before a connection stops reading.
 MAX_INFLIGHT = 256
 #: Payload bytes held by suspended requests (their own large buffers, and retired receive
@@ -69,6 +83,9 @@ MAX_HELD_BYTES = 32 * 1024 * 1024
 #: Transport write buffer limits: above HIGH we stop reading the client's requests.
 WRITE_HIGH = 4 * 1024 * 1024
 WRITE_LOW = 1024 * 1024
+#: READs up to this size reserve no payload budget: what they hold is already bounded per
+#: connection by the transport's high-water mark, and 4 KiB reads are the hot path.
+_READ_UNRESERVED = 64 * 1024
 #: Replies smaller than this are joined with their header into one write on the stock loop.
 _JOIN_LIMIT = 64 * 1024
 _DISCARD_CHUNK = 256 * 1024
@@ -108,9 +125,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._handshake: ServerHandshake | None = ServerHandshake(
             server.lookup, server.list_exports
         )
+        self._deadline: asyncio.TimerHandle | None = None
         self._session: tx.Session | None = None
+        self._parser: tx.RequestParser | None = None
         self._device: BlockDevice | None = None
-        self._buf = bytearray(BUFFER_SIZE)
+        self._owned = False  # the device keeps the payload being received: owned bytes
+        self._budget = server.budget
+        self._buf = bytearray(HANDSHAKE_BUFFER_SIZE)
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
@@ -118,19 +139,22 @@ class NBDConnection(asyncio.BufferedProtocol):
         # receive buffers replaced while pinned -> how many suspended requests still pin them
         self._retired: dict[int, int] = {}
         self._held = 0  # see MAX_HELD_BYTES
-        # a WRITE payload too big for the receive buffer gets its own buffer
-        self._payload: bytearray | bytes | None = None
-        self._spare: bytearray | None = None
-        self._payload_view: memoryview | None = None
-        self._payload_filled = 0
-        self._payload_req: tuple[int, int, int, int] = (0, 0, 0, 0)
-        # an oversized WRITE payload is read into scratch space and dropped
+        # a WRITE payload too big for the receive buffer gets a buffer of its own
+        self._payload: PayloadBuffer | None = None
+        self._payload_req: Request | None = None
+        self._payload_reserved = 0  # budget bytes the payload being received holds
+        self._spare: bytearray | None = None  # reusable large-WRITE buffer (budget-counted)
+        self._spare_held = 0
+        # an oversized or refused WRITE payload is read into scratch space and dropped
         self._discard = 0
-        self._discard_req: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._discard_req: Request | None = None
         self._scratch: memoryview | None = None
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._write_paused = False
+        self._budget_wait = False  # stopped parsing until the payload budget has room
+        self._reads_batched = 0  # budget bytes of READ replies in the current batch
+        self._tx_held = 0  # budget bytes of READ replies sitting in a paused transport
         self._reading_paused = False
         self._stopping = False  # DISC received or server shutting down: parse no more
         self._closed = False
@@ -154,15 +178,36 @@ class NBDConnection(asyncio.BufferedProtocol):
             with contextlib.suppress(OSError):  # best effort; asyncio usually set it already
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
-        self.server._added(self)
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and peer else "unix"
+        if not self.server._added(self):
+            self._handshake = None
+            self._stopping = self._closed = True
+            transport.abort()
+            return
+        self._deadline = self._loop.call_later(
+            self.server.limits.handshake_timeout, self._handshake_expired
+        )
         assert self._handshake is not None
         transport.write(self._handshake.data_to_send())
+
+    def _handshake_expired(self) -> None:
+        self._deadline = None
+        if self._handshake is not None and not self._closed:
+            log.warning(
+                "connection %d from %s: handshake not finished within %gs, closing",
+                self.id,
+                self.peer,
+                self.server.limits.handshake_timeout,
+            )
+            self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         name = self.export.name if self.export is not None else "-"
         why = f": {exc}" if exc else ""
         log.info(
@@ -170,6 +215,15 @@ class NBDConnection(asyncio.BufferedProtocol):
         )
         if self.export is not None:
             self.export.connections -= 1
+        # Memory this connection holds for itself (not for requests still in flight, which
+        # release theirs when they finish).
+        self._payload = None
+        self._spare = None
+        budget = self._budget
+        budget.forget(self._budget_ready)
+        held = self._payload_reserved + self._tx_held + self._reads_batched + self._spare_held
+        self._payload_reserved = self._tx_held = self._reads_batched = self._spare_held = 0
+        budget.release(held)
         self._maybe_finished()
 
     def pause_writing(self) -> None:
@@ -178,12 +232,16 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        # The READ replies parked in the transport have mostly left: their budget goes back.
+        held, self._tx_held = self._tx_held, 0
+        self._budget.release(held)
         self._update_reading()
         self._safe(self._process)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._payload_view is not None:
-            return self._payload_view[self._payload_filled :]
+        payload = self._payload
+        if payload is not None and not payload.complete:
+            return payload.space()
         if self._discard:
             if self._scratch is None:
                 self._scratch = memoryview(bytearray(_DISCARD_CHUNK))
@@ -221,22 +279,19 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.abort()
 
     def _received(self, nbytes: int) -> None:
-        if self._payload_view is not None:
-            self._payload_filled += nbytes
-            if self._payload_filled == len(self._payload_view):
-                flags, cookie, offset, length = self._payload_req
-                data: memoryview | bytes | None = self._payload_view
-                payload = self._payload
-                self._payload = self._payload_view = None
-                if type(payload) is bytes:
-                    data = payload  # owned: the device may keep it (the writable view goes)
-                done = self._request(_WRITE, flags, cookie, offset, length, data, pin=False)
-                del data
-                if done and type(payload) is bytearray and len(payload) <= _SPARE_MAX:
-                    # The device is done with it: keep it for the next large write, sparing
-                    # an allocation and its page faults per request.
-                    self._spare = payload
-                self._process()
+        payload = self._payload
+        if payload is not None and not payload.complete:
+            payload.filled += nbytes
+            if payload.filled == payload.length:
+                if self._owned:
+                    # The event loop still holds its view of the buffer during this call
+                    # (asyncio and uvloop both); handed over from the next callback, the
+                    # buffer has no view left and getvalue() gives it away without a copy.
+                    # Bytes arriving meanwhile queue in the receive buffer.
+                    assert self._loop is not None
+                    self._loop.call_soon(self._safe, self._deliver_payload)
+                else:
+                    self._deliver_payload()
             return
         if self._discard:
             self._discard -= nbytes
@@ -250,6 +305,28 @@ class NBDConnection(asyncio.BufferedProtocol):
         else:
             self._process()
 
+    def _deliver_payload(self) -> None:
+        payload = self._payload
+        if payload is None or self._closed:  # connection_lost released its budget
+            return
+        self._payload_received(payload)
+        self._process()
+
+    def _payload_received(self, payload: PayloadBuffer) -> None:
+        req = self._payload_req
+        assert req is not None
+        self._payload = self._payload_req = None
+        own, self._payload_reserved = self._payload_reserved, 0
+        # owned: the device may keep it (our views are gone)
+        done = self._request(req._replace(data=payload.take()), pin=False, own=own)
+        spare = payload.reusable()
+        if done and spare is not None and len(spare) <= _SPARE_MAX and self._spare is None:
+            # The device is done with it: keep it (and its budget) for the next large
+            # write, sparing an allocation and its page faults per request.
+            self._spare, self._spare_held = spare, own
+        elif done:
+            self._budget.release(own)
+
     def _negotiate(self) -> None:
         hs = self._handshake
         assert hs is not None and self.transport is not None
@@ -261,6 +338,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         event = hs.next_event()
         if event is NEED_DATA:
             return
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if isinstance(event, HandshakeAborted):
             log.info("connection %d: %s", self.id, event.reason)
             self._handshake = None
@@ -275,6 +355,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._begin_transmission(event, export)
         rest = hs.trailing_data()
         self._handshake = None
+        # The full-size receive buffer, now that the client has proved it speaks NBD.
+        self._buf = bytearray(max(BUFFER_SIZE, len(rest)))
+        self._view = memoryview(self._buf)
         if rest:
             self._buf[: len(rest)] = rest
             self._end = len(rest)
@@ -293,6 +376,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             min_block=info.min_block,
             max_block=info.max_block,
         )
+        self._parser = tx.RequestParser(max_payload=info.max_block, inline_limit=BUFFER_SIZE)
         log.info(
             "connection %d opened from %s (export %s%s%s)",
             self.id,
@@ -317,19 +401,36 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._buf[: end - start] = self._view[start:end]
         self._start, self._end = 0, end - start
 
+    def _budget_ready(self) -> None:
+        """The payload budget has room again: parse on, from the loop (not from inside the
+        release, which may be another connection's call stack)."""
+        if self._closed or self._loop is None:
+            return
+        self._loop.call_soon(self._resume_after_budget)
+
+    def _resume_after_budget(self) -> None:
+        if self._budget_wait and not self._closed:
+            self._budget_wait = False
+            self._update_reading()
+            self._safe(self._process)
+
+    def _wait_for_budget(self) -> None:
+        self._budget_wait = True
+        self._budget.wait(self._budget_ready)
+
     def _process(self) -> None:
         """Parse and start every complete request in the buffer, until told to stop."""
-        session = self._session
-        if session is None or self._closed:
+        parser = self._parser
+        if parser is None or self._closed or self._payload is not None or self._discard:
             return
         view = self._view
         pos, end = self._start, self._end
-        size = tx.REQUEST_SIZE
         self._batch = []
         try:
-            while end - pos >= size and not (
+            while not (
                 self._stopping
                 or self._write_paused
+                or self._budget_wait
                 or self._inflight >= MAX_INFLIGHT
                 or self._held >= MAX_HELD_BYTES
             ):
@@ -338,47 +439,32 @@ class NBDConnection(asyncio.BufferedProtocol):
                     self._flush_batch()
                     self._batch = []
                     continue
-                flags, cmd, cookie, offset, length = tx.parse_request_header(view, pos)
-                if cmd != _WRITE:
-                    pos += size
-                    self._request(cmd, flags, cookie, offset, length, None, pin=False)
+                event, after = parser.next_event(view, pos, end)
+                if type(event) is Request:
+                    if self._request(event, pin=event[5] is not None) is None:
+                        break  # a READ waits for payload budget; parsed again later
+                    pos = after
                     continue
-                if length > session.max_block:
-                    # Too big to accept: swallow the payload without storing it, then refuse.
-                    pos += size
-                    n = min(length, end - pos)
-                    pos += n
-                    self._discard = length - n
-                    self._discard_req = (flags, cookie, offset, length)
-                    if not self._discard:
-                        self._refuse_discarded()
-                        continue
+                if event is NEED_DATA:
                     break
-                total = size + length
-                if end - pos < total:
-                    if total > len(self._buf):
-                        # Large WRITE: give it its own buffer the loop fills directly.
-                        if (
-                            OWNED_PAYLOADS
-                            and self._device is not None
-                            and self._device.keeps_payloads
-                        ):
-                            self._payload, self._payload_view = owned_payload(length)
-                        else:
-                            spare, self._spare = self._spare, None
-                            if spare is None or len(spare) < length:
-                                spare = bytearray(length)
-                            self._payload = spare
-                            self._payload_view = memoryview(spare)[:length]
-                        have = end - pos - size
-                        self._payload_view[:have] = view[pos + size : end]
-                        self._payload_filled = have
-                        self._payload_req = (flags, cookie, offset, length)
-                        pos = end
-                    break
-                data = view[pos + size : pos + total]
-                pos += total
-                self._request(_WRITE, flags, cookie, offset, length, data, pin=True)
+                if type(event) is PayloadRefused:
+                    pos = after
+                    if self._start_discard(event.request, event.skip):
+                        break  # the loop drops the rest of the payload from here
+                    continue
+                assert type(event) is PayloadNeeded
+                req = event.request
+                if self._invalid(req):
+                    pos = after
+                    if self._start_discard(req, req.length - len(event.first)):
+                        break
+                    continue
+                receiving = self._start_payload(req, event.first)
+                if receiving is None:
+                    break  # no budget: the header stays in the buffer until there is
+                pos = after
+                if receiving:
+                    break  # the loop fills the payload's own buffer from here
         finally:
             if pos == end and not self._pins:
                 self._start = self._end = 0
@@ -387,36 +473,92 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._flush_batch()
         self._update_reading()
 
+    def _start_payload(self, req: Request, first: memoryview) -> bool | None:
+        """Give a large WRITE's payload a buffer of its own, once the budget allows: None if
+        it does not yet (the caller leaves the header in the buffer), True if the payload is
+        now being received, False if it was all here and the request has started."""
+        length = req.length
+        device = self._device
+        assert device is not None
+        # Asked per payload: a trace can attach (or detach) while the connection is open.
+        self._owned = device.keeps_payloads
+        spare = self._spare
+        if spare is not None and not self._owned and len(spare) >= length:
+            self._spare = None
+            own, self._spare_held = self._spare_held, 0  # the spare's budget goes with it
+        else:
+            spare = None
+            if self._spare is not None:  # too small, or the device now keeps payloads
+                self._spare = None
+                held, self._spare_held = self._spare_held, 0
+                self._budget.release(held)
+            if not self._budget.try_reserve(length):
+                self._wait_for_budget()
+                return None
+            own = length
+        payload = PayloadBuffer(length, owned=self._owned, spare=spare)
+        payload.fill(first)
+        self._payload_reserved = own
+        self._payload_req = req
+        if payload.complete:  # the whole payload was here after all
+            self._payload_received(payload)
+            return False
+        self._payload = payload
+        return True
+
+    def _invalid(self, req: Request) -> bool:
+        """Would validation refuse this WRITE?  Then its payload is dropped, not stored."""
+        session = self._session
+        assert session is not None
+        try:
+            tx.validate_request(session, req.command, req.flags, req.offset, req.length)
+        except NBDRequestError:
+            return True
+        return False
+
+    def _start_discard(self, req: Request, skip: int) -> bool:
+        """Drop ``skip`` more payload bytes, then refuse ``req``; True while dropping."""
+        self._discard_req = req
+        self._discard = skip
+        if not skip:
+            self._refuse_discarded()
+        return bool(skip)
+
     def _refuse_discarded(self) -> None:
-        flags, cookie, offset, length = self._discard_req
-        self._request(_WRITE, flags, cookie, offset, length, None, pin=False)
+        req, self._discard_req = self._discard_req, None
+        assert req is not None and req.data is None
+        self._request(req, pin=False)
 
     # -- dispatch ------------------------------------------------------------------------------
 
-    def _request(
-        self,
-        cmd: int,
-        flags: int,
-        cookie: int,
-        offset: int,
-        length: int,
-        data: memoryview | bytes | None,
-        *,
-        pin: bool,
-    ) -> bool:
-        """Validate and start one request; True if it finished synchronously."""
+    def _request(self, req: Request, *, pin: bool, own: int = 0) -> bool | None:
+        """Validate and start one request: True if it finished synchronously, False if it
+        suspended (a Task finishes it), None if it is a READ that must wait for payload
+        budget (nothing was done; the caller parses it again later).
+
+        ``pin``: ``req.data`` is a view of the receive buffer.  ``own``: budget bytes a large
+        WRITE's own payload buffer holds; a suspended request gives them back when it ends,
+        a synchronous one leaves that to the caller (who may keep the buffer as its spare).
+        """
         session = self._session
         device = self._device
         assert session is not None and device is not None
-        self.requests += 1
+        cmd, flags, cookie, offset, length, data = req
         try:
             tx.validate_request(session, cmd, flags, offset, length)
         except NBDRequestError as exc:
+            self.requests += 1
             log.debug("connection %d: %s", self.id, exc)
             self._send(tx.encode_error(session, cookie, cmd, exc.errno, str(exc)))
             return True
         coro: Coroutine[Any, Any, Any]
+        reserved = 0  # budget a READ holds for its data until the reply leaves
         if cmd == _READ:
+            if length > _READ_UNRESERVED:
+                if not self._budget.try_reserve(length):
+                    self._wait_for_budget()
+                    return None
+                reserved = length
             coro = device.read(offset, length)
         elif cmd == _WRITE:
             if data is None:  # oversized: validate_request refused it above
@@ -439,36 +581,44 @@ class NBDConnection(asyncio.BufferedProtocol):
         elif cmd == _CACHE:
             coro = device.cache(offset, length)
         elif cmd == _DISC:
+            self.requests += 1
             self._stopping = True
             self._maybe_finished()
             return True
         else:  # pragma: no cover - validate_request refuses unknown commands
             raise AssertionError(f"unhandled command {cmd}")
+        self.requests += 1
         try:
             fut = coro.send(None)
         except StopIteration as stop:
-            self._complete(cmd, flags, cookie, offset, length, stop.value)
+            self._complete(cmd, flags, cookie, offset, length, stop.value, reserved)
             return True
         except BlockDeviceError as exc:
-            self._fail(cmd, cookie, exc.errno, str(exc))
+            self._fail(cmd, cookie, exc.errno, str(exc), reserved)
             return True
         except Exception as exc:
             log.exception("connection %d: %s failed", self.id, tx.cmd_name(cmd))
-            self._fail(cmd, cookie, E.EIO, str(exc))
+            self._fail(cmd, cookie, E.EIO, str(exc), reserved)
             return True
         # The device suspended: finish in a Task (keeping the receive buffer pinned if the
         # device holds a view of it).
         self._inflight += 1
-        own = 0  # a large payload's own buffer, held until the request finishes
         if pin:
             self._pins += 1
-        elif data is not None:
-            own = length
-            self._held += own
+        self._held += own  # a large payload's own buffer, held until the request finishes
         assert self._loop is not None
         task = self._loop.create_task(
             self._finish(
-                coro, fut, cmd, flags, cookie, offset, length, self._buf if pin else None, own
+                coro,
+                fut,
+                cmd,
+                flags,
+                cookie,
+                offset,
+                length,
+                self._buf if pin else None,
+                own,
+                reserved,
             )
         )
         self._tasks.add(task)  # the loop holds tasks weakly
@@ -486,20 +636,22 @@ class NBDConnection(asyncio.BufferedProtocol):
         length: int,
         pinned: bytearray | None,
         own: int,
+        reserved: int,
     ) -> None:
         try:
             result = await Resume(coro, fut)
         except BlockDeviceError as exc:
-            self._fail(cmd, cookie, exc.errno, str(exc))
+            self._fail(cmd, cookie, exc.errno, str(exc), reserved)
         except Exception as exc:
             log.exception("connection %d: %s failed", self.id, tx.cmd_name(cmd))
-            self._fail(cmd, cookie, E.EIO, str(exc))
+            self._fail(cmd, cookie, E.EIO, str(exc), reserved)
         else:
-            self._complete(cmd, flags, cookie, offset, length, result)
+            self._complete(cmd, flags, cookie, offset, length, result, reserved)
         finally:
             if pinned is not None:
                 self._unpin(pinned)
             self._held -= own
+            self._budget.release(own)
             self._inflight -= 1
             self._update_reading()
             if not self._maybe_finished():
@@ -518,12 +670,20 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._held -= len(buf)
 
     def _complete(
-        self, cmd: int, flags: int, cookie: int, offset: int, length: int, result: Any
+        self,
+        cmd: int,
+        flags: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        result: Any,
+        reserved: int = 0,
     ) -> None:
         session = self._session
         assert session is not None
         if cmd == _READ:
-            self._send_data(tx.encode_read_header(session, cookie, offset, length), result)
+            header = tx.encode_read_header(session, cookie, offset, length)
+            self._send_data(header, result, reserved)
         elif cmd == _STATUS:
             extents: list[Extent] = result
             desc = tx.block_status_descriptors(extents, length, bool(flags & _REQ_ONE))
@@ -531,9 +691,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         else:
             self._send(_pack_simple(_SIMPLE_MAGIC, 0, cookie))
 
-    def _fail(self, cmd: int, cookie: int, errno: int, message: str) -> None:
+    def _fail(self, cmd: int, cookie: int, errno: int, message: str, reserved: int = 0) -> None:
         session = self._session
         assert session is not None
+        self._budget.release(reserved)
         log.debug("connection %d: %s: %s", self.id, tx.cmd_name(cmd), message)
         self._send(tx.encode_error(session, cookie, cmd, errno, message))
 
@@ -547,15 +708,17 @@ class NBDConnection(asyncio.BufferedProtocol):
         elif not self._closed and self.transport is not None:
             self.transport.write(data)
 
-    def _send_data(self, header: bytes, data: Any) -> None:
+    def _send_data(self, header: bytes, data: Any, reserved: int) -> None:
         batch = self._batch
         if batch is not None:
             batch.append(header)
             batch.append(data)
             self._batch_bytes += len(data)
+            self._reads_batched += reserved
             return
         t = self.transport
         if self._closed or t is None:
+            self._budget.release(reserved)
             return
         if self._writelines:
             t.writelines((header, data))
@@ -564,13 +727,24 @@ class NBDConnection(asyncio.BufferedProtocol):
         else:
             t.write(header)
             t.write(data)
+        self._sent_reads(reserved)
+
+    def _sent_reads(self, reserved: int) -> None:
+        """READ data of ``reserved`` budget bytes went to the transport: if the client is
+        not reading (the transport paused), it stays counted until the transport drains."""
+        if self._write_paused and not self._closed:
+            self._tx_held += reserved
+        else:
+            self._budget.release(reserved)
 
     def _flush_batch(self) -> None:
         """Write the replies gathered while parsing: one writev on uvloop."""
         batch, self._batch = self._batch, None
+        reads, self._reads_batched = self._reads_batched, 0
         t = self.transport
         if not batch or self._closed or t is None:
             self._batch_bytes = 0
+            self._budget.release(reads)
             return
         if len(batch) == 1:
             t.write(batch[0])
@@ -582,6 +756,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             for item in batch:
                 t.write(item)
         self._batch_bytes = 0
+        self._sent_reads(reads)
 
     def _update_reading(self) -> None:
         t = self.transport
@@ -590,6 +765,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         want_pause = (
             self._write_paused
             or self._stopping
+            or self._budget_wait
             or self._inflight >= MAX_INFLIGHT
             or self._held >= MAX_HELD_BYTES
         )

@@ -20,6 +20,8 @@ NBD_STRUCTURED_REPLY_MAGIC = 0x668E33EF
 
 #: Strings (export names, messages) MUST be at most this long.
 NBD_MAX_STRING = 4096
+#: The IANA-assigned NBD TCP port.
+NBD_PORT = 10809
 #: Default maximum payload when a server advertises none (spec "Size constraints").
 NBD_DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 

@@ -26,9 +26,8 @@ from blocktrace.block.device import (
 )
 from blocktrace.errors import BlockDeviceError, UsageError
 from blocktrace.nbd.client import NBDClient
+from blocktrace.nbd.constants import NBD_PORT
 from blocktrace.nbd.constants import TransmissionFlag as TF
-
-NBD_PORT = 10809
 
 
 @dataclass(frozen=True, slots=True)

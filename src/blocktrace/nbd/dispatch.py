@@ -1,21 +1,21 @@
 """How :mod:`.connection` hands requests to the device: driving a device coroutine by hand,
-WRITE payload buffers a device may keep, BLOCK_STATUS in growing windows.
+WRITE payload buffers allocated as the payload arrives, BLOCK_STATUS in growing windows.
 
 The first two exist to spare work per request, measured in ``docs/nbd-server.md`` and
 ``docs/trace.md`` (PERFORMANCE):
 
 * :class:`Resume` continues a coroutine the connection started with ``coro.send(None)``
   inside a Task, only for requests that suspend: no Task per request otherwise.
-* :func:`owned_payload` gives a large WRITE payload a fresh ``bytes`` object that the event
-  loop receives into directly.  A device that keeps payloads (a traced export: the trace filter
-  turns each write into a record holding its data) gets that object itself, immutable from then
-  on, and keeps it without copying; copying a 1 MiB payload out of a reusable buffer was one
-  of the largest costs of a traced large write (a pass over cold memory on the loop).
+* :class:`PayloadBuffer` receives a large WRITE payload directly from the event loop.  A
+  device that keeps payloads (a traced export: the trace filter turns each write into a record
+  holding its data) gets an immutable ``bytes`` it keeps without copying; copying a 1 MiB
+  payload out of a reusable buffer was one of the largest costs of a traced large write (a
+  pass over cold memory on the loop).
 """
 
 from __future__ import annotations
 
-import ctypes
+import io
 from collections.abc import Coroutine, Generator
 from typing import Any
 
@@ -24,15 +24,8 @@ from blocktrace.block.device import BlockDevice, Extent
 #: BLOCK_STATUS: first window asked of the device with REQ_ONE, and the cap without it.
 _STATUS_WINDOW = 64 * 1024 * 1024
 _STATUS_MAX = 1024 * 1024 * 1024
-_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
-_new_bytes.restype = ctypes.py_object
-_new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-_view_of_memory = ctypes.pythonapi.PyMemoryView_FromMemory
-_view_of_memory.restype = ctypes.py_object
-_view_of_memory.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
-_PyBUF_WRITE = 0x200
-#: offset of a bytes object's data from its address (CPython's ``PyBytesObject.ob_sval``)
-_BYTES_DATA = bytes.__basicsize__ - 1
+#: A large payload's buffer starts at this size (or the payload's) and doubles as it fills.
+GROW_STEP = 1024 * 1024
 
 
 class Resume:
@@ -66,35 +59,113 @@ class Resume:
                     return stop.value
 
 
-def owned_payload(length: int) -> tuple[bytes, memoryview]:
-    """A new ``bytes`` object of ``length`` bytes and a writable view of its memory.
+class PayloadBuffer:
+    """The buffer one large WRITE payload is received into, allocated as its bytes arrive.
 
-    The object's content is undefined until the caller has filled all of it through the view
-    (``PyBytes_FromStringAndSize(NULL, n)``: no zero-fill, which cost a pass over the memory).
-    Only the caller knows the object until it is filled and handed on; from then on nobody
-    writes it (the view must be dropped), so it is as immutable as any ``bytes``.  The view
-    does not keep the object alive: the caller holds both.  A fresh
-    object is never shared and its hash is not computed before it is handed on.  Callers
-    check :data:`OWNED_PAYLOADS` first.
+    The header's claim is never allocated up front (a 28-byte header announcing 32 MiB must
+    not cost 32 MiB): the buffer starts at :data:`GROW_STEP` (or the payload's length, if
+    smaller) and doubles when full, so it holds at most twice the bytes received, or one step.
+    The event loop receives straight into it (:meth:`space`); :meth:`take` hands the payload
+    to the device.
+
+    Two kinds, by what the device does with the data:
+
+    * ``owned`` (the device keeps payloads, a traced export): an ``io.BytesIO`` whose
+      :meth:`~io.BytesIO.getbuffer` view is the receive target and whose
+      :meth:`~io.BytesIO.getvalue` then yields an immutable ``bytes`` the device keeps.  Both
+      are documented behaviour on every interpreter; on CPython ``getvalue`` returns the
+      buffer itself, without a copy, once no view of it is left (uvloop drops its view before
+      ``buffer_updated``; the stock loop still holds one there, and CPython then copies).
+      This replaced writing into a fresh ``bytes`` through ctypes, which relied on CPython's
+      object layout (issue 11).
+    * otherwise a ``bytearray``, possibly a connection's spare one, reused request after
+      request (the device is done with the data when ``write`` returns); :meth:`take` gives
+      a view of it.
     """
-    obj: bytes = _new_bytes(None, length)
-    # a view of raw memory: no ctypes array type per length (ctypes caches those forever)
-    view: memoryview = _view_of_memory(id(obj) + _BYTES_DATA, length, _PyBUF_WRITE)
-    return obj, view
 
+    __slots__ = ("_bio", "_cap", "_store", "_view", "filled", "length")
 
-def _works() -> bool:
-    """Check the layout assumption once: writing through the view changes the object."""
-    try:
-        obj, view = owned_payload(4096)
-        view[:] = bytes(range(256)) * 16
-        return obj == bytes(range(256)) * 16
-    except (TypeError, ValueError, AttributeError):  # pragma: no cover - not CPython
-        return False
+    def __init__(self, length: int, *, owned: bool, spare: bytearray | None = None) -> None:
+        self.length = length
+        self.filled = 0
+        self._bio: io.BytesIO | None = io.BytesIO() if owned else None
+        self._store: bytearray | None = None
+        self._view: memoryview | None = None
+        self._cap = 0
+        if not owned and spare is not None and len(spare) >= length:
+            self._store = spare
+            self._cap = length
+            self._view = memoryview(spare)
 
+    @property
+    def capacity(self) -> int:
+        """Bytes allocated so far (what the server's accounting reports)."""
+        return self._cap
 
-#: the interpreter stores bytes the way :func:`owned_payload` assumes (CPython)
-OWNED_PAYLOADS = _works()
+    @property
+    def complete(self) -> bool:
+        return self.filled == self.length
+
+    def space(self) -> memoryview:
+        """Writable view of where the next payload bytes go (never empty before completion)."""
+        if self.filled == self._cap:
+            self._grow(min(self.length, max(GROW_STEP, 2 * self._cap)))
+        assert self._view is not None
+        return self._view[self.filled : self._cap]
+
+    def fill(self, data: memoryview) -> None:
+        """Copy bytes that arrived with the header (at most the receive buffer's size)."""
+        while data:
+            room = self.space()
+            n = min(len(room), len(data))
+            room[:n] = data[:n]
+            self.filled += n
+            data = data[n:]
+
+    def _grow(self, cap: int) -> None:
+        self._view = None  # no view of ours may pin the old memory while it is resized
+        bio = self._bio
+        if bio is not None:
+            try:
+                bio.seek(cap - 1)
+                bio.write(b"\0")
+            except BufferError:  # someone still holds a view: grow a copy instead
+                old = bio.getvalue()
+                bio = self._bio = io.BytesIO()
+                bio.write(old)
+                bio.seek(cap - 1)
+                bio.write(b"\0")
+            self._view = bio.getbuffer()
+        else:
+            store = self._store
+            if store is None:
+                store = self._store = bytearray(cap)
+            else:
+                try:
+                    store.extend(bytes(cap - len(store)))
+                except BufferError:
+                    grown = bytearray(cap)
+                    grown[: self.filled] = memoryview(store)[: self.filled]
+                    store = self._store = grown
+            self._view = memoryview(store)
+        self._cap = cap
+
+    def take(self) -> bytes | memoryview:
+        """The complete payload: a ``bytes`` nobody else holds (owned), or a view of the
+        reusable buffer (valid until the device's ``write`` returns)."""
+        assert self.complete
+        view, self._view = self._view, None
+        if self._bio is not None:
+            del view  # the last view of ours: getvalue() can hand over the buffer itself
+            data = self._bio.getvalue()
+            self._bio = None
+            return data
+        assert self._store is not None and view is not None
+        return view[: self.length]
+
+    def reusable(self) -> bytearray | None:
+        """The ``bytearray`` to keep as a connection's spare, if this was one."""
+        return self._store
 
 
 async def block_status(

@@ -1,16 +1,18 @@
 """Value objects the NBD cores exchange with their I/O adapters (server and client).
 
 Frozen and slotted, as in h11: an event is data, built once, never mutated.  The server's hot
-path parses request headers straight from its receive buffer and never builds a
-:class:`Request` per I/O; the event classes serve the generic parsers, the client and tests.
+path drives :class:`~blocktrace.nbd.transmission.RequestParser` over its receive buffer, and
+the client drives :class:`~blocktrace.nbd.transmission.ReplyParser` over its own: payloads are
+views of those buffers, not copies.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
-from blocktrace.nbd.constants import NBD_DEFAULT_MAX_PAYLOAD, Cmd, TransmissionFlag
+from blocktrace.nbd.constants import NBD_DEFAULT_MAX_PAYLOAD, TransmissionFlag
 
 
 class Need(Enum):
@@ -54,11 +56,15 @@ class HandshakeAborted:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """A transmission-phase request; ``data`` is the WRITE payload (a view, not a copy)."""
+class Request(NamedTuple):
+    """A transmission-phase request; ``data`` is the WRITE payload (a view of the server's
+    receive buffer, not a copy) when the payload arrived with the header.
 
-    command: Cmd | int
+    A named tuple, unlike the other events: one is built per request on the server's hot
+    path, where building and unpacking a tuple costs a fraction of a dataclass.
+    """
+
+    command: int
     flags: int
     cookie: int
     offset: int
@@ -67,19 +73,40 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
+class PayloadNeeded:
+    """A WRITE whose payload is too large to wait for in the receive buffer: the adapter
+    receives ``request.length`` bytes into a buffer of their own (``first`` are the ones
+    already here), then dispatches ``request`` with them."""
+
+    request: Request
+    first: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadRefused:
+    """A WRITE longer than the maximum payload: ``skip`` more payload bytes must be read and
+    dropped (never stored), then ``request`` answered with an error (validation refuses it)."""
+
+    request: Request
+    skip: int
+
+
+@dataclass(slots=True)
 class SimpleReply:
-    """A simple reply; ``data`` is the READ payload when ``error == 0``."""
+    """A simple reply; ``data`` is the READ payload when ``error == 0`` (not frozen: one per
+    reply on the client's hot path, see :class:`Request`)."""
 
     cookie: int
     error: int
     data: bytes | memoryview | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReplyChunk:
-    """One structured reply chunk; ``payload`` is raw and decoded by the caller per type."""
+    """One structured reply chunk; ``payload`` is raw and decoded by the caller per type
+    (not frozen, as :class:`SimpleReply`)."""
 
     cookie: int
     flags: int
     type: int
-    payload: bytes
+    payload: bytes | memoryview

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 
 from blocktrace.block.device import BlockDevice
 from blocktrace.exports import Export, ExportRegistry
 from blocktrace.nbd.connection import BUFFER_SIZE, MAX_INFLIGHT, NBDConnection
 from blocktrace.nbd.constants import NBD_DEFAULT_MAX_PAYLOAD, TransmissionFlag
 from blocktrace.nbd.events import ExportInfo
+from blocktrace.nbd.limits import PayloadBudget, ServerLimits
 
 __all__ = [
     "BUFFER_SIZE",
@@ -66,10 +68,19 @@ def export_info(export: Export) -> ExportInfo:
 
 class NBDServer:
     """Accepts NBD connections for the exports in ``registry``; one device object per export
-    is shared by all its connections (what makes ``CAN_MULTI_CONN`` true)."""
+    is shared by all its connections (what makes ``CAN_MULTI_CONN`` true).
 
-    def __init__(self, registry: ExportRegistry) -> None:
+    ``limits`` bound what all clients together can cost (:mod:`.limits`): connections past
+    ``max_connections`` are closed on arrival, negotiation has a deadline, and every
+    connection draws its large payloads and READ data from one :class:`PayloadBudget`.
+    """
+
+    def __init__(self, registry: ExportRegistry, limits: ServerLimits | None = None) -> None:
         self.registry = registry
+        self.limits = limits or ServerLimits()
+        self.budget = PayloadBudget(self.limits.payload_memory)
+        #: connections closed on arrival because ``max_connections`` were open
+        self.refused = 0
         self.connections: set[NBDConnection] = set()
         self._ids = itertools.count(1)
         self._idle = asyncio.Event()
@@ -85,9 +96,21 @@ class NBDServer:
     def list_exports(self) -> list[ExportInfo]:
         return [export_info(e) for e in self.registry]
 
-    def _added(self, conn: NBDConnection) -> None:
+    def _added(self, conn: NBDConnection) -> bool:
+        """Admit a new connection, or refuse it (False) when the cap is reached."""
+        cap = self.limits.max_connections
+        if len(self.connections) >= cap:
+            self.refused += 1
+            log.warning(
+                "refusing connection from %s: %d connections open (--max-connections %d)",
+                conn.peer,
+                len(self.connections),
+                cap,
+            )
+            return False
         self.connections.add(conn)
         self._idle.clear()
+        return True
 
     def _removed(self, conn: NBDConnection) -> None:
         self.connections.discard(conn)
@@ -101,13 +124,18 @@ class NBDServer:
             c.shutdown()
         return len(conns)
 
-    async def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop every connection after its in-flight requests finished; abort stragglers."""
+    async def shutdown(
+        self, timeout: float = 30.0, *, on_timeout: Callable[[], None] | None = None
+    ) -> None:
+        """Stop every connection after its in-flight requests finished; abort stragglers
+        (after ``on_timeout()``, which can fail the requests that must not outlive them)."""
         for c in list(self.connections):
             c.shutdown()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
+            if on_timeout is not None:
+                on_timeout()
             for c in list(self.connections):
                 log.warning("connection %d: did not finish in %.0fs, aborting", c.id, timeout)
                 c.abort()

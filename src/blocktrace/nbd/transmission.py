@@ -2,28 +2,29 @@
 
 Server side:
 
-* :func:`parse_request_header` reads one 28-byte request header with ``unpack_from`` on the
-  caller's buffer (the server's receive buffer; no copy).  A bad magic is a protocol error:
-  framing is lost and the connection must end.
+* :class:`RequestParser` frames requests in the caller's receive buffer (``unpack_from`` in
+  place, payloads as views, large payloads handed out as "receive N bytes into a buffer of
+  their own"): the server's adapter and the unit tests drive the same object.  A bad magic is
+  a protocol error: framing is lost and the connection must end.
 * :func:`validate_request` is the one place a well-framed request is checked (as nbdkit's
   ``validate_request``): it raises :class:`NBDRequestError` with EINVAL / EROFS / ENOSPC /
   EOVERFLOW, which the server answers and then carries on.  Nothing below it re-checks.
 * ``encode_*`` build simple replies or structured chunks for a :class:`Session`.
 
-Client side: :func:`encode_request` and :class:`ReplyParser`.  :class:`RequestParser` is the
-generic (copying) request parser used by tests and any non-hot-path user; the server's adapter
-uses the same header parser and validator directly on its own buffer.
+Client side: :func:`encode_request` and :class:`ReplyParser`, which the client adapter drives
+over its receive buffer the same way.
 """
 
 from __future__ import annotations
 
 import errno as E
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from blocktrace.block.device import Extent
 from blocktrace.nbd import wire
 from blocktrace.nbd.constants import (
+    NBD_DEFAULT_MAX_PAYLOAD,
     NBD_REQUEST_MAGIC,
     NBD_SIMPLE_REPLY_MAGIC,
     NBD_STRUCTURED_REPLY_MAGIC,
@@ -32,9 +33,27 @@ from blocktrace.nbd.constants import (
     TransmissionFlag,
 )
 from blocktrace.nbd.errors import NBDRemoteProtocolError, NBDRequestError, nbd_error
-from blocktrace.nbd.events import NEED_DATA, Need, ReplyChunk, Request, SimpleReply
+from blocktrace.nbd.events import (
+    NEED_DATA,
+    Need,
+    PayloadNeeded,
+    PayloadRefused,
+    ReplyChunk,
+    Request,
+    SimpleReply,
+)
 
 REQUEST_SIZE = wire.REQUEST.size
+#: Largest structured reply chunk a client accepts (a READ chunk is at most a 32 MiB request).
+MAX_CHUNK = 64 * 1024 * 1024
+_WRITE = int(Cmd.WRITE)
+_unpack_request = wire.REQUEST.unpack_from
+_new_request = tuple.__new__
+_unpack_u32 = wire.U32.unpack_from
+_unpack_simple = wire.SIMPLE_REPLY.unpack_from
+_unpack_chunk = wire.CHUNK.unpack_from
+_SIMPLE_SIZE = wire.SIMPLE_REPLY.size
+_CHUNK_SIZE = wire.CHUNK.size
 #: Hard cap on block-status descriptors per chunk (spec: SHOULD NOT exceed 2^20).
 MAX_EXTENTS = 1 << 20
 
@@ -93,16 +112,6 @@ class Session:
 # -- server: requests ------------------------------------------------------------------------
 
 
-def parse_request_header(
-    buf: bytes | bytearray | memoryview, pos: int = 0
-) -> tuple[int, int, int, int, int]:
-    """Return ``(flags, cmd, cookie, offset, length)`` of the header at ``buf[pos:]``."""
-    magic, flags, cmd, cookie, offset, length = wire.REQUEST.unpack_from(buf, pos)
-    if magic != NBD_REQUEST_MAGIC:
-        raise NBDRemoteProtocolError(f"bad request magic {magic:#x}")
-    return flags, cmd, cookie, offset, length
-
-
 def validate_request(s: Session, cmd: int, flags: int, offset: int, length: int) -> None:
     """Raise :class:`NBDRequestError` if the request must be refused; the order of checks
     decides which error a doubly-bad request gets (read-only beats out-of-range)."""
@@ -142,49 +151,56 @@ def validate_request(s: Session, cmd: int, flags: int, offset: int, length: int)
 
 
 class RequestParser:
-    """Generic request parser: bytes in, :class:`Request` events out.
+    """Server-side request framing, sans-IO and zero-copy: the one the server runs.
 
-    WRITE payloads longer than ``max_payload`` are read and discarded (``data`` is None), so a
-    client cannot make the server buffer an arbitrary amount; validation then refuses them.
+    The caller owns the receive buffer and asks :meth:`next_event` about ``buf[pos:end]``; the
+    answer is an event and the position after what it consumed:
+
+    * :class:`Request`: a whole request; a WRITE's ``data`` is a view of ``buf`` (valid until
+      the caller reuses that part of its buffer).
+    * :class:`PayloadNeeded`: a WRITE whose header plus payload exceed ``inline_limit`` (the
+      caller's buffer): its payload goes to a buffer of its own, ``first`` being the bytes
+      already received; everything up to ``end`` is consumed.
+    * :class:`PayloadRefused`: a WRITE longer than ``max_payload``: what is here of its
+      payload is consumed, ``skip`` more bytes must be dropped as they arrive, never stored,
+      so a header's claim costs no memory (validation then refuses the request).
+    * ``NEED_DATA``: wait for more bytes (``pos`` unchanged).
+
+    A bad magic raises :class:`NBDRemoteProtocolError`: framing is lost.
     """
 
-    def __init__(self, max_payload: int = 32 * 1024 * 1024) -> None:
+    __slots__ = ("inline_limit", "max_payload")
+
+    def __init__(
+        self, max_payload: int = NBD_DEFAULT_MAX_PAYLOAD, inline_limit: int = 512 * 1024
+    ) -> None:
         self.max_payload = max_payload
-        self._buf = bytearray()
-        self._discard = 0
-        self._pending: Request | None = None
+        self.inline_limit = inline_limit
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
-
-    def next_event(self) -> Request | Need:
-        buf = self._buf
-        if self._discard:
-            n = min(self._discard, len(buf))
-            del buf[:n]
-            self._discard -= n
-            if self._discard:
-                return NEED_DATA
-            req, self._pending = self._pending, None
-            assert req is not None
-            return req
-        if len(buf) < REQUEST_SIZE:
-            return NEED_DATA
-        flags, cmd, cookie, offset, length = parse_request_header(buf, 0)
-        if cmd != Cmd.WRITE:
-            del buf[:REQUEST_SIZE]
-            return Request(cmd, flags, cookie, offset, length)
+    def next_event(
+        self, buf: memoryview, pos: int, end: int
+    ) -> tuple[Request | PayloadNeeded | PayloadRefused | Need, int]:
+        if end - pos < REQUEST_SIZE:
+            return NEED_DATA, pos
+        magic, flags, cmd, cookie, offset, length = _unpack_request(buf, pos)
+        if magic != NBD_REQUEST_MAGIC:
+            raise NBDRemoteProtocolError(f"bad request magic {magic:#x}")
+        start = pos + REQUEST_SIZE
+        if cmd != _WRITE:
+            # tuple.__new__ builds the named tuple in C: half the cost of calling Request()
+            return _new_request(Request, (cmd, flags, cookie, offset, length, None)), start
         if length > self.max_payload:
-            del buf[:REQUEST_SIZE]
-            self._discard = length
-            self._pending = Request(cmd, flags, cookie, offset, length)
-            return self.next_event()
-        end = REQUEST_SIZE + length
-        if len(buf) < end:
-            return NEED_DATA
-        data = bytes(buf[REQUEST_SIZE:end])
-        del buf[:end]
-        return Request(cmd, flags, cookie, offset, length, data)
+            n = min(length, end - start)
+            return PayloadRefused(Request(cmd, flags, cookie, offset, length), length - n), (
+                start + n
+            )
+        stop = start + length
+        if stop <= end:
+            data = buf[start:stop]
+            return _new_request(Request, (cmd, flags, cookie, offset, length, data)), stop
+        if REQUEST_SIZE + length <= self.inline_limit:
+            return NEED_DATA, pos
+        return PayloadNeeded(Request(cmd, flags, cookie, offset, length), buf[start:end]), end
 
 
 # -- server: replies -------------------------------------------------------------------------
@@ -262,55 +278,46 @@ def encode_request(
 
 
 class ReplyParser:
-    """Client-side reply parser: bytes in, :class:`SimpleReply` / :class:`ReplyChunk` out.
+    """Client-side reply framing, sans-IO and zero-copy: the one the client runs.
 
-    A simple reply carries no length, so the caller registers every READ it sends with
-    :meth:`expect_read` (``cookie -> length``); a simple reply to a cookie not registered has no
-    payload.  ``max_chunk`` bounds structured chunk payloads.
+    :meth:`next_event` reads ``buf[pos:end]`` and returns a :class:`SimpleReply` or
+    :class:`ReplyChunk` whose data is a view of ``buf`` (copy what must outlive the buffer),
+    or ``NEED_DATA``, with the position after what it consumed.  A simple reply carries no
+    length, so ``read_length(cookie)`` says how many data bytes a successful one brings (the
+    READ's length; 0 for any other request, or an unknown cookie, which the caller refuses).
+    ``max_chunk`` bounds a structured chunk's payload: a server cannot make the client buffer
+    more than that.
     """
 
-    def __init__(self, max_chunk: int = 64 * 1024 * 1024) -> None:
+    __slots__ = ("max_chunk", "read_length")
+
+    def __init__(self, read_length: Callable[[int], int], max_chunk: int = MAX_CHUNK) -> None:
+        self.read_length = read_length
         self.max_chunk = max_chunk
-        self._buf = bytearray()
-        self._reads: dict[int, int] = {}
 
-    def expect_read(self, cookie: int, length: int) -> None:
-        self._reads[cookie] = length
-
-    def forget(self, cookie: int) -> None:
-        """The request with ``cookie`` is complete (call on the DONE chunk or simple reply)."""
-        self._reads.pop(cookie, None)
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
-
-    def next_event(self) -> SimpleReply | ReplyChunk | Need:
-        buf = self._buf
-        if len(buf) < 4:
-            return NEED_DATA
-        (magic,) = wire.U32.unpack_from(buf, 0)
+    def next_event(
+        self, buf: memoryview, pos: int, end: int
+    ) -> tuple[SimpleReply | ReplyChunk | Need, int]:
+        if end - pos < 4:
+            return NEED_DATA, pos
+        (magic,) = _unpack_u32(buf, pos)
         if magic == NBD_SIMPLE_REPLY_MAGIC:
-            if len(buf) < wire.SIMPLE_REPLY.size:
-                return NEED_DATA
-            _, error, cookie = wire.SIMPLE_REPLY.unpack_from(buf, 0)
-            n = self._reads.get(cookie, 0) if error == 0 else 0
-            end = wire.SIMPLE_REPLY.size + n
-            if len(buf) < end:
-                return NEED_DATA
-            data = bytes(buf[wire.SIMPLE_REPLY.size : end]) if n else None
-            del buf[:end]
-            self._reads.pop(cookie, None)
-            return SimpleReply(cookie, error, data)
+            if end - pos < _SIMPLE_SIZE:
+                return NEED_DATA, pos
+            _, error, cookie = _unpack_simple(buf, pos)
+            n = self.read_length(cookie) if error == 0 else 0
+            start = pos + _SIMPLE_SIZE
+            if end - start < n:
+                return NEED_DATA, pos
+            return SimpleReply(cookie, error, buf[start : start + n] if n else None), start + n
         if magic == NBD_STRUCTURED_REPLY_MAGIC:
-            if len(buf) < wire.CHUNK.size:
-                return NEED_DATA
-            _, flags, rtype, cookie, length = wire.CHUNK.unpack_from(buf, 0)
+            if end - pos < _CHUNK_SIZE:
+                return NEED_DATA, pos
+            _, flags, rtype, cookie, length = _unpack_chunk(buf, pos)
             if length > self.max_chunk:
                 raise NBDRemoteProtocolError(f"reply chunk of {length} bytes is too large")
-            end = wire.CHUNK.size + length
-            if len(buf) < end:
-                return NEED_DATA
-            payload = bytes(buf[wire.CHUNK.size : end])
-            del buf[:end]
-            return ReplyChunk(cookie, flags, rtype, payload)
+            start = pos + _CHUNK_SIZE
+            if end - start < length:
+                return NEED_DATA, pos
+            return ReplyChunk(cookie, flags, rtype, buf[start : start + length]), start + length
         raise NBDRemoteProtocolError(f"bad reply magic {magic:#x}")

@@ -22,6 +22,7 @@ partial message is dropped, an error is produced, and parsing resumes.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -74,7 +75,27 @@ def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return obj
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_object)
+@dataclass(frozen=True, slots=True)
+class ExactNumber:
+    """A JSON number too large for a double (``1e400``), kept as its text.
+
+    QEMU turns it into ``inf`` and echoes an ``id`` of ``1e400`` as ``inf``, which is not JSON
+    (nor is Python's ``Infinity``); kept as text, an id is echoed exactly as it came, as valid
+    JSON (:func:`blocktrace.qmp.protocol.render_id`).  As an argument it is neither a number
+    nor a string, so every typed parameter refuses it.
+    """
+
+    text: str
+
+
+def _number(text: str) -> float | ExactNumber:
+    value = float(text)
+    return ExactNumber(text) if math.isinf(value) else value
+
+
+_DECODER = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_float=_number, object_pairs_hook=_object
+)
 
 
 def _container_at(text: str, pos: int) -> str:

@@ -265,10 +265,13 @@ def register(table: CommandTable) -> None:
     async def block_trace_mark(ctx: Control, args: dict[str, Any]) -> Any:
         trace = ctx.jobs.find(args["job-id"])
         try:
-            entry = await trace.mark(args["name"])
+            place = await trace.mark(args["name"])
         except BlocktraceError as exc:
             raise errors.generic(str(exc)) from None
-        return {"entry": entry}
+        info: dict[str, Any] = {"position": place.position}
+        if place.entry is not None:
+            info["entry"] = place.entry
+        return info
 
     @table.command("query-block-jobs", doc="List trace jobs.", returns="[BlockJobInfo]")
     async def query_block_jobs(ctx: Control, args: dict[str, Any]) -> Any:

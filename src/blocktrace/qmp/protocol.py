@@ -28,7 +28,7 @@ from typing import Any
 
 from blocktrace.qmp import errors
 from blocktrace.qmp.errors import QMPError
-from blocktrace.qmp.framing import DEFAULT_MAX_SIZE, JSONSplitter, ParseError
+from blocktrace.qmp.framing import DEFAULT_MAX_SIZE, ExactNumber, JSONSplitter, ParseError
 
 NO_ID: Any = object()  # sentinel: the request carried no "id"
 
@@ -84,18 +84,32 @@ def render(message: dict[str, Any]) -> bytes:
     return json.dumps(message, ensure_ascii=True).encode("ascii") + b"\r\n"
 
 
+def render_id(id: Any) -> str:
+    """A request's ``id`` as JSON text, exactly as received: numbers beyond a double
+    (:class:`~blocktrace.qmp.framing.ExactNumber`) are written as their own digits."""
+    if isinstance(id, ExactNumber):
+        return id.text
+    if isinstance(id, dict):
+        items = (f"{json.dumps(k, ensure_ascii=True)}: {render_id(v)}" for k, v in id.items())
+        return "{" + ", ".join(items) + "}"
+    if isinstance(id, list):
+        return "[" + ", ".join(render_id(v) for v in id) + "]"
+    return json.dumps(id, ensure_ascii=True, allow_nan=False)
+
+
 def render_return(value: Any, id: Any = NO_ID) -> bytes:
-    msg: dict[str, Any] = {"return": value}
-    if id is not NO_ID:
-        msg["id"] = id
-    return render(msg)
+    if id is NO_ID:
+        return render({"return": value})
+    body = json.dumps({"return": value}, ensure_ascii=True)
+    return f'{body[:-1]}, "id": {render_id(id)}}}'.encode("ascii") + b"\r\n"
 
 
 def render_error(error: QMPError, id: Any = NO_ID) -> bytes:
     # QEMU puts the id first in error replies and last in successful ones.
-    msg: dict[str, Any] = {} if id is NO_ID else {"id": id}
-    msg["error"] = error.to_wire()
-    return render(msg)
+    if id is NO_ID:
+        return render({"error": error.to_wire()})
+    body = json.dumps({"error": error.to_wire()}, ensure_ascii=True)
+    return f'{{"id": {render_id(id)}, {body[1:]}'.encode("ascii") + b"\r\n"
 
 
 def timestamp(now: float | None = None) -> dict[str, int]:

@@ -7,10 +7,14 @@ bounded queues, so nothing one client does can grow memory or stall anybody else
   the client pipelines more commands than the executor keeps up with, the reader stops reading
   (the socket pushes back on that client alone);
 * the **executor** runs that client's commands one at a time, in order, like QEMU's monitor;
-* the **writer** sends replies and events from a bounded per-client queue.
+* the **writer** sends replies and events from a per-client :class:`Outbox` bounded in
+  *bytes* as well as messages (one reply echoing a 1 MiB id of non-ASCII characters is 6 MiB
+  on the wire, so a count bound alone let a client that never reads hold gigabytes).
 
-Events (:meth:`QMPServer.broadcast`) are rendered once and offered to every negotiated client
-with ``put_nowait``: a client whose queue is full (it stopped reading) is disconnected, alone.
+A reply waits for room in its client's outbox, so a client that does not read stalls its own
+commands (then the reader, then its socket) and nothing else.  Events
+(:meth:`QMPServer.broadcast`) are rendered once and offered without waiting: a client whose
+outbox is full has stopped reading, and is disconnected, alone, its queued messages released.
 ``broadcast`` never awaits, so the trace and NBD paths that emit events are never blocked.
 """
 
@@ -21,6 +25,7 @@ import contextlib
 import itertools
 import logging
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +49,12 @@ from blocktrace.sockets import bind_unix
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EVENT_QUEUE = 1024  # messages buffered per client before it counts as not reading
+#: bytes of replies and events buffered per client before it counts as not reading; one
+#: message is always admitted into an empty outbox, however big
+DEFAULT_MAX_OUTGOING = 8 * 1024 * 1024
+#: ... and messages: many small events cost more than their bytes (one object each), and a
+#: client that reads nothing should be noticed long before 8 MiB of 100-byte events
+DEFAULT_EVENT_QUEUE = 1024
 DEFAULT_COMMAND_QUEUE = 16  # pipelined commands accepted ahead of execution per client
 DEFAULT_MAX_CLIENTS = 64
 READ_CHUNK = 65536
@@ -55,6 +65,64 @@ def blocktrace_version() -> VersionInfo:
     parts = [int(p) if p.isdigit() else 0 for p in __version__.split(".")[:3]]
     parts += [0] * (3 - len(parts))
     return VersionInfo(parts[0], parts[1], parts[2], f"blocktrace {__version__}")
+
+
+class Outbox:
+    """A client's outgoing messages, bounded by their total size in bytes and their count.
+
+    A message that would take the total past ``limit`` bytes or ``max_messages`` messages
+    does not fit, unless the outbox is empty (so any single message can go out).  ``offer``
+    (events) never waits and refuses what does not fit; ``put`` (replies) waits for room.
+    ``None`` is the end marker and costs nothing.
+    """
+
+    def __init__(self, limit: int, max_messages: int = DEFAULT_EVENT_QUEUE) -> None:
+        self.limit = limit
+        self.max_messages = max_messages
+        self.nbytes = 0
+        self._items: deque[bytes | None] = deque()
+        self._ready = asyncio.Event()
+        self._space = asyncio.Event()
+
+    def _fits(self, size: int) -> bool:
+        return not self._items or (
+            self.nbytes + size <= self.limit and len(self._items) < self.max_messages
+        )
+
+    def _append(self, data: bytes | None) -> None:
+        self._items.append(data)
+        self.nbytes += 0 if data is None else len(data)
+        self._ready.set()
+
+    def offer(self, data: bytes | None) -> bool:
+        """Queue without waiting (events, the end marker); False if it does not fit."""
+        if data is not None and not self._fits(len(data)):
+            return False
+        self._append(data)
+        return True
+
+    async def put(self, data: bytes) -> None:
+        """Queue a reply, waiting while the outbox is full: the client's own commands wait
+        for it to read (one producer per outbox: the client's executor)."""
+        while not self._fits(len(data)):
+            self._space.clear()
+            await self._space.wait()
+        self._append(data)
+
+    async def get(self) -> bytes | None:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        data = self._items.popleft()
+        if data is not None:
+            self.nbytes -= len(data)
+        self._space.set()
+        return data
+
+    def clear(self) -> None:
+        """Drop everything unsent (the client is being disconnected)."""
+        self._items.clear()
+        self.nbytes = 0
 
 
 class Client:
@@ -73,7 +141,7 @@ class Client:
         self.reader = reader
         self.writer = writer
         self.conn = ServerConnection(server.version, max_message=server.max_message)
-        self.outgoing: asyncio.Queue[bytes | None] = asyncio.Queue(server.event_queue)
+        self.outgoing = Outbox(server.max_outgoing, server.event_queue)
         self.commands: asyncio.Queue[Execute | Reply | None] = asyncio.Queue(server.command_queue)
         self.events_on = False
         self.closing = False
@@ -84,10 +152,12 @@ class Client:
         """Queue an event without waiting; a client too far behind is dropped."""
         if not self.events_on or self.closing:
             return
-        try:
-            self.outgoing.put_nowait(data)
-        except asyncio.QueueFull:
-            log.warning("%s: not reading its events; disconnecting it", self.name)
+        if not self.outgoing.offer(data):
+            log.warning(
+                "%s: not reading (%d bytes unsent); disconnecting it",
+                self.name,
+                self.outgoing.nbytes,
+            )
             self.abort()
 
     def finish(self) -> None:
@@ -95,15 +165,13 @@ class Client:
         if self.closing:
             return
         self.closing = True
-        try:
-            self.outgoing.put_nowait(None)
-        except asyncio.QueueFull:
-            self.abort()
+        self.outgoing.offer(None)
 
     def abort(self) -> None:
         """Drop the connection now, discarding anything unsent."""
         self.closing = True
         self.conn.close()
+        self.outgoing.clear()
         self._aborted.set()
         self.writer.transport.abort()
 
@@ -170,7 +238,7 @@ class Client:
             data = await self.server.execute(self, item)
             if data is not None:
                 await self.outgoing.put(data)
-        await self.outgoing.put(None)
+        self.outgoing.offer(None)
 
     async def _write_loop(self) -> None:
         while True:
@@ -195,6 +263,7 @@ class QMPServer:
         *,
         version: VersionInfo | None = None,
         max_message: int = DEFAULT_MAX_SIZE,
+        max_outgoing: int = DEFAULT_MAX_OUTGOING,
         event_queue: int = DEFAULT_EVENT_QUEUE,
         command_queue: int = DEFAULT_COMMAND_QUEUE,
         max_clients: int = DEFAULT_MAX_CLIENTS,
@@ -203,6 +272,7 @@ class QMPServer:
         self.context = context
         self.version = version or blocktrace_version()
         self.max_message = max_message
+        self.max_outgoing = max_outgoing
         self.event_queue = event_queue
         self.command_queue = command_queue
         self.max_clients = max_clients
@@ -314,18 +384,3 @@ class QMPServer:
         log.debug("event %s %s", name, data)
         for client in list(self.clients.values()):
             client.offer_event(message)
-
-
-def parse_listen(spec: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``:PORT`` or ``PORT`` (loopback by default); IPv6 as ``[::1]:PORT``."""
-    host, sep, port = spec.rpartition(":")
-    if not sep:
-        host, port = "", spec
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        number = int(port)
-    except ValueError:
-        raise UsageError(f"invalid --qmp-listen {spec!r}: expected HOST:PORT") from None
-    if not 0 <= number <= 65535:
-        raise UsageError(f"invalid --qmp-listen {spec!r}: port out of range")
-    return host, number

@@ -276,15 +276,18 @@ def plan_attach(
             "replica was modified after it was last detached cleanly "
             "(split brain); refusing to overwrite it (force=on overwrites)",
         )
+    # From here on the metadata knows this replica, and it decides, whatever ``sync`` says:
+    # ``sync=none`` vouches only for a replica with no history.  After an unclean stop the
+    # bitmap misses the records still queued at the crash, and a source changed offline is
+    # in no bitmap at all; trusting either would report ``consistent`` for a replica that
+    # differs.
     if not meta.clean:
-        mode = AttachMode.BITMAP if sync == "none" else AttachMode.COMPARE
-        return AttachPlan(mode, "last session did not close cleanly")
+        return AttachPlan(AttachMode.COMPARE, "last session did not close cleanly")
     rec_fp = rec.get("fingerprint") if rec else None
     if (
         rec_fp is not None
         and source_fingerprint is not None
         and tuple(rec_fp) != tuple(source_fingerprint)
-        and sync != "none"
     ):
         return AttachPlan(AttachMode.COMPARE, "source changed while no replica was attached")
     dirty = bitmap.dirty_bytes() if bitmap is not None else 0

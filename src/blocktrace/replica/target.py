@@ -34,6 +34,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -240,6 +241,8 @@ class ReplicaTarget(StreamApplier, StateReporter, Target):
         )
         try:
             self.device = await self.open_device()
+        except UsageError:
+            raise  # an operator error (a replica of itself), not an outage to wait out
         except (BlocktraceError, OSError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             if self.on_disconnect != "degrade" or loaded is None:
@@ -514,7 +517,11 @@ class ReplicaTarget(StreamApplier, StateReporter, Target):
         self.meta.updated = time.time()
         bitmap = self._dirty.copy()
         bitmap.merge(self._compare)  # a pending compare is a pending copy for a reader
-        return encode_meta(self.meta, bitmap)
+        # On disk, ``consistent`` is claimed only by a clean close: during a session the
+        # replica may already hold records past the saved ``applied-seq`` (and a crash may
+        # leave writes in flight half-done), so a reader after a kill -9 must not trust it.
+        saved = dataclasses.replace(self.meta, consistent=self.meta.consistent and self.meta.clean)
+        return encode_meta(saved, bitmap)
 
     def _save(self, *, force: bool) -> None:
         """Save now, in this thread (state changes, open and close)."""

@@ -136,6 +136,13 @@ class Target(abc.ABC):
         """Raise :class:`~blocktrace.errors.UsageError` if ``name`` cannot be stored as a
         mark (too long for a log sector, whitespace...).  Called before the mark is queued."""
 
+    def mark_entry(self, seq: int) -> int | None:
+        """Where the target stored the mark record ``seq``, in its own numbering, once it
+        holds it: a log answers the entry index that ``blocktrace log list`` shows, so what
+        ``trace mark`` reports and what the log lists agree.  None for targets with no
+        numbering of their own (the stream position is reported instead)."""
+        return None
+
     #: option values a schema gave this target (:meth:`declare`); None if built directly
     _settings: dict[str, Any] | None = None
 

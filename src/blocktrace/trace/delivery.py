@@ -144,6 +144,17 @@ class Delivery:
                     self._space_waiters.remove((nbytes, fut))
             raise
 
+    def refuse_waiters(self, exc: BaseException) -> None:
+        """Fail every producer waiting for queue space with ``exc`` (server shutdown).
+
+        They have not touched the image yet (space is reserved before the operation is
+        applied), so failing them loses nothing: the client is told its write did not happen.
+        """
+        while self._space_waiters:
+            _, fut = self._space_waiters.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+
     def force_reserve(self, nbytes: int) -> None:
         """Count ``nbytes`` as reserved without checking the cap (a failed queue's books)."""
         self._reserved += nbytes
@@ -281,8 +292,18 @@ class Delivery:
         self.resume()
         self._wakeup.set()
         if self._task is not None:
-            await asyncio.shield(self._task)
+            # wait() rather than the task itself: a worker cancelled by fail() must end this
+            # with the failure, not with the worker's CancelledError
+            await asyncio.wait({self._task})
         self._raise_if_failed()
+
+    def fail(self, exc: BaseException) -> None:
+        """End delivery now with ``exc``, as if the target had raised it: every waiter fails,
+        the queue is dropped (reported, through ``on_failure``), and a worker stuck inside
+        the target is cancelled.  For a target that stopped answering (shutdown gives up)."""
+        self._fail(exc)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     async def abort(self) -> None:
         """Stop the worker without delivering what is queued (after a failure)."""

@@ -53,6 +53,8 @@ TRIM = RecordKind.TRIM
 SMALL_UNALIGNED = 1024 * 1024
 #: unit of a sync=full copy step (one block-status + read + record batch, atomic vs writes)
 COPY_CHUNK = 1024 * 1024
+#: largest range read back and recorded after an operation failed part-way on the image
+MAX_READBACK = 32 * 1024 * 1024
 
 
 class TraceSink(Protocol):
@@ -75,6 +77,12 @@ class TraceSink(Protocol):
     @property
     def blocked_error(self) -> BlockDeviceError | None:
         """Set while writes must fail (``on-target-error=report`` after a target failure)."""
+        ...
+
+    def stream_broken(self, reason: str) -> None:
+        """The stream no longer matches the image (an operation failed part-way and what it
+        left could not be recorded): fail the trace as a target failure would, per its
+        ``on-target-error``."""
         ...
 
 
@@ -101,12 +109,14 @@ class TraceFilter(Filter):
         self._pending = 0  # operations between the gate and their record (non-inline only)
         self._idle: asyncio.Event | None = None
         self._ranges = RangeLock()
+        #: set by :meth:`refuse`: traced operations not yet applied fail with it
+        self._refused: BlockDeviceError | None = None
 
     @property
     def keeps_payloads(self) -> bool:
         """True while traces are attached: a WRITE's ``bytes`` payload then becomes a record's
         data by reference, so the NBD connection receives large payloads into fresh ``bytes``
-        objects (:func:`blocktrace.nbd.dispatch.owned_payload`) instead of a reused buffer the
+        objects (:class:`blocktrace.nbd.dispatch.PayloadBuffer`) instead of a reused buffer the
         filter would have to copy out of."""
         return bool(self.sinks)
 
@@ -119,34 +129,19 @@ class TraceFilter(Filter):
                 return await self.child.write(offset, data, fua=fua)
             a = self.alignment
             n = len(data)
-            if not (offset % a or n % a):
-                # The common case, in a straight line: the funnel's steps for an aligned
-                # write under a local child (same order as _traced).
+            if not (offset % a or n % a or self._refused):
+                # The common case: an aligned write under a local child that fits every
+                # queue now.  It takes the funnel's own steps (those of _commit), only
+                # without the closure and the record builder the general case needs, and
+                # one coroutine level less (measured: docs/performance.md).
                 cost = n + RECORD_OVERHEAD
-                got = 0
-                for sink in sinks:
-                    if sink.blocked_error is not None or not sink.delivery.try_reserve(cost):
-                        break
-                    got += 1
-                if got == len(sinks):
-                    try:
-                        await self.child.write(offset, data)  # inline: no task switch
-                    except BaseException:
-                        for sink in sinks:
-                            sink.delivery.unreserve(cost)
-                        raise
-                    self.seq += 1
-                    payload = data if type(data) is bytes else bytes(data)
-                    rec = Record(self.seq, WRITE, offset, n, fua, payload)
-                    positions = [(sink, sink.delivery.put(rec, cost)) for sink in sinks]
-                    if fua:
-                        await self.child.flush()
-                        await self._wait(positions, durable=True)
-                    elif self._any_blocking:
-                        await self._wait(positions, durable=False)
+                if self._try_reserve(sinks, cost):
+                    positions = await self._apply_and_record(
+                        sinks, cost, WRITE, offset, n, data, fua, None
+                    )
+                    if fua or self._any_blocking:
+                        await self._acknowledge(positions, fua)
                     return
-                for sink in sinks[:got]:
-                    sink.delivery.unreserve(cost)
 
         async def apply(fua: bool) -> None:
             await self.child.write(offset, data, fua=fua)
@@ -210,6 +205,8 @@ class TraceFilter(Filter):
                 await asyncio.shield(self._gate)
                 continue
             sinks = self.sinks
+            if self._refused is not None:
+                raise self._refused
             if not sinks:
                 if self.inline:
                     return await apply(fua)
@@ -226,50 +223,165 @@ class TraceFilter(Filter):
                 break  # reserved without suspending: sinks and gate unchanged
             if self.sinks is sinks and self._gate is None:
                 break
-            for sink in sinks:
-                sink.delivery.unreserve(cost)
+            self._unreserve(sinks, cost)
 
+        await self._commit(sinks, cost, kind, offset, length, data, fua, apply)
+
+    # -- the ordering and acknowledgement rules: the one place ---------------------------------
+
+    async def _commit(
+        self,
+        sinks: tuple[TraceSink, ...],
+        cost: int,
+        kind: RecordKind,
+        offset: int,
+        length: int,
+        data: ReadableBuffer | None,
+        fua: bool,
+        apply: Apply | None,
+    ) -> None:
+        """Steps 2-4 for an operation that holds ``cost`` in every sink: apply and record it
+        (:meth:`_apply_and_record`), then acknowledge it.
+
+        Acknowledgement rule: FUA waits until the image and every trace's target are durable
+        up to its record; a write-blocking trace holds every write until its target holds
+        the record.  Under a local child FUA is applied as write + flush *after* the record
+        is queued, so the write is never parked in ``fdatasync`` between its application and
+        its record while an overlapping write overtakes it.  ``apply=None`` is an aligned
+        WRITE of ``data`` (the fast path).
+        """
         if self.inline:
-            try:
-                await apply(False)  # completes without suspending: no task runs in between
-                records = await self._records(kind, offset, length, data, fua)
-            except BaseException:
-                for sink in sinks:
-                    sink.delivery.unreserve(cost)
-                raise
-            positions = self._put(sinks, records, cost)
-            if fua:
-                await self.child.flush()
+            positions = await self._apply_and_record(
+                sinks, cost, kind, offset, length, data, fua, apply
+            )
         else:
+            # a remote child may suspend before applying: overlapping operations hold their
+            # range from application to record, so they are applied and recorded in one order
             start, end = self._envelope(offset, length)
             self._pending += 1
             try:
                 async with self._ranges.hold(start, end):
-                    try:
-                        await apply(fua)
-                        records = await self._records(kind, offset, length, data, fua)
-                    except BaseException:
-                        for sink in sinks:
-                            sink.delivery.unreserve(cost)
-                        raise
-                    positions = self._put(sinks, records, cost)
+                    positions = await self._apply_and_record(
+                        sinks, cost, kind, offset, length, data, fua, apply
+                    )
             finally:
                 self._done_pending()
         if fua or self._any_blocking:
-            await self._wait(positions, durable=fua)
+            await self._acknowledge(positions, fua)
+
+    async def _acknowledge(self, positions: list[tuple[TraceSink, int]], fua: bool) -> None:
+        """Step 4, the acknowledgement rule (see :meth:`_commit`).  A local child applied a
+        FUA operation without FUA (:meth:`_apply_and_record`): its flush comes here, after
+        the record is queued; a remote child applied it with FUA."""
+        if fua:
+            if self.inline:
+                await self.child.flush()
+            await self._wait(positions, durable=True)
+        else:
+            await self._wait(positions, durable=False)
+
+    async def _apply_and_record(
+        self,
+        sinks: tuple[TraceSink, ...],
+        cost: int,
+        kind: RecordKind,
+        offset: int,
+        length: int,
+        data: ReadableBuffer | None,
+        fua: bool,
+        apply: Apply | None,
+    ) -> list[tuple[TraceSink, int]]:
+        """Steps 2-3, the ordering rule: apply the operation, then number its records and
+        queue them in every sink with no ``await`` in between (a local child applies before
+        its coroutine first suspends, so no other operation can come between the change of
+        the image and its record).  Returns each sink's position of the last record."""
+        try:
+            if apply is None:
+                assert data is not None
+                await self.child.write(offset, data)
+            else:
+                await apply(fua and not self.inline)
+        except BlockDeviceError as exc:
+            await self._image_failed(sinks, cost, kind, offset, length, exc)
+            raise
+        except BaseException:
+            self._unreserve(sinks, cost)
+            raise
+        if apply is None:
+            assert data is not None
+            self.seq += 1
+            payload = data if type(data) is bytes else bytes(data)
+            records = [Record(self.seq, WRITE, offset, length, fua, payload)]
+        else:
+            try:
+                records = await self._records(kind, offset, length, data, fua)
+            except BaseException as exc:
+                # applied, but the image's bytes for the record cannot be read back
+                self._unreserve(sinks, cost)
+                self._break(sinks, f"cannot read back {kind.name} [{offset}, +{length}): {exc}")
+                raise
+        return self._put(sinks, records, cost)
+
+    async def _image_failed(
+        self,
+        sinks: tuple[TraceSink, ...],
+        cost: int,
+        kind: RecordKind,
+        offset: int,
+        length: int,
+        exc: BlockDeviceError,
+    ) -> None:
+        """The image failed the operation, maybe part-way (ENOSPC after some of a write's
+        bytes): the client is told, but the range may hold new bytes no record carries.
+        Record what the range holds now (a WRITE of the image's bytes, read back at once, so
+        it takes its place in the order), so the stream and the image still agree; when that
+        cannot be done (unreadable, or larger than :data:`MAX_READBACK`), the traces break,
+        per their ``on-target-error``, evented as a target error would be."""
+        start, end = self._envelope(offset, length)
+        if end - start <= MAX_READBACK:
+            try:
+                now = bytes(await self.child.read(start, end - start))
+            except BlockDeviceError:
+                pass
+            else:
+                self.seq += 1
+                # queued against the operation's reservation, even where a zero or trim
+                # reserved less than its range: one record, at most MAX_READBACK
+                self._put(sinks, [Record(self.seq, WRITE, start, end - start, data=now)], cost)
+                return
+        self._unreserve(sinks, cost)
+        self._break(
+            sinks,
+            f"image {kind.name} [{start}, {end}) failed part-way ({exc}): the range is unknown",
+        )
+
+    def _break(self, sinks: tuple[TraceSink, ...], reason: str) -> None:
+        for sink in sinks:
+            sink.stream_broken(reason)
+
+    def _try_reserve(self, sinks: tuple[TraceSink, ...], cost: int) -> bool:
+        """Reserve ``cost`` in every sink without waiting; False (nothing held) if any sink
+        is full or failing."""
+        got = 0
+        for sink in sinks:
+            if sink.blocked_error is not None or not sink.delivery.try_reserve(cost):
+                break
+            got += 1
+        else:
+            return True
+        for sink in sinks[:got]:
+            sink.delivery.unreserve(cost)
+        return False
+
+    def _unreserve(self, sinks: tuple[TraceSink, ...], cost: int) -> None:
+        for sink in sinks:
+            sink.delivery.unreserve(cost)
 
     async def _reserve(self, sinks: tuple[TraceSink, ...], cost: int) -> bool:
         """Reserve ``cost`` in every sink; True if that happened without suspending."""
-        got: list[TraceSink] = []
-        for sink in sinks:
-            if not sink.delivery.try_reserve(cost):
-                break
-            got.append(sink)
-        else:
+        if self._try_reserve(sinks, cost):
             return True
-        for sink in got:
-            sink.delivery.unreserve(cost)
-        got.clear()
+        got: list[TraceSink] = []
         try:
             for sink in sinks:
                 try:
@@ -420,6 +532,18 @@ class TraceFilter(Filter):
             self.detach_now(sink)
         finally:
             self._open_gate(gate)
+
+    def refuse(self, error: BlockDeviceError) -> None:
+        """From now on, fail every write-class operation that is not yet applied (server
+        shutdown gave up waiting): those waiting for queue space fail at once with ``error``.
+
+        Without this, a write still waiting when its trace is stopped would be granted space
+        after the detach and applied *untraced*, after its connection was already dropped.
+        Operations already applied are recorded as usual.
+        """
+        self._refused = error
+        for sink in self.sinks:
+            sink.delivery.refuse_waiters(error)
 
     def detach_now(self, sink: TraceSink) -> None:
         """Detach without draining: for a trace that broke (its stream ends here anyway)."""

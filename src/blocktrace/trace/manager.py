@@ -110,6 +110,17 @@ Listener = Callable[["Trace", TraceEvent], None]
 
 
 @dataclass(frozen=True, slots=True)
+class MarkPlace:
+    """Where a mark went: ``position`` in the trace's stream (from 1: the trace's records,
+    ``sync=full``'s copy included) and ``entry``, the target's own index for it (a log's
+    entry index, as ``log list`` shows; None where the target has none or, while the trace
+    is paused, does not hold the mark yet)."""
+
+    position: int
+    entry: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class TraceStats:
     """Counters for ``query-block-jobs``; ``len``/``offset`` are QEMU's progress pair."""
 
@@ -220,9 +231,10 @@ class Trace:
             sync_done=self._sync_done,
         )
 
-    async def mark(self, name: str) -> int:
+    async def mark(self, name: str) -> MarkPlace:
         """Put mark ``name`` into the stream; returns once the target holds it (at once while
-        the trace is paused).  Returns the mark's position (entry number, from 1)."""
+        the trace is paused), with where it went: its position in this trace's stream (from
+        1) and, where the target numbers what it stores (a log), its entry index there."""
         if self.concluded or self._stopping is not None:
             raise StateError(f"trace {self.job_id!r} is not running")
         if not name:
@@ -231,9 +243,11 @@ class Trace:
         if self.delivery.error is not None:
             raise StateError(f"trace {self.job_id!r} has failed: {self.error}")
         pos = self.filter.put_mark(self, name)
-        if not self.paused:
-            await self.delivery.wait_held(pos)
-        return pos
+        seq = self.filter.seq  # put_mark numbered the mark synchronously: this is its seq
+        if self.paused:
+            return MarkPlace(pos, None)
+        await self.delivery.wait_held(pos)
+        return MarkPlace(pos, self.target.mark_entry(seq))
 
     def pause(self) -> None:
         """Stop delivering to the target (records keep queueing until the cap, then clients
@@ -268,6 +282,23 @@ class Trace:
         if self._stopping is None:
             self._stopping = asyncio.get_running_loop().create_task(self._stop())
         await asyncio.shield(self._stopping)
+
+    def abandon(self, reason: str) -> None:
+        """End the trace now, without its target (server shutdown, the target does not
+        answer): waiters fail, what is queued is dropped, the stop in progress concludes with
+        ``reason`` as the error.  The target is left as a crash would leave it (a log readable
+        up to its last sync, a replica's metadata unclean: compared at the next start)."""
+        if self.concluded:
+            return
+        log.warning("trace %s: abandoning target %s: %s", self.job_id, self.target.name, reason)
+        if self in self.filter.sinks:
+            self.filter.detach_now(self)
+        self.delivery.fail(TargetError(self.target.name, reason))
+        self.error = reason
+        self.io_status = "failed"
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop())
+        self._stopping.cancel()  # its ``finally`` concludes, with the error
 
     async def wait_ready(self) -> None:
         """Return once the stream is complete (sync=full copy done)."""
@@ -348,8 +379,29 @@ class Trace:
             )
             self._emit(TraceEvent(EventKind.ERROR, self.status, self.error, action="report"))
 
+    def stream_broken(self, reason: str) -> None:
+        """The filter could not record what an operation left in the image (it failed
+        part-way, and the range could not be read back): from here the stream and the image
+        disagree.  As a target failure, per ``on-target-error``: ``break`` ends the trace
+        (what is queued is still delivered, the target is closed unclean: a log gets no end
+        mark), ``report`` fails writes until the trace is stopped.  Evented as
+        BLOCK_JOB_ERROR; the end event carries ``reason``."""
+        if self.error is not None or self.concluded:
+            return
+        log.warning("trace %s: %s", self.job_id, reason)
+        self.error = reason
+        self.io_status = "failed"
+        if self.breaks_on_error:
+            self.filter.detach_now(self)
+            self._emit(TraceEvent(EventKind.ERROR, self.status, reason, action="ignore"))
+            if self._stopping is None:
+                self._stopping = asyncio.get_running_loop().create_task(self._stop())
+        else:
+            self._blocked_error = BlockDeviceError(errno.EIO, f"trace {self.job_id}: {reason}")
+            self._emit(TraceEvent(EventKind.ERROR, self.status, reason, action="report"))
+
     async def _stop(self) -> None:
-        completing = self.ready and self.delivery.error is None
+        completing = self.ready and self.delivery.error is None and self.error is None
         if completing:
             self._set_status(JobStatus.WAITING)
             self._set_status(JobStatus.PENDING)
@@ -373,7 +425,7 @@ class Trace:
             else:
                 await self.delivery.abort()
             try:
-                await self.target.close(clean=clean and self.ready)
+                await self.target.close(clean=clean and self.ready and self.error is None)
             except Exception as exc:
                 if self.error is None:
                     self.error = str(exc) or type(exc).__name__
@@ -479,7 +531,11 @@ class TraceManager:
             try:
                 await trace._start()
             except BaseException:
+                # a failed start leaves the export exactly as before: no sink on the filter
+                # (a dead sink would take writes and never answer a FLUSH), no worker
                 self._traces.pop(job_id, None)
+                if trace in filt.sinks:
+                    await filt.detach(trace)
                 await trace.delivery.abort()
                 await tgt.close(clean=False)
                 raise
@@ -511,14 +567,43 @@ class TraceManager:
         await trace.stop()
         return trace
 
-    async def mark(self, job_id: str, name: str) -> int:
+    async def mark(self, job_id: str, name: str) -> MarkPlace:
         return await self.get(job_id).mark(name)
 
-    async def close(self) -> None:
-        """Stop every trace cleanly (server shutdown)."""
+    def begin_shutdown(self) -> None:
+        """Server shutdown starts: paused traces deliver again, so client requests waiting on
+        a paused trace (for queue space, or for the target to hold a record) finish, traced,
+        instead of holding the shutdown until it gives up.  The traces end in :meth:`close`,
+        which would resume them anyway to deliver what is queued."""
+        for trace in self._traces.values():
+            trace.delivery.resume()
+
+    def refuse_unapplied(self) -> None:
+        """Shutdown gave up waiting for client requests: fail the traced ones not applied yet,
+        so none is applied after its connection is dropped and its trace has ended."""
+        error = BlockDeviceError(errno.ESHUTDOWN, "server is shutting down")
+        for filt in {id(t.filter): t.filter for t in self._traces.values()}.values():
+            filt.refuse(error)
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop every trace cleanly (server shutdown).  A trace whose stop has not finished
+        after ``timeout`` seconds (its target does not answer) is abandoned, so a stuck
+        target cannot hold the server forever."""
         traces = self.list()
-        if traces:
-            await asyncio.gather(*(t.stop() for t in traces), return_exceptions=True)
+        if not traces:
+            return
+        stops = {asyncio.ensure_future(t.stop()): t for t in traces}
+        _, pending = await asyncio.wait(stops, timeout=timeout)
+        for fut in pending:
+            stops[fut].abandon(f"target did not stop within {timeout:g}s")
+        if pending:
+            await asyncio.wait(pending)
+        for trace in traces:
+            if not trace.concluded:  # its stop was cancelled before it began: end it here
+                trace._conclude(cancelled=False)
+        for fut in stops:
+            if not fut.cancelled():
+                fut.exception()  # retrieved: a failed stop is in its trace's error
 
     def _forget(self, trace: Trace) -> None:
         if self._traces.get(trace.job_id) is trace:
