@@ -24,6 +24,7 @@ from blocktrace.nbd.events import (
     SimpleReply,
 )
 from blocktrace.nbd.transmission import (
+    REQUEST_SIZE,
     ReplyParser,
     RequestParser,
     Session,
@@ -65,10 +66,15 @@ WRITE_VECTOR = bytes.fromhex("25609513000100010102030405060708000000000000100000
 READ_VECTOR = bytes.fromhex("256095130000000000000000000000ff000000000000020000000200")
 
 
-def parse_all(p: RequestParser, data: bytes, *, bytewise: bool = False) -> list[object]:
+def parse_all(
+    p: RequestParser, data: bytes, *, bytewise: bool = False, framed: bool = False
+) -> list[object]:
     """Drive the server's parser as the server does: bytes arrive into a buffer, events are
     asked for until NEED_DATA; payload bytes an event hands out (a PayloadNeeded's rest, a
-    PayloadRefused's skip) are taken off the stream by the caller before parsing goes on."""
+    PayloadRefused's skip) are taken off the stream by the caller before parsing goes on.
+    ``framed``: complete in-place requests are framed a receive at a time with
+    :meth:`RequestParser.frame` first, :meth:`~RequestParser.next_event` asked only about
+    what it stops at (the server's connection does this)."""
     events: list[object] = []
     buf = bytearray()
     pos = 0
@@ -84,7 +90,16 @@ def parse_all(p: RequestParser, data: bytes, *, bytewise: bool = False) -> list[
                 if owed:
                     break
             view = memoryview(bytes(buf))
+            if framed:
+                reqs, framed_to = p.frame(view, pos, len(view))
+                for req in reqs:
+                    pos += REQUEST_SIZE + (0 if req.data is None else len(req.data))
+                    data_ = None if req.data is None else bytes(req.data)
+                    events.append(req._replace(data=data_))
+                assert pos == framed_to
             ev, after = p.next_event(view, pos, len(view))
+            if framed:
+                assert type(ev) is not Request  # frame took every complete one
             if ev is NEED_DATA:
                 assert after == pos
                 break
@@ -100,9 +115,12 @@ def parse_all(p: RequestParser, data: bytes, *, bytewise: bool = False) -> list[
     return events
 
 
+@pytest.mark.parametrize("framed", [False, True])
 @pytest.mark.parametrize("bytewise", [False, True])
-def test_request_vectors(bytewise: bool) -> None:
-    events = parse_all(RequestParser(), WRITE_VECTOR + READ_VECTOR, bytewise=bytewise)
+def test_request_vectors(bytewise: bool, framed: bool) -> None:
+    events = parse_all(
+        RequestParser(), WRITE_VECTOR + READ_VECTOR, bytewise=bytewise, framed=framed
+    )
     assert events == [
         Request(Cmd.WRITE, CmdFlag.FUA, 0x0102030405060708, 0x1000, 4, b"abcd"),
         Request(Cmd.READ, 0, 0xFF, 0x200, 0x200),
@@ -145,6 +163,42 @@ def test_a_large_write_payload_is_handed_out_not_buffered() -> None:
 def test_any_bytes_parse_or_raise_remote_protocol_error(data: bytes, bytewise: bool) -> None:
     with contextlib.suppress(RemoteProtocolError):
         parse_all(RequestParser(max_payload=64, inline_limit=96), data, bytewise=bytewise)
+
+
+def _outcome(p: RequestParser, data: bytes, bytewise: bool, framed: bool) -> object:
+    try:
+        return parse_all(p, data, bytewise=bytewise, framed=framed)
+    except RemoteProtocolError as exc:
+        return type(exc)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, 99]),
+            st.integers(0, 120),
+            st.booleans(),
+        ),
+        max_size=12,
+    ),
+    st.binary(max_size=8),
+    st.booleans(),
+)
+def test_frame_agrees_with_next_event(
+    reqs: list[tuple[int, int, bool]], tail: bytes, bytewise: bool
+) -> None:
+    """Framing a receive at once gives exactly the events (and the protocol errors) of asking
+    request by request: one framing, two entry points."""
+    data = b""
+    for i, (cmd, length, bad_magic) in enumerate(reqs):
+        head = encode_request(cmd, i, 512 * i, length)
+        if bad_magic and i == len(reqs) - 1:
+            head = b"\x00" + head[1:]
+        data += head + (bytes([i]) * length if cmd == Cmd.WRITE else b"")
+    data += tail
+    p = RequestParser(max_payload=64, inline_limit=96)
+    assert _outcome(p, data, bytewise, True) == _outcome(p, data, bytewise, False)
 
 
 BAD = [

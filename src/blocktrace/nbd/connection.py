@@ -51,7 +51,14 @@ from blocktrace.errors import BlockDeviceError, ProtocolError
 from blocktrace.exports import Export
 from blocktrace.nbd import transmission as tx
 from blocktrace.nbd import wire
-from blocktrace.nbd.constants import NBD_SIMPLE_REPLY_MAGIC, Cmd, CmdFlag
+from blocktrace.nbd.constants import (
+    NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    CmdFlag,
+    ReplyFlag,
+    ReplyType,
+)
 from blocktrace.nbd.dispatch import PayloadBuffer, Resume, block_status
 from blocktrace.nbd.errors import NBDRequestError
 from blocktrace.nbd.events import (
@@ -96,6 +103,13 @@ _BATCH_LIMIT = 256 * 1024
 
 _pack_simple = wire.SIMPLE_REPLY.pack
 _SIMPLE_MAGIC = NBD_SIMPLE_REPLY_MAGIC
+# A READ reply's structured header, packed inline on the small-READ path (as
+# tx.encode_read_header does: one OFFSET_DATA chunk flagged DONE).
+_pack_data_header = wire.CHUNK_OFFSET_DATA.pack
+_STRUCTURED_MAGIC = NBD_STRUCTURED_REPLY_MAGIC
+_DONE = int(ReplyFlag.DONE)
+_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
+_REQUEST_SIZE = tx.REQUEST_SIZE
 _FUA = int(CmdFlag.FUA)
 _NO_HOLE = int(CmdFlag.NO_HOLE)
 _FAST_ZERO = int(CmdFlag.FAST_ZERO)
@@ -426,6 +440,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         view = self._view
         pos, end = self._start, self._end
         self._batch = []
+        request = self._request
+        # Requests framed in one parser call per receive (RequestParser.frame); reqs[i:] are
+        # not started yet and begin at ``pos``.
+        reqs: list[Request] = []
+        i = n = 0
         try:
             while not (
                 self._stopping
@@ -439,12 +458,25 @@ class NBDConnection(asyncio.BufferedProtocol):
                     self._flush_batch()
                     self._batch = []
                     continue
-                event, after = parser.next_event(view, pos, end)
-                if type(event) is Request:
-                    if self._request(event, pin=event[5] is not None) is None:
-                        break  # a READ waits for payload budget; parsed again later
-                    pos = after
+                if i < n:
+                    req = reqs[i]
+                    data = req[5]
+                    if data is None:
+                        if request(req, pin=False) is None:
+                            break  # a READ waits for payload budget; parsed again later
+                        pos += _REQUEST_SIZE
+                    else:
+                        request(req, pin=True)
+                        pos += _REQUEST_SIZE + len(data)
+                    i += 1
                     continue
+                reqs, _ = parser.frame(view, pos, end)
+                n = len(reqs)
+                i = 0
+                if n:
+                    continue
+                # Not a complete in-place request: ask about it alone.
+                event, after = parser.next_event(view, pos, end)
                 if event is NEED_DATA:
                     break
                 if type(event) is PayloadRefused:
@@ -591,6 +623,21 @@ class NBDConnection(asyncio.BufferedProtocol):
         try:
             fut = coro.send(None)
         except StopIteration as stop:
+            batch = self._batch
+            if cmd == _READ and not reserved and batch is not None:
+                # The hot path, a small READ answered while parsing: its reply joins the
+                # batch with no budget to account (what _complete and _send_data do).
+                result = stop.value
+                batch.append(
+                    _pack_data_header(
+                        _STRUCTURED_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + length, offset
+                    )
+                    if session.structured
+                    else _pack_simple(_SIMPLE_MAGIC, 0, cookie)
+                )
+                batch.append(result)
+                self._batch_bytes += len(result)
+                return True
             self._complete(cmd, flags, cookie, offset, length, stop.value, reserved)
             return True
         except BlockDeviceError as exc:
