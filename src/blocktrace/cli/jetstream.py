@@ -20,8 +20,9 @@ from typing import IO, Any, TypeVar
 import click
 
 from blocktrace.errors import FormatError, TargetError, UsageError
-from blocktrace.jetstream.conn import ConnectOptions, NatsURL, connect
+from blocktrace.jetstream.conn import ConnectOptions, NatsURL
 from blocktrace.jetstream.consumer import Positioned, StreamSource
+from blocktrace.jetstream.events import EventPublisher
 from blocktrace.stream.apply import apply_record
 from blocktrace.stream.records import Record, RecordKind
 
@@ -217,27 +218,6 @@ async def follow_stream(
     finally:
         await applier.close()
     return applier.stats
-
-
-class EventPublisher:
-    """Publishes file-level events (JSON, docs/jetstream.md) to a NATS subject."""
-
-    def __init__(self, url: str) -> None:
-        self.url = NatsURL.parse(url)
-        self._nc: Any = None
-        self.published = 0
-
-    async def open(self) -> None:
-        self._nc = await connect(self.url, ConnectOptions(), what=f"events:{self.url}")
-
-    async def publish(self, line: str) -> None:
-        await self._nc.publish(self.url.subject, line.encode())
-        self.published += 1
-
-    async def close(self) -> None:
-        if self._nc is not None:
-            await self._nc.flush(timeout=10)
-            await self._nc.close()
 
 
 async def watch_stream(

@@ -4,7 +4,12 @@
 "filename": ...}``) feeds every record of the trace to a
 :class:`~blocktrace.ext4.watcher.Watcher` and appends its file-level events, one JSON object a
 line, to ``filename`` (``-`` for the server's stdout).  A consumer follows them with
-``tail -f``; :class:`IntrospectTarget` also takes an in-process callback.
+``tail -f``; :class:`IntrospectTarget` also takes an in-process callback.  With
+``events-to=nats://HOST:PORT/SUBJECT`` every event line is also published to that NATS subject
+(the publisher of ``watch --events``, :mod:`blocktrace.jetstream.events`): the worker thread
+returns a batch's lines, the event loop publishes them in order and waits (bounded) for the
+server to confirm them before the batch counts as delivered; a server that fails is a target
+error, handled by the trace's ``on-target-error``.
 
 The base image is the export's image file as it is when the trace becomes attached (from then
 on the stream carries every change, the trace's ``sync=none`` contract); ``sync=full`` starts
@@ -42,9 +47,17 @@ class IntrospectTarget(Target):
         max_pending: int | None = None,
         max_pending_bytes: int | None = None,
         force: bool = False,
+        events_to: str | None = None,
     ) -> None:
+        from blocktrace.jetstream.events import EventPublisher
+
         self.name = f"introspect:{filename}" if filename else "introspect"
         self.filename = filename
+        self.events_to = events_to
+        # parsed now: a bad URL is refused with the rest of the options
+        self._publisher = (
+            EventPublisher(events_to, name=f"{self.name} events-to") if events_to else None
+        )
         self.force = force
         self.sink = sink
         self.limits: dict[str, int] = {}
@@ -65,6 +78,8 @@ class IntrospectTarget(Target):
             raise UsageError(f"introspect target: export {info.export} has no image file")
         self._info = info
         await asyncio.to_thread(_check_followable, info.filename, self.name)
+        if self._publisher is not None:
+            await self._publisher.open()
         if self.filename == "-":
             self._out = sys.stdout
         elif self.filename:
@@ -102,22 +117,36 @@ class IntrospectTarget(Target):
 
     async def deliver(self, records: Sequence[Record]) -> None:
         await self._crawled()
-        await asyncio.to_thread(self._process, records)
+        await self._publish(await asyncio.to_thread(self._process, records))
 
-    def _process(self, records: Sequence[Record]) -> None:
+    def _process(self, records: Sequence[Record]) -> list[str]:
         watcher = self._ensure_watcher()
+        lines: list[str] = []
         for rec in records:
-            self._emit(watcher.process(rec))
+            lines.extend(self._emit(watcher.process(rec)))
         if self._out is not None:
             self._out.flush()
+        return lines
 
-    def _emit(self, events: list[Any]) -> None:
+    def _emit(self, events: list[Any]) -> list[str]:
+        """Hand ``events`` to the sink and the file; their JSON lines (for the subject)."""
+        lines: list[str] = []
         for event in events:
             self.events += 1
             if self.sink is not None:
                 self.sink(event)
+            line = event.to_json()
             if self._out is not None:
-                self._out.write(event.to_json() + "\n")
+                self._out.write(line + "\n")
+            if self._publisher is not None:
+                lines.append(line)
+        return lines
+
+    async def _publish(self, lines: list[str]) -> None:
+        """Publish a batch's lines in order; return once the server has them (bounded)."""
+        if self._publisher is not None and lines:
+            await self._publisher.publish_all(lines)
+            await self._publisher.flush()
 
     async def make_durable(self) -> None:
         if self._out is not None and self._out is not sys.stdout:
@@ -129,24 +158,43 @@ class IntrospectTarget(Target):
         if self._crawl is not None:
             with contextlib.suppress(TargetError):  # reported by deliver, or nothing to finish
                 await self._crawled()
-        if self._watcher is not None:
-            self._emit(await asyncio.to_thread(self._watcher.finish))
-            self._watcher.close()
-            self._watcher = None
+        try:
+            if self._watcher is not None:
+                lines = self._emit(await asyncio.to_thread(self._watcher.finish))
+                self._watcher.close()
+                self._watcher = None
+                if clean:
+                    await self._publish(lines)
+        finally:
+            await self._close_outputs(clean=clean)
+
+    async def _close_outputs(self, *, clean: bool) -> None:
         if self._out is not None:
             self._out.flush()
             if self._out is not sys.stdout:
                 self._out.close()
             self._out = None
+        if self._publisher is not None:
+            if clean:
+                await self._publisher.close()
+            else:  # the trace already failed: the first error is the one reported
+                with contextlib.suppress(TargetError):
+                    await self._publisher.close()
 
     def stats(self) -> dict[str, Any]:
         return self._watcher.stats() if self._watcher is not None else {}
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "type": "introspect", "filename": self.filename or ""}
+        settings = {**super().settings(), "type": "introspect", "filename": self.filename or ""}
+        if self.events_to:
+            settings["events-to"] = self.events_to
+        return settings
 
     def status(self) -> dict[str, Any]:
-        return {"events": self.events}
+        status: dict[str, Any] = {"events": self.events}
+        if self._publisher is not None:
+            status["events-published"] = self._publisher.published
+        return status
 
 
 TARGET_TYPE = TargetType(
@@ -175,12 +223,18 @@ TARGET_TYPE = TargetType(
             Flag(),
             "overwrite an existing file (not a symlink; default off)",
         ),
+        Option(
+            "events-to",
+            Text("nats://HOST:PORT/SUBJECT"),
+            "also publish each event line to this NATS subject (docs/jetstream.md)",
+        ),
     ),
     factory=lambda v: IntrospectTarget(
         v["filename"],
         max_pending=v["max-pending"],
         max_pending_bytes=v["max-pending-bytes"],
         force=bool(v["force"]),
+        events_to=v["events-to"],
     ),
 )
 
