@@ -501,3 +501,32 @@ def test_a_dead_nbdfuse_is_still_unmounted(
     )
     rc, report = crashcheck(log, base, "--entries", ":10", "--check", check, tmpdir=views)
     assert rc == 1 and report["failed"] == report["checked"] >= 1
+
+
+def test_a_huge_entry_is_applied_in_bounded_memory(tmp_path: Path, views: Path) -> None:
+    """An entry's size is the log's claim: crashcheck applies it piece by piece, never
+    holding it whole (before: ``read_data`` held all 160 MiB of it)."""
+    from test_logwrites_hostile import run_with_peak_rss
+
+    base = tmp_path / "base.img"
+    with open(base, "wb") as f:
+        f.truncate(192 << 20)
+    log = tmp_path / "big.log"
+    w = LogWriter.create(log, direct=False)
+    w.write(4096, os.urandom(1 << 20) * 160)
+    w.flush()
+    w.close()
+    rc, err, peak = run_with_peak_rss(
+        tmp_path,
+        "crashcheck",
+        log,
+        base,
+        "--points",
+        "flush",
+        "--check",
+        "true",
+        "--tmpdir",
+        views,
+    )
+    assert rc == 0, err
+    assert peak < 120 << 20, f"peak RSS {peak >> 20} MiB for a 160 MiB entry"

@@ -122,7 +122,10 @@ class Replayer:
         if entry.is_discard:
             self.stack.apply_zeroes(off, n)
         else:
-            self.stack.apply_write(off, entry.read_data())
+            # piece by piece: an entry's size is the log's claim (bounded only by the base),
+            # so never hold a whole one; fresh pieces, since the overlay may keep them
+            for at, piece in entry.data_chunks():
+                self.stack.apply_write(off + at, piece)
         return n
 
 
