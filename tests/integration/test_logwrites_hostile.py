@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from blocktrace.logwrites.format import TRAILER, TRAILER_TAG, LogFlag
-from support import blocktrace, make_image, run
+from support import blocktrace, make_image, require, run
 
 MiB = 1024 * 1024
 S = 512
@@ -125,6 +125,22 @@ def test_replay_applies_a_huge_entry_in_bounded_memory(tmp_path: Path) -> None:
         f.seek(size - 4096)
         assert f.read() == bytes(4096)
     assert img.stat().st_size == size
+
+
+def test_watch_reads_a_huge_entry_in_bounded_memory(tmp_path: Path) -> None:
+    """``watch`` takes a log's entries as records: a huge entry comes as pieces of at most
+    CHUNK_BYTES, never whole (before: the 512 MiB claimed by one header was read at once)."""
+    require("mkfs.ext4")
+    base = tmp_path / "base.img"
+    with open(base, "wb") as f:
+        f.truncate(1024 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(base)], check=True, capture_output=True)
+    size = 512 * MiB
+    log = write_log(tmp_path / "huge.log", [(header(256 * MiB // S, size // S, 0), size)])
+    assert log.stat().st_blocks * 512 < MiB  # sparse: the log costs no disk
+    rc, err, peak = run_with_peak_rss(tmp_path, "watch", base, log)
+    assert rc == 0, err
+    assert peak < 200 * MiB, f"peak RSS {peak >> 20} MiB for a {size >> 20} MiB entry"
 
 
 # -- item 5: a hostile log never grows the target nor writes outside it ----------------------

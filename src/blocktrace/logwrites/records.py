@@ -15,7 +15,9 @@ FLUSH flag                  FLUSH, after the entry's data record if it has one
 ==========================  ======================================================
 
 An entry that is both data and FLUSH gives two records with the same ``seq``: the data is
-applied before the flush covers it.
+applied before the flush covers it.  A data entry larger than ``CHUNK_BYTES`` gives several
+consecutive WRITE records with the same ``seq`` (FUA on the last), so a hostile entry size
+never makes a consumer hold the whole payload.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from blocktrace.logwrites.format import BadSuperBlock, LogFlag
-from blocktrace.logwrites.reader import LogEntry, LogReader
+from blocktrace.logwrites.reader import CHUNK_BYTES, LogEntry, LogReader
 from blocktrace.logwrites.writer import END_MARK
 from blocktrace.stream.records import Record, RecordKind
 
@@ -47,10 +49,18 @@ def entry_records(e: LogEntry) -> Iterator[Record]:
     if header.nr_sectors:
         if flags & _DISCARD:
             yield Record(e.index, _ZERO if e.is_zeroes else _TRIM, e.target_offset, e.length)
-        else:
+        elif e.length <= CHUNK_BYTES:
             yield Record(
                 e.index, _WRITE, e.target_offset, e.length, bool(flags & _FUA), e.read_data()
             )
+        else:
+            # an entry's size is the log's claim: a large one becomes consecutive WRITE
+            # records of at most CHUNK_BYTES (same seq, FUA on the last), never held whole
+            last = e.length - CHUNK_BYTES
+            for at, piece in e.data_chunks():
+                data = bytes(piece)
+                fua = bool(flags & _FUA) and at >= last
+                yield Record(e.index, _WRITE, e.target_offset + at, len(data), fua, data)
     if flags & _FLUSH:
         yield Record(e.index, RecordKind.FLUSH)
 
