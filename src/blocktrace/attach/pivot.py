@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from blocktrace.attach.guard import check_resume_socket
 from blocktrace.attach.monitor import AttachError, Disk, Monitor
 
 log = logging.getLogger("blocktrace.attach")
@@ -62,8 +63,11 @@ class Pivot:
         return f"blocktrace-pivot-{self.export}"
 
     async def check(self) -> None:
-        """Refuse a QEMU without the commands (nothing changes)."""
+        """Refuse a QEMU without the commands, or a resume on another socket than the one
+        the disk's nbd node reconnects to (nothing changes)."""
         await self.monitor.require(PIVOT_COMMANDS)
+        if self.attached:
+            check_resume_socket(await self.monitor.node(self.node), self.socket, self.disk.spec)
 
     async def attach(self) -> None:
         """Move the disk onto the export; on failure leave QEMU's graph as it was."""

@@ -87,6 +87,7 @@ def attach(
     traced.  SIGINT/SIGTERM, `blocktrace detach`, or stopping a disk's trace moves the disk
     back onto its own image and ends the trace.
     """
+    from blocktrace.attach.guard import check_new_socket
     from blocktrace.attach.monitor import AttachError
     from blocktrace.attach.session import AttachSession, parse_disk_arg
 
@@ -102,6 +103,9 @@ def attach(
         resume=resume,
         mechanism="filter" if mechanism == "filter" else "pivot",
     )
+
+    if not resume:
+        check_new_socket(socket_path)
 
     async def main() -> None:
         await session.prepare()
