@@ -17,9 +17,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from test_attach_guest import AttachProcess
+from test_attach_guest import (
+    AttachProcess,
+    device_node,
+    freeze,
+    guest_workload,
+    qemu_qmp,
+    replay_from_zero,
+    start_background_writer,
+    stop_background_writer,
+    thaw,
+)
 
 from blocktrace.qmp.client import QMPClient
+from guest import Guest, GuestDisk, make_ext4_disk
 from support import blocktrace, require
 
 pytestmark = pytest.mark.slow
@@ -155,3 +166,82 @@ def test_a_vm_reconnecting_to_a_killed_attach_never_reaches_another_vms_image(
         assert not holds(bt_b, 0xEE, 1 << 20) and not holds(bt_a, 0xDD, 2 << 20)
         assert holds(img_b, 0xDD, 2 << 20) and not holds(img_b, 0xEE, 1 << 20)
         assert nodes(test_a) == nodes(test_b) == {"proto0", "fmt0"}
+
+
+def test_two_guests_attached_at_once_pivot_and_filter_nothing_crosses(tmp_path: Path) -> None:
+    """Two TCG guests, each with its own attach process, both disks exported as ``disk0``:
+    VM A by the pivot, VM B by the filter, attached at the same time while both write; a mark
+    in each; A detached while B stays attached and writes on; then B.  Each log replays to its
+    own VM's disk, each mark is in its own log only, and each VM's marker bytes are in its own
+    replay only."""
+    require("qemu-system-x86_64", "qemu-img", "mkfs.ext4")
+    size = 64 << 20
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    disk_a, disk_b = tmp_path / "a" / "vm.raw", tmp_path / "b" / "vm.raw"
+    make_ext4_disk(disk_a, "raw", size)
+    make_ext4_disk(disk_b, "raw", size)
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    shadow_b = tmp_path / "b-shadow.img"
+    with (
+        Guest(tmp_path / "a", [GuestDisk(disk_a, "raw")], memory=160) as ga,
+        Guest(tmp_path / "b", [GuestDisk(disk_b, "raw")], memory=160) as gb,
+    ):
+        for g, tag in ((ga, "A"), (gb, "B")):
+            g.sh("mount -o discard /dev/vda /mnt")
+            g.sh(f"yes VM-{tag}-DATA | head -c 262144 > /mnt/marker && sync")
+            start_background_writer(g, "/mnt/bg")
+        # Both attach processes start together; each has its own sockets (nothing shared).
+        att_a = AttachProcess(tmp_path, ga.qmp, [f"disk0={tmp_path / 'a-bt.img'}"],
+                              [f"log:{log_a},job-id=a"], name="att-a")  # fmt: skip
+        att_b = AttachProcess(tmp_path, gb.qmp, [f"disk0={shadow_b}"],
+                              [f"log:{log_b},job-id=b"], name="att-b",
+                              extra=("--mechanism", "filter"))  # fmt: skip
+        assert [j["export"] for j in att_a.wait_ready(1)] == ["disk0"]
+        assert [j["export"] for j in att_b.wait_ready(1)] == ["disk0"]
+        assert device_node(ga.test_qmp, "disk0") == "blocktrace-disk0"
+        names_b = {n["node-name"] for n in qemu_qmp(gb.test_qmp, "query-named-block-nodes")}
+        assert "blocktrace-blw-disk0-log" in names_b and "blocktrace-disk0" not in names_b
+        for g, att, job, tag in ((ga, att_a, "a", "A"), (gb, att_b, "b", "B")):
+            guest_workload(g, tag.lower())
+            g.sh(f"yes VM-{tag}-MORE | head -c 131072 > /mnt/more && sync")
+            blocktrace("trace", "mark", "--socket", att.qmp, job, f"{job}-mid")
+        stop_background_writer(ga)
+
+        # A leaves blocktrace; B stays attached and goes on writing.
+        freeze(ga)
+        blocktrace("detach", "--socket", att_a.qmp, timeout=300)
+        assert att_a.wait() == 0, att_a.stderr()
+        assert device_node(ga.test_qmp, "disk0") == "fmt0"
+        assert att_b.proc.poll() is None
+        names_b = {n["node-name"] for n in qemu_qmp(gb.test_qmp, "query-named-block-nodes")}
+        assert "blocktrace-blw-disk0-log" in names_b
+        guest_workload(gb, "b2")
+        blocktrace("trace", "mark", "--socket", att_b.qmp, "b", "b-late")
+        replay_a = replay_from_zero(tmp_path, log_a, size, "a-replayed.raw")
+        blocktrace("verify", replay_a, disk_a)
+        thaw(ga)
+        ga.sh("dd if=/dev/urandom of=/mnt/after bs=4k count=8 conv=fsync 2>/dev/null")
+
+        stop_background_writer(gb)
+        freeze(gb)
+        blocktrace("detach", "--socket", att_b.qmp, timeout=300)
+        assert att_b.wait() == 0, att_b.stderr()
+        assert device_node(gb.test_qmp, "disk0") == "fmt0"
+        replay_b = replay_from_zero(tmp_path, log_b, size, "b-replayed.raw")
+        blocktrace("verify", replay_b, disk_b)
+        blocktrace("verify", shadow_b, disk_b)
+        thaw(gb)
+
+        info_a = blocktrace("log", "info", log_a).stdout
+        info_b = blocktrace("log", "info", log_b).stdout
+        assert "a-mid" in info_a and "b-mid" not in info_a and "b-late" not in info_a
+        assert "b-mid" in info_b and "b-late" in info_b and "a-mid" not in info_b
+        a_bytes, b_bytes = replay_a.read_bytes(), replay_b.read_bytes()
+        for data, mine, theirs in ((a_bytes, b"VM-A-", b"VM-B-"), (b_bytes, b"VM-B-", b"VM-A-")):
+            assert mine + b"DATA" in data and mine + b"MORE" in data
+            assert theirs not in data
+        # B's writes after A's detach are in B's log (it stayed attached), not in A's.
+        assert b"hello-b2" in b_bytes and b"hello-b2" not in a_bytes
+        for g in (ga, gb):
+            g.sh("ls /mnt/marker /mnt/more && umount /mnt")
