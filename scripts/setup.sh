@@ -15,6 +15,8 @@ APT_PACKAGES=(
   nats-server                                    # JetStream for the stream target and its tests
   libdeflate0                                    # optional: 2-3x faster log CRCs (zlib otherwise)
   linux-image-amd64 busybox-static cpio          # the attach tests' guest (scripts/build-guest.sh)
+  libvirt-daemon libvirt-daemon-driver-qemu      # attach to libvirt-managed VMs: libvirtd,
+  libvirt-clients python3-libvirt                # virsh, attach --libvirt (tests/libvirt_helpers.py)
 )
 
 missing=()
@@ -26,6 +28,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# libvirtd's QEMU driver looks up its default QEMU user at start, even when qemu.conf says
+# root (the tests' does).  Debian's libvirt-daemon-system creates it, but also brings systemd
+# units and a default network this project does not want; create just the user.
+if ! getent passwd libvirt-qemu >/dev/null; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+    libvirt-qemu
 fi
 
 # Debian's python3-libnbd is not on PyPI: the venv must be made by Debian's own interpreter

@@ -1,0 +1,108 @@
+"""``blocktrace attach`` on a VM that libvirt runs and owns the monitor of.
+
+A private libvirtd (tests/libvirt_helpers.py) runs the test guest from a qcow2 image, with
+a second QMP monitor given at start through ``<qemu:commandline>``.  blocktrace attaches
+through that monitor, the guest writes, blocktrace detaches; libvirt then still sees its disk
+as before (``virsh domblklist``, ``domblkinfo``, the device on libvirt's own node) and the
+guest still writes to it, and the log replays to the disk.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_attach_guest import (
+    AttachProcess,
+    freeze,
+    guest_workload,
+    replay_from_zero,
+    start_background_writer,
+    stop_background_writer,
+    thaw,
+)
+
+from guest import GuestDisk, guest_visible, make_ext4_disk
+from libvirt_helpers import Libvirtd, LibvirtGuest
+from support import blocktrace
+
+pytestmark = pytest.mark.slow
+
+DOMAIN = "bt-attach"
+
+
+def monitor(lv: Libvirtd, command: str) -> Any:
+    """A QMP command through libvirt's own monitor (``virsh qemu-monitor-command``)."""
+    out = lv.virsh("qemu-monitor-command", DOMAIN, json.dumps({"execute": command})).stdout
+    return json.loads(out)["return"]
+
+
+def root_node(lv: Libvirtd) -> str:
+    (blk,) = [b for b in monitor(lv, "query-block") if "virtio-disk0" in b.get("qdev", "")]
+    return str(blk["inserted"]["node-name"])
+
+
+def blkinfo(lv: Libvirtd) -> dict[str, str]:
+    lines = lv.virsh("domblkinfo", DOMAIN, "vda").stdout.splitlines()
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def written_requests(lv: Libvirtd) -> int:
+    for line in lv.virsh("domblkstat", DOMAIN, "vda").stdout.splitlines():
+        if line.split()[1] == "wr_req":
+            return int(line.split()[2])
+    raise AssertionError("no wr_req in domblkstat")
+
+
+def test_attach_libvirt_vm_through_a_second_monitor_then_detach(tmp_path: Path) -> None:
+    size = 64 << 20
+    disk = tmp_path / "vm.qcow2"
+    make_ext4_disk(disk, "qcow2", size)
+    with (
+        Libvirtd(tmp_path / "libvirt") as lv,
+        LibvirtGuest(lv, tmp_path, GuestDisk(disk, "qcow2"), name=DOMAIN) as g,
+    ):
+        listed = lv.virsh("domblklist", DOMAIN).stdout
+        assert str(disk) in listed
+        capacity = blkinfo(lv)["Capacity"]
+        assert root_node(lv) == "libvirt-1-format"
+        g.sh("mount -o discard /dev/vda /mnt && echo before > /mnt/before && sync")
+        start_background_writer(g, "/mnt/bg")
+
+        log = tmp_path / "lv.log"
+        att = AttachProcess(tmp_path, g.qmp, [f"virtio-disk0={tmp_path / 'bt.img'}"],
+                            [f"log:{log},job-id=lv"])  # fmt: skip
+        assert [j["export"] for j in att.wait_ready(1)] == ["virtio-disk0"]
+        assert root_node(lv) == "blocktrace-virtio-disk0"
+        # libvirt does not see the graph change: its disk definition stays as it was
+        assert lv.virsh("domblklist", DOMAIN).stdout == listed
+        guest_workload(g, "lv")
+        blocktrace("trace", "mark", "--socket", att.qmp, "lv", "in-libvirt")
+        stop_background_writer(g)
+        freeze(g)
+        blocktrace("detach", "--socket", att.qmp, timeout=300)
+        assert att.wait() == 0, att.stderr()
+
+        # libvirt sees its disk as before: same definition, size, libvirt's own node
+        assert root_node(lv) == "libvirt-1-format"
+        assert lv.virsh("domblklist", DOMAIN).stdout == listed
+        assert blkinfo(lv)["Capacity"] == capacity
+        names = {n["node-name"] for n in monitor(lv, "query-named-block-nodes")}
+        assert not any(n.startswith("blocktrace") for n in names), names
+        # The log replays to the guest-visible disk (libvirt's suspend drains and flushes).
+        lv.virsh("suspend", DOMAIN)
+        try:
+            visible = guest_visible(disk, "qcow2", tmp_path / "visible.raw")
+        finally:
+            lv.virsh("resume", DOMAIN)
+        blocktrace("verify", replay_from_zero(tmp_path, log, size, "replayed.raw"), visible)
+        assert "in-libvirt" in blocktrace("log", "info", log).stdout
+        thaw(g)
+
+        # The guest still writes to its disk, and libvirt counts the writes.
+        before = written_requests(lv)
+        g.sh("dd if=/dev/urandom of=/mnt/after bs=4k count=16 conv=fsync 2>/dev/null")
+        assert written_requests(lv) > before
+        g.sh("ls /mnt/lv-keep /mnt/after && umount /mnt")
