@@ -26,15 +26,19 @@ pytestmark = pytest.mark.slow
 
 
 class AttachProcess:
-    """``blocktrace attach`` in a subprocess, its QMP control socket at ``self.qmp``."""
+    """``blocktrace attach`` in a subprocess, its QMP control socket at ``self.qmp``.
+    ``qemu_qmp`` is QEMU's QMP socket, or the arguments that say where QEMU is otherwise
+    (``["--libvirt", DOMAIN, ...]``)."""
 
-    def __init__(self, workdir: Path, qemu_qmp: Path, disks: list[str], traces: list[str],
+    def __init__(self, workdir: Path, qemu_qmp: Path | list[str], disks: list[str],
+                 traces: list[str],
                  *, name: str = "attach", extra: tuple[str, ...] = (),
                  nbd: Path | None = None) -> None:  # fmt: skip
         self.qmp = workdir / f"{name}-qmp.sock"
         self.nbd = nbd or workdir / f"{name}-nbd.sock"
         self.stderr_path = workdir / f"{name}.stderr"
-        args = ["attach", "--qemu", str(qemu_qmp), "--socket", str(self.nbd),
+        where = qemu_qmp if isinstance(qemu_qmp, list) else ["--qemu", str(qemu_qmp)]
+        args = ["attach", *where, "--socket", str(self.nbd),
                 "--qmp", str(self.qmp), *extra, *disks]  # fmt: skip
         for t in traces:
             args += ["--trace", t]

@@ -4,12 +4,15 @@ A private libvirtd (tests/libvirt_helpers.py) runs the test guest from a qcow2 i
 a second QMP monitor given at start through ``<qemu:commandline>``.  blocktrace attaches
 through that monitor, the guest writes, blocktrace detaches; libvirt then still sees its disk
 as before (``virsh domblklist``, ``domblkinfo``, the device on libvirt's own node) and the
-guest still writes to it, and the log replays to the disk.
+guest still writes to it, and the log replays to the disk.  Then the same without a second
+monitor: ``attach --libvirt DOMAIN`` through libvirt's QMP pass-through, detach, and the
+domain destroyed while attached.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from test_attach_guest import (
     thaw,
 )
 
+from blocktrace.qmp.client import QMPClient
 from guest import GuestDisk, guest_visible, make_ext4_disk
 from libvirt_helpers import Libvirtd, LibvirtGuest
 from support import blocktrace
@@ -105,4 +109,49 @@ def test_attach_libvirt_vm_through_a_second_monitor_then_detach(tmp_path: Path) 
         before = written_requests(lv)
         g.sh("dd if=/dev/urandom of=/mnt/after bs=4k count=16 conv=fsync 2>/dev/null")
         assert written_requests(lv) > before
-        g.sh("ls /mnt/lv-keep /mnt/after && umount /mnt")
+        g.sh("ls /mnt/lv-keep /mnt/after")
+
+        # No second monitor needed: --libvirt DOMAIN goes through libvirt's pass-through.
+        via = ["--libvirt", DOMAIN, "--libvirt-uri", lv.uri]
+        p = blocktrace("attach", "--libvirt", "nosuch", "--libvirt-uri", lv.uri, "--socket",
+                       str(tmp_path / "x.sock"), f"virtio-disk0={tmp_path / 'x.img'}",
+                       "--trace", f"log:{tmp_path / 'x.log'}", check=False)  # fmt: skip
+        assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+            f"blocktrace: {lv.uri}: no libvirt domain named 'nosuch'"
+        ], p.stderr
+        assert not (tmp_path / "x.img").exists()
+        log2 = tmp_path / "lv2.log"
+        att2 = AttachProcess(tmp_path, via, [f"virtio-disk0={tmp_path / 'bt2.img'}"],
+                             [f"log:{log2},job-id=lv2"], name="attach2")  # fmt: skip
+        att2.wait_ready(1)
+        assert root_node(lv) == "blocktrace-virtio-disk0"
+        guest_workload(g, "two")
+        freeze(g)
+        att2.proc.send_signal(signal.SIGTERM)
+        assert att2.wait() == 0, att2.stderr()
+        assert root_node(lv) == "libvirt-1-format"
+        assert lv.virsh("domblklist", DOMAIN).stdout == listed
+        assert blkinfo(lv)["Capacity"] == capacity
+        lv.virsh("suspend", DOMAIN)
+        try:
+            visible = guest_visible(disk, "qcow2", tmp_path / "visible2.raw")
+        finally:
+            lv.virsh("resume", DOMAIN)
+        blocktrace("verify", replay_from_zero(tmp_path, log2, size, "replayed2.raw"), visible)
+        thaw(g)
+        g.sh("ls /mnt/two-keep && umount /mnt")
+
+        # The domain destroyed while attached through libvirt: the trace ends with its
+        # event, keeps what it received, and attach exits with one line.
+        log3, bt3 = tmp_path / "lv3.log", tmp_path / "bt3.img"
+        att3 = AttachProcess(tmp_path, via, [f"virtio-disk0={bt3}"], [f"log:{log3},job-id=c"],
+                             name="attach3")  # fmt: skip
+        att3.wait_ready(1)
+        g.sh("dd if=/dev/urandom of=/dev/vda bs=4k seek=500 count=16 oflag=direct conv=fsync")
+        with QMPClient.connect_to(str(att3.qmp), timeout=120) as c:
+            lv.virsh("destroy", DOMAIN)
+            ev = c.wait_event(lambda e: e["event"] == "BLOCK_JOB_COMPLETED")
+        assert ev["data"]["device"] == "c"
+        assert att3.wait() == 1
+        assert att3.stderr().strip().splitlines()[-1].startswith("blocktrace: QEMU went away")
+        blocktrace("verify", replay_from_zero(tmp_path, log3, size, "replayed3.raw"), bt3)

@@ -107,10 +107,12 @@ class AttachSession:
         reconnect_delay: int = 10,
         resume: bool = False,
         mechanism: Mechanism = "pivot",
+        monitor: Monitor | None = None,
     ) -> None:
         if not disks:
             raise UsageError("attach: give at least one DEVICE=IMAGE")
-        self.monitor = Monitor(qemu_socket)
+        #: QEMU's QMP: its socket, or ``monitor`` (libvirt's pass-through, ``.libvirt``)
+        self.monitor = monitor or Monitor(qemu_socket)
         self.requests = list(disks)
         self.trace_texts = list(traces)
         self.nbd_socket = os.path.abspath(nbd_socket)

@@ -14,7 +14,7 @@ import time
 import click
 
 from blocktrace.cli.qmp import command_failed, connection_options, open_client
-from blocktrace.errors import BlocktraceError
+from blocktrace.errors import BlocktraceError, UsageError
 from blocktrace.qmp.client import CommandError, QMPClient
 from blocktrace.service import Service, ServiceConfig, run
 
@@ -26,9 +26,21 @@ DEFAULT_NBD_SOCKET = "./blocktrace-attach.sock"
 @click.option(
     "--qemu",
     "qemu_socket",
-    required=True,
     metavar="PATH",
     help="QMP socket of the running qemu-system-* or qemu-storage-daemon.",
+)
+@click.option(
+    "--libvirt",
+    "domain",
+    metavar="DOMAIN",
+    help="Instead of --qemu: the libvirt domain's QEMU, through libvirt's QMP pass-through "
+    "(the domain is marked tainted).  See docs/attach.md, LIBVIRT.",
+)
+@click.option(
+    "--libvirt-uri",
+    metavar="URI",
+    default=None,
+    help="libvirt connection URI for --libvirt (default: libvirt's own default).",
 )
 @click.option(
     "--trace",
@@ -72,7 +84,9 @@ DEFAULT_NBD_SOCKET = "./blocktrace-attach.sock"
 )
 def attach(
     disks: tuple[str, ...],
-    qemu_socket: str,
+    qemu_socket: str | None,
+    domain: str | None,
+    libvirt_uri: str | None,
     traces: tuple[str, ...],
     socket_path: str,
     qmp_path: str | None,
@@ -94,14 +108,24 @@ def attach(
     logger = logging.getLogger("blocktrace")
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
+    if (qemu_socket is None) == (domain is None):
+        raise UsageError("attach: give exactly one of --qemu PATH and --libvirt DOMAIN")
+    if libvirt_uri is not None and domain is None:
+        raise UsageError("attach: --libvirt-uri goes with --libvirt")
+    monitor = None
+    if domain is not None:
+        from blocktrace.attach.libvirt import LibvirtMonitor
+
+        monitor = LibvirtMonitor(domain, libvirt_uri)
     session = AttachSession(
-        qemu_socket,
+        qemu_socket or "",
         [parse_disk_arg(d) for d in disks],
         traces,
         nbd_socket=socket_path,
         reconnect_delay=reconnect_delay,
         resume=resume,
         mechanism="filter" if mechanism == "filter" else "pivot",
+        monitor=monitor,
     )
 
     if not resume:
