@@ -56,7 +56,7 @@ def stopped_vm(tmp: Path, name: str) -> Iterator[tuple[Path, Path, Path]]:
             "-device", "virtio-blk-pci,drive=fmt0,id=disk0",
             "-qmp", f"unix:{qmp},server=on,wait=off",
             "-qmp", f"unix:{test_qmp},server=on,wait=off"]  # fmt: skip
-    vm = subprocess.Popen(argv)
+    vm = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
         while not test_qmp.exists():
