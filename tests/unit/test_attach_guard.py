@@ -22,7 +22,7 @@ def test_nbd_node_socket_from_qemu_file_name() -> None:
 def test_resume_only_on_the_nodes_own_socket(tmp_path: Path) -> None:
     node = {"file": f"nbd+unix:///disk0?socket={tmp_path / 'a.sock'}"}
     check_resume_socket(node, str(tmp_path / "a.sock"), "disk0")
-    with pytest.raises(AttachError, match="connects to .*a.sock, not .*b.sock"):
+    with pytest.raises(AttachError, match=r"connects to .*a\.sock, not .*b\.sock"):
         check_resume_socket(node, str(tmp_path / "b.sock"), "disk0")
     with pytest.raises(AttachError, match="unknown socket"):
         check_resume_socket(None, str(tmp_path / "a.sock"), "disk0")
