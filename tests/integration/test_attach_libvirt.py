@@ -5,12 +5,13 @@ a second QMP monitor given at start through ``<qemu:commandline>``.  blocktrace 
 through that monitor, the guest writes, blocktrace detaches; libvirt then still sees its disk
 as before (``virsh domblklist``, ``domblkinfo``, the device on libvirt's own node) and the
 guest still writes to it, and the log replays to the disk.  Then the same without a second
-monitor: ``attach --libvirt DOMAIN`` through libvirt's QMP pass-through, detach, and the
-domain destroyed while attached.
+monitor: ``attach --libvirt DOMAIN`` through libvirt's QMP pass-through, detach, ``kill -9``
+and ``--resume``, and the domain destroyed while attached.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 from pathlib import Path
@@ -140,6 +141,37 @@ def test_attach_libvirt_vm_through_a_second_monitor_then_detach(tmp_path: Path) 
         blocktrace("verify", replay_from_zero(tmp_path, log2, size, "replayed2.raw"), visible)
         thaw(g)
         g.sh("ls /mnt/two-keep && umount /mnt")
+
+        # kill -9 of an attach that went through libvirt: QEMU holds the guest's I/O while it
+        # reconnects, and `--resume --libvirt` takes the VM back, then detaches cleanly.
+        btk = tmp_path / "btk.img"
+        attk = AttachProcess(tmp_path, via, [f"virtio-disk0={btk}"],
+                             [f"log:{tmp_path / 'k.log'}"], name="attachk",
+                             extra=("--reconnect-delay", "120"))  # fmt: skip
+        attk.wait_ready(1)
+        g.sh("dd if=/dev/urandom of=/tmp/k bs=4k count=16 2>/dev/null")
+        g.sh("dd if=/tmp/k of=/dev/vda bs=4k seek=700 oflag=direct conv=fsync 2>/dev/null")
+        want = g.sh("md5sum < /tmp/k").split()[0]
+        attk.proc.kill()
+        attk.wait()
+        res = AttachProcess(tmp_path, via, [f"virtio-disk0={btk}"],
+                            [f"log:{tmp_path / 'k2.log'}"], name="resumek",
+                            extra=("--resume",), nbd=attk.nbd)  # fmt: skip
+        res.wait_ready(1)
+        got = g.sh("dd if=/dev/vda bs=4k skip=700 count=16 iflag=direct 2>/dev/null | md5sum")
+        assert got.split()[0] == want
+        res.proc.send_signal(signal.SIGTERM)
+        assert res.wait() == 0, res.stderr()
+        assert root_node(lv) == "libvirt-1-format"
+        assert lv.virsh("domblklist", DOMAIN).stdout == listed
+        lv.virsh("suspend", DOMAIN)
+        try:
+            visible = guest_visible(disk, "qcow2", tmp_path / "visiblek.raw")
+        finally:
+            lv.virsh("resume", DOMAIN)
+        with open(visible, "rb") as f:
+            f.seek(700 * 4096)
+            assert hashlib.md5(f.read(16 * 4096)).hexdigest() == want
 
         # The domain destroyed while attached through libvirt: the trace ends with its
         # event, keeps what it received, and attach exits with one line.
