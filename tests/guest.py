@@ -140,11 +140,15 @@ class Guest:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"qemu-system-x86_64 did not start (rc {self.proc.poll()})")
             time.sleep(0.05)
+        self.connect_serial()
+        return self
+
+    def connect_serial(self) -> None:
+        """Connect to the guest's command port and wait until its init is ready."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(self.cmd_path))
         self._sock = sock
         self._until(b"@@READY\n", BOOT_TIMEOUT)
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.kill()

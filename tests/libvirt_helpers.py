@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from xml.sax.saxutils import quoteattr
 
 import pytest
 
-from guest import BOOT_TIMEOUT, Guest, GuestDisk, guest_dir
+from guest import Guest, GuestDisk, guest_dir
 
 #: libvirt's state directories in its (private) mount namespace, and ours for each
 STATE_DIRS = {
@@ -184,10 +183,7 @@ class LibvirtGuest(Guest):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"libvirt's QEMU did not start: {self.lv.log_tail()}")
             time.sleep(0.05)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(str(self.cmd_path))
-        self._sock = sock
-        self._until(b"@@READY\n", BOOT_TIMEOUT)
+        self.connect_serial()
         return self
 
     def kill(self) -> None:

@@ -49,6 +49,16 @@ def root_node(lv: Libvirtd) -> str:
     return str(blk["inserted"]["node-name"])
 
 
+def visible_suspended(lv: Libvirtd, disk: Path, out: Path) -> Path:
+    """The qcow2's guest-visible disk, read while libvirt has the domain suspended (QEMU's
+    ``stop`` drains and flushes every node, the qcow2 metadata cache included)."""
+    lv.virsh("suspend", DOMAIN)
+    try:
+        return guest_visible(disk, "qcow2", out)
+    finally:
+        lv.virsh("resume", DOMAIN)
+
+
 def blkinfo(lv: Libvirtd) -> dict[str, str]:
     lines = lv.virsh("domblkinfo", DOMAIN, "vda").stdout.splitlines()
     return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
@@ -96,12 +106,8 @@ def test_attach_libvirt_vm_through_a_second_monitor_then_detach(tmp_path: Path) 
         assert blkinfo(lv)["Capacity"] == capacity
         names = {n["node-name"] for n in monitor(lv, "query-named-block-nodes")}
         assert not any(n.startswith("blocktrace") for n in names), names
-        # The log replays to the guest-visible disk (libvirt's suspend drains and flushes).
-        lv.virsh("suspend", DOMAIN)
-        try:
-            visible = guest_visible(disk, "qcow2", tmp_path / "visible.raw")
-        finally:
-            lv.virsh("resume", DOMAIN)
+        # The log replays to the guest-visible disk.
+        visible = visible_suspended(lv, disk, tmp_path / "visible.raw")
         blocktrace("verify", replay_from_zero(tmp_path, log, size, "replayed.raw"), visible)
         assert "in-libvirt" in blocktrace("log", "info", log).stdout
         thaw(g)
@@ -133,11 +139,7 @@ def test_attach_libvirt_vm_through_a_second_monitor_then_detach(tmp_path: Path) 
         assert root_node(lv) == "libvirt-1-format"
         assert lv.virsh("domblklist", DOMAIN).stdout == listed
         assert blkinfo(lv)["Capacity"] == capacity
-        lv.virsh("suspend", DOMAIN)
-        try:
-            visible = guest_visible(disk, "qcow2", tmp_path / "visible2.raw")
-        finally:
-            lv.virsh("resume", DOMAIN)
+        visible = visible_suspended(lv, disk, tmp_path / "visible2.raw")
         blocktrace("verify", replay_from_zero(tmp_path, log2, size, "replayed2.raw"), visible)
         thaw(g)
         g.sh("ls /mnt/two-keep && umount /mnt")
@@ -164,11 +166,7 @@ def test_attach_libvirt_vm_through_a_second_monitor_then_detach(tmp_path: Path) 
         assert res.wait() == 0, res.stderr()
         assert root_node(lv) == "libvirt-1-format"
         assert lv.virsh("domblklist", DOMAIN).stdout == listed
-        lv.virsh("suspend", DOMAIN)
-        try:
-            visible = guest_visible(disk, "qcow2", tmp_path / "visiblek.raw")
-        finally:
-            lv.virsh("resume", DOMAIN)
+        visible = visible_suspended(lv, disk, tmp_path / "visiblek.raw")
         with open(visible, "rb") as f:
             f.seek(700 * 4096)
             assert hashlib.md5(f.read(16 * 4096)).hexdigest() == want
