@@ -4,10 +4,17 @@
 created, sparse and of the source's size, if it does not exist.  Metadata lives beside it in
 ``PATH.btreplica`` unless ``meta=`` says otherwise.  All the logic is the shared engine,
 :class:`blocktrace.replica.target.ReplicaTarget`; see docs/replica.md.
+
+The image is locked like a writable export (QEMU's image locks,
+:mod:`blocktrace.block.locking`) whenever the engine has it open, streaming, resyncing or
+comparing: QEMU, qemu-img, qemu-nbd, another replica, a replay or a live log on the same
+file refuse it and are refused (whatever path names it), and a served image is refused as a
+replica by device and inode with a reason of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,9 +22,13 @@ from typing import Any
 
 from blocktrace.block.device import BlockDevice
 from blocktrace.block.file import FileDevice
+from blocktrace.block.locking import ImageLockedError
+from blocktrace.errors import UsageError
+from blocktrace.outfile import FileId, Protected
 from blocktrace.replica.bitmap import DEFAULT_GRANULARITY
 from blocktrace.replica.meta import META_SUFFIX, Fingerprint, file_fingerprint
 from blocktrace.replica.target import ReplicaTarget
+from blocktrace.stream.contract import TargetInfo, served_images
 from blocktrace.stream.schema import Choice, Flag, Integer, Option, Seconds, TargetType, Text
 
 #: options every replica-type target accepts besides its main argument (docs/replica.md)
@@ -51,6 +62,10 @@ def replica_keywords(values: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+#: how a refused replica image ends its error line
+REPLICA_ADVICE = "stop it or name another replica image"
+
+
 class LocalReplicaTarget(ReplicaTarget):
     """A replica in a local raw image (a file or a block device)."""
 
@@ -58,15 +73,36 @@ class LocalReplicaTarget(ReplicaTarget):
 
     def __init__(self, filename: str, **kw: Any) -> None:
         self.filename = filename
+        self._served: list[Protected] = []
         super().__init__(f"replica:{filename}", os.path.realpath(filename), **kw)
         if self.meta_path is None:
             self.meta_path = Path(filename + META_SUFFIX)
+
+    async def open(self, info: TargetInfo) -> None:
+        self._served = served_images(info)
+        await super().open(info)
 
     async def open_device(self) -> BlockDevice:
         if not os.path.exists(self.filename):
             with open(self.filename, "xb") as f:
                 f.truncate(self.size)
-        return FileDevice(self.filename)
+        try:
+            dev = FileDevice(self.filename, lock=True, lock_advice=REPLICA_ADVICE)
+        except ImageLockedError:
+            with contextlib.suppress(OSError):  # the lock is ours: say why, not who
+                self._refuse_served(FileId.of(os.stat(self.filename)))
+            raise
+        try:
+            self._refuse_served(FileId.of(os.fstat(dev.fd)))  # read-only exports lock less
+        except BaseException:
+            await dev.close()
+            raise
+        return dev
+
+    def _refuse_served(self, me: FileId) -> None:
+        for p in self._served:
+            if p.id == me:
+                raise UsageError(f"{self.name}: refusing to write to {p.what}")
 
     def replica_fingerprint(self) -> Fingerprint | None:
         return file_fingerprint(self.filename)
