@@ -124,10 +124,10 @@ class ImageLockedError(UsageError):
         #: ``NAME (pid N)`` of each process found holding lock bytes on the file
         self.holders = tuple(holders)
         what = f'shared "{PERM_NAMES[perm]}"' if shared else f'"{PERM_NAMES[perm]}"'
-        who = ", ".join(self.holders) or UNKNOWN_HOLDER
+        who = ": " + ", ".join(self.holders) if self.holders else f" ({UNKNOWN_HOLDER})"
         super().__init__(
             f"{path}: failed to get {what} lock: the image is in use by another process or "
-            f"export ({who}); {advice}"
+            f"export{who}; {advice}"
         )
 
 
@@ -202,7 +202,8 @@ MAX_FDINFO = 200_000
 
 def lock_holders(fd: int, *, proc: str = "/proc") -> list[str]:
     """``NAME (pid N)`` of every other open file description holding QEMU lock bytes on
-    ``fd``'s file, this process's other descriptors included (``[]`` if none can be seen).
+    ``fd``'s file, this process's other descriptors included (``NAME (pid N, this
+    process)``: another export, replica or log of the same server); ``[]`` if none is seen.
 
     Only ``/proc/PID/fdinfo/FD`` is read, never the file behind a descriptor, so a hung
     network or FUSE file system elsewhere cannot stall the search; the file is recognised by
@@ -233,7 +234,8 @@ def lock_holders(fd: int, *, proc: str = "/proc") -> list[str]:
             except OSError:
                 continue
             if _holds_lock_bytes(info, key):
-                found.append(f"{_comm(proc, pid)} (pid {pid})")
+                mine = ", this process" if pid == me else ""
+                found.append(f"{_comm(proc, pid)} (pid {pid}{mine})")
                 break  # one mention per process
         if len(found) >= MAX_HOLDERS:
             break
