@@ -125,7 +125,8 @@ def test_no_replica_or_replay_lands_on_a_live_log(tmp_path: Path) -> None:
     shutil.copyfile(img, base)
     log = tmp_path / "disk.log"
     qmp_sock = tmp_path / "qmp.sock"
-    args = ["--trace", f"disk=log:{log},job-id=l", "--qmp", str(qmp_sock)]
+    # sync=full: the log is bigger than the image, so only the lock can refuse a replica on it
+    args = ["--trace", f"disk=log:{log},sync=full,job-id=l", "--qmp", str(qmp_sock)]
     with ServerProcess(tmp_path, [img], args) as srv:
         run(["qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 64k", "-c", "flush", srv.uri()])
         qmp = QMP(qmp_sock)
