@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from support import BLOCKTRACE
 
 #: QEMU's refusal of a writer (qemu-io, qemu-img, qemu-nbd, qemu-storage-daemon)
 LOCKED = 'Failed to get "write" lock'
@@ -57,3 +59,24 @@ def storage_daemon(img: Path, sock: Path) -> list[str]:
         "--export",
         "type=nbd,id=e,node-name=f,writable=on",
     ]
+
+
+def serve_once(
+    workdir: Path, images: Sequence[str | os.PathLike[str]], trace: str
+) -> subprocess.CompletedProcess[str]:
+    """``blocktrace serve IMAGES --trace TRACE`` expected to stop at start-up (a refused
+    trace); its result, for the caller to check."""
+    return subprocess.run(
+        [
+            *BLOCKTRACE,
+            "serve",
+            *map(os.fspath, images),
+            "--socket",
+            os.fspath(workdir / "once.sock"),
+            "--trace",
+            trace,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

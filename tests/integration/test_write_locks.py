@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from lock_helpers import LOCKED, locks_on, qemu_process, storage_daemon, wait_locked
+from lock_helpers import LOCKED, locks_on, qemu_process, serve_once, storage_daemon, wait_locked
 
 from blocktrace.block.locking import PERM_BASE
 from blocktrace.logwrites.replay import replay
@@ -121,16 +121,7 @@ def test_a_live_replica_image_refuses_every_qemu_writer_and_is_released_at_stop(
         assert_qemu_refused(rep, tmp_path)
         # another blocktrace writing it: a second server's replica, a replay
         other = make_image(tmp_path / "other.img", SIZE, seed=2)
-        r = blocktrace(
-            "serve",
-            other,
-            "--socket",
-            tmp_path / "o.sock",
-            "--trace",
-            f"replica:{rep},force=on",
-            check=False,
-            timeout=60,
-        )
+        r = serve_once(tmp_path, [other], f"replica:{rep},force=on")
         assert r.returncode == 2 and "failed to get" in r.stderr, r.stderr
         log = make_log(tmp_path / "w.log", [(0, b"\x99" * 4096)])
         r = blocktrace("replay", log, rep, check=False)
@@ -146,16 +137,7 @@ def test_a_replica_is_refused_on_an_image_a_qemu_writer_holds(tmp_path: Path, to
     rep = make_image(tmp_path / "replica.img", SIZE, seed=4)
     with qemu_holder(tool, rep, tmp_path):
         before = rep.read_bytes()
-        r = blocktrace(
-            "serve",
-            img,
-            "--socket",
-            tmp_path / "s.sock",
-            "--trace",
-            f"disk=replica:{rep},sync=full",
-            check=False,
-            timeout=60,
-        )
+        r = serve_once(tmp_path, [img], f"disk=replica:{rep},sync=full")
         refused(r, tool)
         assert rep.read_bytes() == before  # no full copy landed on the holder's image
 

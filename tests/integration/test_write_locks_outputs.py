@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lock_helpers import locks_on, wait_locked
+from lock_helpers import locks_on, serve_once, wait_locked
 from replica_helpers import QMP
 
 from blocktrace.block.locking import PERM_BASE
@@ -105,16 +105,7 @@ def test_no_output_lands_on_a_live_replica_image(tmp_path: Path) -> None:
     with ServerProcess(tmp_path, [img], ["--trace", f"disk=replica:{rep}"], name="again"):
         wait_locked(rep, PERM_BASE + 1)
         other = make_image(tmp_path / "other.img", SIZE)
-        r = blocktrace(
-            "serve",
-            other,
-            "--socket",
-            tmp_path / "o.sock",
-            "--trace",
-            f"log:{rep},force=on",
-            check=False,
-            timeout=60,
-        )
+        r = serve_once(tmp_path, [other], f"log:{rep},force=on")
         assert r.returncode == 2 and f"log {rep}: failed to get" in r.stderr, r.stderr
         assert rep.read_bytes() == img.read_bytes()
 
@@ -178,16 +169,7 @@ def test_a_replica_of_a_served_image_is_refused(tmp_path: Path) -> None:
     ]
     (tmp_path / "sub").mkdir()
     for images, trace in cases:
-        r = blocktrace(
-            "serve",
-            *images,
-            "--socket",
-            tmp_path / "s.sock",
-            "--trace",
-            trace,
-            check=False,
-            timeout=60,
-        )
+        r = serve_once(tmp_path, images, trace)
         assert r.returncode == 2, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "refusing to write to a served image" in r.stderr, r.stderr
