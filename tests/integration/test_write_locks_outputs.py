@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ext4_recording import mkfs
 from lock_helpers import locks_on, serve_once, wait_locked
 from replica_helpers import QMP
 
@@ -71,10 +72,10 @@ def other_names(path: Path, tmp_path: Path, bound: Path | None) -> list[Path]:
 
 
 def test_no_output_lands_on_a_live_replica_image(tmp_path: Path) -> None:
-    img = make_image(tmp_path / "disk.img", SIZE, seed=11)
+    img = mkfs(tmp_path / "disk.img", 16, options=("-b", "4096"))  # ext4, for introspect
     data = tmp_path / "data"
     data.mkdir()
-    rep = make_image(data / "replica.img", SIZE)
+    rep = make_image(data / "replica.img", 16 * MiB)
     qmp_sock = tmp_path / "qmp.sock"
     args = ["--trace", f"disk=replica:{rep},sync=full,job-id=r", "--qmp", str(qmp_sock)]
     with (
@@ -90,6 +91,9 @@ def test_no_output_lands_on_a_live_replica_image(tmp_path: Path) -> None:
                 )
                 assert err.startswith("log ") and "failed to get" in err, err
                 assert ", this process)" in err, err  # the holder: this server
+                events = {"type": "introspect", "filename": str(name), "force": True}
+                err = trace_error(qmp, f"e{n}", events)
+                assert err.startswith("events file ") and "failed to get" in err, err
                 err = trace_error(
                     qmp, f"r{n}", {"type": "replica", "filename": str(name), "force": True}
                 )
