@@ -142,6 +142,38 @@ def test_a_replica_is_refused_on_an_image_a_qemu_writer_holds(tmp_path: Path, to
         assert rep.read_bytes() == before  # no full copy landed on the holder's image
 
 
+def test_a_degraded_replica_keeps_its_image_locked_until_it_resyncs(tmp_path: Path) -> None:
+    """A replica that fills its file system degrades and closes its image, but keeps the
+    lock: a QEMU writer in the meantime is refused (its writes would be invisible to the
+    dirty bitmap, so the resync would miss them), and the replica converges once it has
+    room again."""
+    from replica_helpers import QMP, random_image
+
+    from support import small_tmpfs
+
+    require("qemu-io")
+    src = random_image(tmp_path / "src.img", 32 * MiB, 21)  # ~8 MiB of data: more than fits
+    with small_tmpfs(tmp_path / "small", "6m") as mnt:
+        rep = mnt / "rep.img"
+        qmp_sock = tmp_path / "qmp.sock"
+        trace = f"replica:{rep},meta={tmp_path / 'rep.btreplica'},job-id=r,sync=full"
+        with ServerProcess(tmp_path, [src], ["--trace", trace, "--qmp", str(qmp_sock)]) as srv:
+            qmp = QMP(qmp_sock)
+            try:
+                job = qmp.wait(lambda j: j["target"]["state"] == "degraded")
+                assert "space" in job["target"].get("last-error", ""), job
+                assert WRITE_BYTE in locks_on(rep)
+                r = run(["qemu-io", "-f", "raw", "-c", "write -P 0x66 0 4k", rep], check=False)
+                assert r.returncode != 0 and LOCKED in r.stderr, r.stderr
+                run(["mount", "-o", "remount,size=64m", mnt], timeout=30)
+                run(["qemu-io", "-f", "raw", "-c", "write -P 0x67 1M 64k", srv.uri()])
+                qmp.wait_caught_up(60)
+            finally:
+                qmp.close()
+        assert rep.read_bytes() == src.read_bytes()
+        assert not locks_on(rep)
+
+
 # -- replay LOG IMAGE ------------------------------------------------------------------------
 
 
