@@ -174,6 +174,63 @@ def test_a_degraded_replica_keeps_its_image_locked_until_it_resyncs(tmp_path: Pa
         assert not locks_on(rep)
 
 
+def test_attach_replica_traces_lock_their_image_both_ways(tmp_path: Path) -> None:
+    """``blocktrace attach`` with a replica trace, on a qemu-storage-daemon node (no guest
+    needed): an image qemu-io holds is refused in one line naming it and the daemon's disk
+    stays where it was; while attached, the replica image refuses QEMU's writers."""
+    import signal
+
+    from test_attach_guest import AttachProcess
+
+    from blocktrace.qmp.client import QMPClient
+
+    require("qemu-storage-daemon", "qemu-io")
+    img = make_image(tmp_path / "src.raw", 16 * MiB)
+    qmp, nbd = tmp_path / "qsd.sock", tmp_path / "qsd-nbd.sock"
+    argv = ["qemu-storage-daemon",
+            "--blockdev", f"driver=file,filename={img},node-name=p0",
+            "--blockdev", "driver=raw,file=p0,node-name=n0",
+            "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+            "--export", "type=nbd,id=e0,node-name=n0,writable=on",
+            "--chardev", f"socket,id=m,path={qmp},server=on,wait=off",
+            "--monitor", "chardev=m"]  # fmt: skip
+    qsd = subprocess.Popen(argv)
+    try:
+        deadline = time.monotonic() + 30
+        while not (qmp.exists() and nbd.exists()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        held = make_image(tmp_path / "held.img", 16 * MiB)
+        with qemu_holder("qemu-io", held, tmp_path):
+            r = blocktrace("attach", "--qemu", qmp, "--socket", tmp_path / "a.sock",
+                           f"n0={tmp_path / 'bt.img'}", "--trace", f"replica:{held}",
+                           check=False, timeout=120)  # fmt: skip
+            assert r.returncode != 0
+            err = r.stderr.strip().splitlines()[-1]  # after attach's INFO lines: one error
+            assert err.startswith("blocktrace: ") and "failed to get" in err, r.stderr
+            assert "qemu-io (pid " in err, err
+        with QMPClient.connect_to(str(qmp)) as c:
+            nodes = {n["node-name"] for n in c.execute("query-named-block-nodes")}
+        assert nodes == {"p0", "n0"}, nodes
+        rep = tmp_path / "rep.img"
+        att = AttachProcess(tmp_path, qmp, [f"n0={tmp_path / 'bt2.img'}"], [f"replica:{rep}"])
+        try:
+            att.wait_ready(1)
+            run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 4096 65536", "-c", "flush",
+                 f"nbd+unix:///n0?socket={nbd}"])  # fmt: skip
+            wait_locked(rep, WRITE_BYTE)
+            r = run(["qemu-io", "-f", "raw", "-c", "write -P 0x66 0 4k", rep], check=False)
+            assert r.returncode != 0 and LOCKED in r.stderr, r.stderr
+        finally:
+            att.proc.send_signal(signal.SIGTERM)
+            assert att.wait() == 0, att.stderr()
+        assert not locks_on(rep)
+        assert rep.read_bytes()[4096 : 4096 + 65536] == b"\x5a" * 65536
+    finally:
+        qsd.kill()
+        qsd.wait()
+
+
 # -- replay LOG IMAGE ------------------------------------------------------------------------
 
 
