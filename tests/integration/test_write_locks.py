@@ -231,6 +231,20 @@ def test_attach_replica_traces_lock_their_image_both_ways(tmp_path: Path) -> Non
         qsd.wait()
 
 
+@pytest.mark.parametrize("tool", ["qemu-io", "qemu-storage-daemon"])
+def test_a_log_with_force_is_refused_on_an_image_a_qemu_writer_holds(
+    tmp_path: Path, tool: str
+) -> None:
+    """``force=on`` replaces an existing log, but never truncates an image QEMU is writing."""
+    img = make_image(tmp_path / "disk.img", SIZE, seed=22)
+    held = make_image(tmp_path / "held.img", SIZE, seed=23)
+    with qemu_holder(tool, held, tmp_path):
+        before = held.read_bytes()
+        err = refused(serve_once(tmp_path, [img], f"log:{held},force=on"), tool)
+        assert f"log {held}: failed to get" in err, err
+        assert held.read_bytes() == before
+
+
 # -- replay LOG IMAGE ------------------------------------------------------------------------
 
 

@@ -54,9 +54,9 @@ import errno
 import fcntl
 import os
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from blocktrace.errors import UsageError
 
@@ -194,10 +194,11 @@ def lock_output(fd: int, label: str) -> None:
 
 #: lock bytes QEMU's protocol uses (a lock elsewhere in the file is not about image sharing)
 _LOCK_RANGE = range(PERM_BASE, SHARED_BASE + 64)
-#: at most this many holders are named, and at most this many descriptors looked at: the
-#: search runs only on a refusal and must stay cheap on a machine with many processes
+#: at most this many holders are named, and the search gives up after this many seconds
+#: (about 0.1-0.2 ms per descriptor here: docs/performance.md): it runs only on a refusal,
+#: and a machine with very many open files gets the generic message instead of a long wait
 MAX_HOLDERS = 4
-MAX_FDINFO = 200_000
+SCAN_SECONDS = 0.5
 
 
 def lock_holders(fd: int, *, proc: str = "/proc") -> list[str]:
@@ -213,7 +214,7 @@ def lock_holders(fd: int, *, proc: str = "/proc") -> list[str]:
     key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     me = str(os.getpid())
     found: list[str] = []
-    budget = MAX_FDINFO
+    deadline = time.monotonic() + SCAN_SECONDS
     try:
         pids = [p for p in os.listdir(proc) if p.isdigit()]
     except OSError:
@@ -224,16 +225,12 @@ def lock_holders(fd: int, *, proc: str = "/proc") -> list[str]:
         except OSError:  # gone, or not ours to read
             continue
         for n in fds:
-            budget -= 1
-            if budget < 0:
+            if time.monotonic() > deadline:
                 return found
             if pid == me and n == str(fd):
                 continue
-            try:
-                info = Path(f"{proc}/{pid}/fdinfo/{n}").read_text()
-            except OSError:
-                continue
-            if _holds_lock_bytes(info, key):
+            info = _read_small(f"{proc}/{pid}/fdinfo/{n}")
+            if info and _holds_lock_bytes(info, key):
                 mine = ", this process" if pid == me else ""
                 found.append(f"{_comm(proc, pid)} (pid {pid}{mine})")
                 break  # one mention per process
@@ -261,8 +258,19 @@ def _holds_lock_bytes(fdinfo: str, key: str) -> bool:
     return False
 
 
-def _comm(proc: str, pid: str) -> str:
+def _read_small(path: str) -> str:
+    """A /proc text file's first 64 KiB ("" if it cannot be read): one open, one read."""
     try:
-        return Path(f"{proc}/{pid}/comm").read_text().strip() or "?"
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return "?"
+        return ""
+    try:
+        return os.read(fd, 65536).decode(errors="replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+
+
+def _comm(proc: str, pid: str) -> str:
+    return _read_small(f"{proc}/{pid}/comm").strip() or "?"
