@@ -98,6 +98,11 @@ def test_no_output_lands_on_a_live_replica_image(tmp_path: Path) -> None:
                     qmp, f"r{n}", {"type": "replica", "filename": str(name), "force": True}
                 )
                 assert "failed to get" in err, err
+            # a symlink (which a log never follows anyway) to the live replica's image
+            sym = data / "replica-symlink.img"
+            sym.symlink_to(rep)
+            err = trace_error(qmp, "rs", {"type": "replica", "filename": str(sym), "force": True})
+            assert "failed to get" in err, err
             # the live replica still follows its source, untouched by the refused traces
             run(["qemu-io", "-f", "raw", "-c", "write -P 0x5c 1M 64k", "-c", "flush", srv.uri()])
             qmp.wait_caught_up()
@@ -166,8 +171,11 @@ def test_a_replica_of_a_served_image_is_refused(tmp_path: Path) -> None:
     before = {p: p.read_bytes() for p in (img, other)}
     hard = tmp_path / "disk-hard-link.img"
     os.link(img, hard)
+    sym = tmp_path / "disk-symlink.img"
+    sym.symlink_to(img)
     cases = [
         ([img], f"disk=replica:{hard},force=on"),
+        ([img], f"disk=replica:{sym},force=on"),
         ([img], f"disk=replica:{tmp_path / 'sub' / '..' / 'disk.img'},force=on"),
         ([f"disk={img}", f"other={other}"], f"disk=replica:{other},force=on"),
     ]
