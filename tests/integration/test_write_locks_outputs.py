@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from ext4_recording import mkfs
-from lock_helpers import locks_on, serve_once, wait_locked
+from lock_helpers import LOCKED, locks_on, serve_once, wait_locked
 from replica_helpers import QMP
 
 from blocktrace.block.locking import PERM_BASE
@@ -141,6 +141,8 @@ def test_no_replica_or_replay_lands_on_a_live_log(tmp_path: Path) -> None:
                 w.append_writes([(0, 0, b"\x77" * 4096)])
             r = blocktrace("replay", other, log, check=False)  # a replay onto the live log
             assert r.returncode == 2 and f"replay target {log}: failed to get" in r.stderr
+            r = run(["qemu-io", "-f", "raw", "-c", "write -P 0x66 0 4k", log], check=False)
+            assert r.returncode != 0 and LOCKED in r.stderr, r.stderr  # QEMU's writers too
             run(["qemu-io", "-f", "raw", "-c", "write -P 0x3d 2M 4k", "-c", "flush", srv.uri()])
         finally:
             qmp.close()
