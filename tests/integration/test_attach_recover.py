@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from attach_graph import block_graph, qemu_qmp
+
 from support import blocktrace, require
 
 pytestmark = pytest.mark.slow
