@@ -100,6 +100,18 @@ def test_detach_qemu_removes_a_killed_filter_and_restores_the_graph(tmp_path: Pa
         with open(d.img, "rb") as f:
             f.seek(8192)
             assert f.read(4096) == b"\x22" * 4096
+        # A restarted attach must serve the socket the stale log node connects to.
+        stale: Any = block_graph(d.qmp)
+        wrong = blocktrace("attach", "--qemu", d.qmp, "--mechanism", "filter", "--resume",
+                           "--socket", tmp_path / "other.sock", "--trace",
+                           f"log:{tmp_path / 'x.log'}", f"n0={tmp_path / 'new.img'}",
+                           check=False)  # fmt: skip
+        assert wrong.returncode == 1, wrong
+        assert wrong.stderr.strip().splitlines()[-1] == (
+            f"blocktrace: device 'n0': its stale log node connects to {sock}: give --socket {sock}"
+        )
+        assert block_graph(d.qmp) == stale
+        assert not (tmp_path / "new.img").exists() and not (tmp_path / "x.log").exists()
         out = blocktrace("detach", "--qemu", d.qmp, "n0", timeout=300)
         assert "detached n0: back on p0" in out.stdout, out
         assert block_graph(d.qmp) == before
