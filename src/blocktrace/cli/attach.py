@@ -53,7 +53,8 @@ DEFAULT_NBD_SOCKET = "./blocktrace-attach.sock"
     type=click.IntRange(0, 3600),
     default=10,
     show_default=True,
-    help="Seconds QEMU holds the guest's requests if blocktrace dies, waiting for a restart.",
+    help="Seconds QEMU holds the guest's requests (filter: its log writes) if blocktrace "
+    "dies, waiting for a restart.",
 )
 @click.option(
     "--mechanism",
@@ -67,8 +68,9 @@ DEFAULT_NBD_SOCKET = "./blocktrace-attach.sock"
 @click.option(
     "--resume",
     is_flag=True,
-    help="The disks still run on the IMAGEs of an attach process that died: serve them "
-    "again (QEMU reconnects), trace, and detach as usual.",
+    help="An attach process on the same --socket died.  pivot: the disks still run on its "
+    "IMAGEs: serve them again (QEMU reconnects), trace, and detach as usual.  filter: remove "
+    "the blklogwrites it left, then attach afresh into new IMAGEs (a new trace, a new base).",
 )
 def attach(
     disks: tuple[str, ...],
