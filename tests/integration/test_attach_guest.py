@@ -516,20 +516,32 @@ def test_filter_kill9_detach_qemu_then_kill9_attach_resume(tmp_path: Path) -> No
         assert rc == 0
         assert host_md5(disk, 100, 64) == want_a and host_md5(disk, 300, 16) == want_c
 
-        # Killed again; this time a restarted attach removes the filter and attaches afresh.
+        # Killed again; this time a restarted attach removes the filter and attaches afresh,
+        # within the reconnect delay: the guest's write meanwhile waits and then succeeds.
+        filt = ("--mechanism", "filter", "--reconnect-delay", "600")
         att2 = AttachProcess(tmp_path, g.qmp, [f"disk0={tmp_path / 's2.img'}"],
                              [f"log:{tmp_path / 'b.log'}"], name="att2", extra=filt)  # fmt: skip
         att2.wait_ready(1)
         assert guest_write(g, 400, 16, "d")[0] == 0
         att2.proc.kill()
         att2.wait()
-        assert guest_write(g, 500, 16, "e")[0] != 0
+        g.sh("dd if=/dev/urandom of=/tmp/e bs=4k count=1 2>/dev/null")
+        want_e = g.sh("md5sum < /tmp/e").split()[0]
+        g.sh("rm -f /tmp/rc_e; (dd if=/tmp/e of=/dev/vda bs=4k seek=500 oflag=direct "
+             "conv=fsync 2>/dev/null; echo $? > /tmp/rc_e) >/dev/null 2>&1 &")  # fmt: skip
+        deadline = time.monotonic() + 300
+        while host_md5(disk, 500, 1) != want_e:  # data on the image, its log write held
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert g.run("ls /tmp/rc_e")[0] != 0  # still waiting
         new_log = tmp_path / "c.log"
         att3 = AttachProcess(tmp_path, g.qmp, [f"disk0={tmp_path / 's3.img'}"],
                              [f"log:{new_log}"], name="att3", extra=(*filt, "--resume"),
                              nbd=att2.nbd)  # fmt: skip
         att3.wait_ready(1)
         assert "a new trace on a new base" in att3.stderr()
+        g.sh("while [ ! -e /tmp/rc_e ]; do sleep 1; done")
+        assert g.sh("cat /tmp/rc_e").strip() == "0"  # the held write succeeded
         rc, want_f = guest_write(g, 600, 16, "f")
         assert rc == 0
         att3.proc.send_signal(signal.SIGTERM)

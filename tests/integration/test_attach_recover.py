@@ -54,6 +54,12 @@ class Daemon:
         self.proc.wait()
 
 
+def data_at(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
 def wait_for(*paths: Path) -> None:
     deadline = time.monotonic() + 30
     while not all(p.exists() for p in paths):
@@ -61,11 +67,12 @@ def wait_for(*paths: Path) -> None:
         time.sleep(0.05)
 
 
-def insert_filter(d: Daemon, sink_socket: Path, blw: str, log: str, export: str) -> None:
+def insert_filter(d: Daemon, sink_socket: Path, blw: str, log: str, export: str,
+                  delay: int = 1) -> None:  # fmt: skip
     """What ``Filter.attach`` does, on a node of the daemon."""
     server = {"type": "unix", "path": str(sink_socket)}
     qemu_qmp(d.qmp, "blockdev-add", {"driver": "nbd", "node-name": log, "server": server,
-                                     "export": export, "reconnect-delay": 1})  # fmt: skip
+                                     "export": export, "reconnect-delay": delay})  # fmt: skip
     qemu_qmp(d.qmp, "blockdev-add", {"driver": "blklogwrites", "node-name": blw, "file": "p0",
                                      "log": log, "log-sector-size": 512,
                                      "discard": "unmap"})  # fmt: skip
@@ -150,5 +157,36 @@ def test_detach_qemu_refuses_a_graph_blocktrace_did_not_build(tmp_path: Path) ->
         assert "no device or block node named 'nosuch'" in refused("nosuch")
         assert block_graph(d.qmp) == with_filter
         assert not sock.exists() or sock.is_socket()
+    finally:
+        d.close()
+
+
+def test_a_restart_within_the_reconnect_delay_shows_the_writer_no_error(tmp_path: Path) -> None:
+    """A write issued after the sink died waits (the log node's reconnect delay) instead of
+    failing; ``detach --qemu`` serves the drain it reconnects to, and the write completes
+    successfully, its data on the image."""
+    d = Daemon(tmp_path)
+    try:
+        before: Any = block_graph(d.qmp)
+        sock = tmp_path / "attach-nbd.sock"
+        sink = dead_sink(tmp_path, sock, "n0-log")
+        insert_filter(d, sock, "blocktrace-blw-n0-log", "blocktrace-log-n0-log", "n0-log",
+                      delay=600)  # fmt: skip
+        sink.kill()
+        sink.wait()
+        held = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "write -P 0x44 4096 4096",
+                                 "-c", "flush", d.uri], stdout=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        # blklogwrites writes the data first: once it is on the image, the write is held at
+        # its log write (qemu-io has not returned).
+        deadline = time.monotonic() + 120
+        while data_at(d.img, 4096, 4096) != b"\x44" * 4096:
+            assert held.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert held.poll() is None
+        blocktrace("detach", "--qemu", d.qmp, "n0", timeout=300)
+        out, _ = held.communicate(timeout=300)
+        assert held.returncode == 0 and "wrote 4096/4096" in out, out
+        assert block_graph(d.qmp) == before
     finally:
         d.close()
