@@ -99,6 +99,13 @@ def test_detach_qemu_removes_a_killed_filter_and_restores_the_graph(tmp_path: Pa
         sink = dead_sink(tmp_path, sock, "n0-log")
         insert_filter(d, sock, "blocktrace-blw-n0-log", "blocktrace-log-n0-log", "n0-log")
         assert d.io("write -P 0x11 0 4096").returncode == 0
+        # While the sink still runs (the attach process is alive), nothing is touched.
+        live: Any = block_graph(d.qmp)
+        busy = blocktrace("detach", "--qemu", d.qmp, "n0", check=False)
+        assert busy.returncode != 0 and busy.stderr.strip().splitlines() == [
+            f"blocktrace: {sock}: socket in use by a running server"
+        ], busy.stderr
+        assert block_graph(d.qmp) == live
         sink.kill()
         sink.wait()
         # The data write reaches the image; its log write fails: the client sees EIO.
