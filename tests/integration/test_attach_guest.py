@@ -476,6 +476,26 @@ def guest_write(g: Guest, seek: int, count: int, name: str) -> tuple[int, str]:
     return rc, g.sh(f"md5sum < /tmp/{name}").split()[0]
 
 
+def empty_raw(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def start_raw_writer(g: Guest, seek: int) -> None:
+    """A guest loop writing the raw disk (O_DIRECT, no flush) until told to stop; a write
+    that fails leaves /tmp/failed."""
+    g.sh(f"touch /tmp/run; rm -f /tmp/done /tmp/failed; (while [ -e /tmp/run ]; do "
+         f"dd if=/dev/urandom of=/dev/vda bs=4k seek={seek} count=8 oflag=direct 2>/dev/null "
+         "|| touch /tmp/failed; done; touch /tmp/done) >/dev/null 2>&1 &")  # fmt: skip
+
+
+def stop_raw_writer(g: Guest) -> bool:
+    """Stop :func:`start_raw_writer`'s loop; whether one of its writes failed."""
+    g.sh("rm /tmp/run; while [ ! -e /tmp/done ]; do sleep 1; done")
+    return g.run("ls /tmp/failed")[0] == 0
+
+
 def test_filter_kill9_detach_qemu_then_kill9_attach_resume(tmp_path: Path) -> None:
     """--mechanism filter, blocktrace killed (SIGKILL) while the guest writes: its writes fail
     (after the log node's reconnect delay) but reach the image, reads work; ``blocktrace
@@ -484,9 +504,7 @@ def test_filter_kill9_detach_qemu_then_kill9_attach_resume(tmp_path: Path) -> No
     --mechanism filter`` removes the stale filter and starts a new trace on a new base, whose
     log replays to the disk at detach."""
     size = 64 << 20
-    disk = tmp_path / "vm.raw"
-    with open(disk, "wb") as f:
-        f.truncate(size)
+    disk = empty_raw(tmp_path / "vm.raw", size)
     with Guest(tmp_path, [GuestDisk(disk, "raw")]) as g:
         before = block_graph(g.test_qmp)
         filt = ("--mechanism", "filter", "--reconnect-delay", "2")
@@ -496,9 +514,7 @@ def test_filter_kill9_detach_qemu_then_kill9_attach_resume(tmp_path: Path) -> No
         assert block_graph(g.test_qmp) != before
         rc, want_a = guest_write(g, 100, 64, "a")
         assert rc == 0
-        g.sh("touch /tmp/run; (while [ -e /tmp/run ]; do dd if=/dev/urandom of=/dev/vda bs=4k "
-             "seek=2000 count=8 oflag=direct 2>/dev/null; done; touch /tmp/done) "
-             ">/dev/null 2>&1 &")  # fmt: skip
+        start_raw_writer(g, 2000)
         att.proc.kill()
         att.wait()
         # Writes fail (EIO once the reconnect delay is over) but their data is on the image
@@ -507,7 +523,7 @@ def test_filter_kill9_detach_qemu_then_kill9_attach_resume(tmp_path: Path) -> No
         assert rc != 0
         assert host_md5(disk, 200, 1) == want_b
         assert guest_md5(g, 100, 64) == want_a  # reads go to the image: they work
-        g.sh("rm /tmp/run; while [ ! -e /tmp/done ]; do sleep 1; done")
+        assert stop_raw_writer(g)  # it saw its writes fail
 
         out = blocktrace("detach", "--qemu", g.qmp, "disk0", timeout=300)
         assert "detached disk0: back on proto0" in out.stdout, out
@@ -560,9 +576,7 @@ def test_filter_sink_failure_detaches_and_keeps_the_trace(tmp_path: Path) -> Non
     on."""
     require("qemu-io")
     size = 64 << 20
-    disk = tmp_path / "vm.raw"
-    with open(disk, "wb") as f:
-        f.truncate(size)
+    disk = empty_raw(tmp_path / "vm.raw", size)
     with Guest(tmp_path, [GuestDisk(disk, "raw")]) as g:
         before = block_graph(g.test_qmp)
         shadow, log = tmp_path / "shadow.img", tmp_path / "f.log"
@@ -573,9 +587,7 @@ def test_filter_sink_failure_detaches_and_keeps_the_trace(tmp_path: Path) -> Non
         assert rc == 0
         # The guest keeps writing (no flush: the detach's reopen flushes through the filter)
         # and counts the writes that fail.
-        g.sh("touch /tmp/run; (while [ -e /tmp/run ]; do dd if=/dev/urandom of=/dev/vda bs=4k "
-             "seek=2000 count=8 oflag=direct 2>/dev/null || touch /tmp/failed; done; "
-             "touch /tmp/done) >/dev/null 2>&1 &")  # fmt: skip
+        start_raw_writer(g, 2000)
         time.sleep(2)
         bad = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x55 0 512",
                               f"nbd+unix:///disk0-log?socket={att.nbd}"],
@@ -586,8 +598,7 @@ def test_filter_sink_failure_detaches_and_keeps_the_trace(tmp_path: Path) -> Non
         assert last == "blocktrace: a log sink failed (see above); its disk was detached", last
         assert "super block written without dm-log-writes magic" in att.stderr()
         assert block_graph(g.test_qmp) == before
-        g.sh("rm /tmp/run; while [ ! -e /tmp/done ]; do sleep 1; done")
-        assert g.run("ls /tmp/failed")[0] != 0, "the guest saw a write fail"
+        assert not stop_raw_writer(g), "the guest saw a write fail"
         # The VM runs on, untraced; the trace ends with what was decoded.
         rc, want_b = guest_write(g, 300, 16, "b")
         assert rc == 0 and host_md5(disk, 300, 16) == want_b
