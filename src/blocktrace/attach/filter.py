@@ -1,14 +1,20 @@
 """The *filter* mechanism: QEMU's own ``blklogwrites`` inserted under a running disk.
 
-Recipe A of the reference notes (live-attach.md), checked on QEMU 7.2:
+Recipe A of the reference notes (live-attach.md), checked on QEMU 7.2, with no ``stop``:
 
-1. ``stop`` the VM (QEMU drains every request), copy the disk's raw file into the shadow
-   image: the base, exactly the disk at the first entry;
-2. ``blockdev-add`` an ``nbd`` node on blocktrace's log-sink export (:mod:`.sink`) and a
+1. ``blockdev-add`` an ``nbd`` node on blocktrace's log-sink export (:mod:`.sink`) and a
    ``blklogwrites`` node over the disk's protocol node with that log;
-3. ``blockdev-reopen`` the format node onto the ``blklogwrites`` node, restating the options
-   QEMU reports for it (reopen resets the ones left out);
-4. ``cont``.  The pause (stop to cont) is measured and logged.
+2. ``blockdev-reopen`` the format node onto the ``blklogwrites`` node, restating the options
+   QEMU reports for it (reopen resets the ones left out).  QEMU drains the node for the
+   reopen: every write completed before it is in the file, every write after it is logged.
+   That drain is the only guest pause (logged, with the two ``blockdev-add``: ``guest paused
+   N ms``), and it does not grow with the disk;
+3. copy the file into the shadow with the VM running, the sink applying entries to the same
+   shadow (:mod:`.basecopy`: a granule gets the file's bytes at most once, before any
+   entry);
+4. drain once more (a no-op ``blockdev-reopen``): every entry of a write the copy could have
+   read is applied when it returns, so the shadow is the disk as of its last applied entry
+   and the traces can start (the session starts them after :meth:`Filter.attach`).
 
 Detach reopens the format node back onto its protocol node and deletes the two nodes.  No
 copy of the disk goes back: the VM never left its image.
@@ -16,23 +22,26 @@ copy of the disk goes back: the VM never left its image.
 Refused: any format but ``raw`` without ``offset``/``size`` (blklogwrites sits below the
 format node, so with qcow2 its entries are in qcow2-file offsets: a trace in the wrong
 coordinates; use the pivot), and a protocol node other than a local file (the base copy
-reads the file).
+reads the file).  No ``stop``/``cont`` is used, so ``qemu-storage-daemon`` works too.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from blocktrace.attach.basecopy import BaseCopy, CopyStats, RawFileSource
 from blocktrace.attach.monitor import AttachError, Disk, Monitor
+from blocktrace.attach.sink import LogSinkDevice
+from blocktrace.block.device import BlockDevice
+from blocktrace.trace.filter import TraceFilter
 
 log = logging.getLogger("blocktrace.attach")
 
-FILTER_COMMANDS = ("blockdev-add", "blockdev-del", "blockdev-reopen", "stop", "cont")
+FILTER_COMMANDS = ("blockdev-add", "blockdev-del", "blockdev-reopen")
 
 
 @dataclass
@@ -47,8 +56,14 @@ class Filter:
     #: the shadow image (new, empty, the disk's size) the base is copied into
     shadow: str
     sector_size: int = 512
+    #: the log-sink device of ``sink_export`` (set by the session before :meth:`attach`):
+    #: its shadow is what the base is copied into
+    sink: LogSinkDevice | None = None
+    #: each guest pause (QEMU's drains): insertion, settle after the copy, removal
     pause_seconds: list[float] = field(default_factory=list)
+    copy: CopyStats | None = None
     attached: bool = False
+    _base: BaseCopy | None = None
     _proto: str = ""
 
     @property
@@ -84,14 +99,30 @@ class Filter:
             )
 
     async def attach(self) -> None:
-        status = await self.monitor.execute("query-status")
-        running = bool(status.get("running"))
+        """Insert the filter, copy the base with the VM running, settle (module doc)."""
+        if self.sink is None:
+            raise AttachError(f"device {self.disk.spec!r}: no log sink to attach to")
         t0 = time.perf_counter()
-        if running:
-            await self.monitor.execute("stop")
+        await self._insert()
+        self.pause_seconds.append(time.perf_counter() - t0)
+        self.attached = True
+        log.info(
+            "attach %s: blklogwrites under %s logs to blocktrace (guest paused %.1f ms: "
+            "blockdev-add x2, blockdev-reopen)",
+            self.disk.spec,
+            self.disk.node,
+            self.pause_seconds[-1] * 1000,
+        )
+        try:
+            await self._copy_base(self.sink)
+        except BaseException:
+            with contextlib.suppress(AttachError):
+                await self.detach()
+            raise
+
+    async def _insert(self) -> None:
         added: list[str] = []
         try:
-            await asyncio.to_thread(_copy_file, self.disk.filename, self.shadow, self.disk.size)
             await self.monitor.execute(
                 "blockdev-add",
                 {
@@ -122,26 +153,60 @@ class Filter:
                 except AttachError as exc:
                     log.error("blockdev-del %s: %s", node, exc)
             raise
+
+    async def _copy_base(self, sink: LogSinkDevice) -> None:
+        """Step 3 and 4: the base copy while the sink applies entries, then the settle."""
+        try:
+            source = RawFileSource(self.disk.filename, self.disk.size)
+        except OSError as exc:
+            raise AttachError(f"{self.disk.filename}: {exc.strerror}") from None
+        try:
+            base = BaseCopy(source, _image_under(sink.shadow))
+            sink.base = self._base = base
+            try:
+                await base.run()
+            except OSError as exc:
+                raise AttachError(f"{self.disk.filename}: base copy: {exc.strerror}") from None
+            finally:
+                sink.base = self._base = None
         finally:
-            if running:
-                await self.monitor.execute("cont")
-                self.pause_seconds.append(time.perf_counter() - t0)
-        self.attached = True
+            source.close()
+        self.copy = base.stats
+        if not self.attached or sink.error is not None:
+            raise AttachError(f"device {self.disk.spec!r}: detached during the base copy")
+        t0 = time.perf_counter()
+        await self._reopen(self.filter_node)  # a drain: every entry the copy saw is applied
+        self.pause_seconds.append(time.perf_counter() - t0)
+        st = base.stats
         log.info(
-            "attach %s: blklogwrites under %s logs to blocktrace (guest paused %.1f ms)",
+            "attach %s: base copied in %.2f s (%.1f MiB read, %.1f MiB written, %.1f MiB "
+            "already newer, %d granules filled first by entries); settled (guest paused "
+            "%.1f ms: blockdev-reopen)",
             self.disk.spec,
-            self.disk.node,
-            (self.pause_seconds or [0.0])[-1] * 1000,
+            st.seconds,
+            st.read / (1 << 20),
+            st.written / (1 << 20),
+            st.skipped / (1 << 20),
+            st.filled,
+            self.pause_seconds[-1] * 1000,
         )
 
     async def detach(self) -> None:
         if not self.attached:
             return
+        if self._base is not None:
+            self._base.cancelled = True  # detached while copying (a sink failure)
+        t0 = time.perf_counter()
         await self._reopen(self._proto)
+        pause = time.perf_counter() - t0
         self.attached = False
         for node in (self.filter_node, self.log_node):
             await self.monitor.execute("blockdev-del", {"node-name": node})
-        log.info("detach %s: blklogwrites removed", self.disk.spec)
+        log.info(
+            "detach %s: blklogwrites removed (guest paused %.1f ms: blockdev-reopen)",
+            self.disk.spec,
+            pause * 1000,
+        )
 
     async def _reopen(self, file: str) -> None:
         info: dict[str, Any] = self.disk.info
@@ -160,31 +225,11 @@ class Filter:
         await self.monitor.execute("blockdev-reopen", {"options": [options]})
 
 
-def _copy_file(src: str, dst: str, size: int) -> None:
-    """Copy ``size`` bytes of ``src`` into the existing ``dst``, keeping holes holes."""
-    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        fout = os.open(dst, os.O_WRONLY | os.O_NOFOLLOW)
-        try:
-            pos = 0
-            while pos < size:
-                try:
-                    data = os.lseek(fin, pos, os.SEEK_DATA)
-                except OSError:  # ENXIO: only a hole is left
-                    break
-                try:
-                    hole = min(os.lseek(fin, data, os.SEEK_HOLE), size)
-                except OSError:
-                    hole = size
-                off = data
-                while off < hole:
-                    n = os.copy_file_range(fin, fout, hole - off, off, off)
-                    if n <= 0:
-                        raise AttachError(f"{src}: short copy at {off}")
-                    off += n
-                pos = hole
-            os.fsync(fout)
-        finally:
-            os.close(fout)
-    finally:
-        os.close(fin)
+def _image_under(shadow: BlockDevice) -> BlockDevice:
+    """The raw image under the shadow's trace filter: the base copy writes there directly
+    (it runs before any trace attaches, and must write without suspending)."""
+    if isinstance(shadow, TraceFilter):
+        if shadow.sinks:
+            raise AttachError("the shadow is traced already: the base copy comes first")
+        return shadow.child
+    return shadow

@@ -256,6 +256,8 @@ class AttachSession:
             a.shadow = service.registry.remove(a.export)
             sink = LogSinkDevice(a.shadow.device, on_error=functools.partial(self._sink_failed, a))
             service.registry.add(Export(a.sink, sink))
+            if isinstance(a.mech, Filter):
+                a.mech.sink = sink  # the base copy runs into the sink's shadow
 
     def _sink_failed(self, a: Attached, exc: Exception) -> None:
         """The log QEMU wrote could not be decoded: end this disk's attachment now (the

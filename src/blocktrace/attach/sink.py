@@ -32,7 +32,7 @@ import errno
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from blocktrace.block.device import BlockDevice, ReadableBuffer
 from blocktrace.errors import BlockDeviceError, BlocktraceError
@@ -191,6 +191,13 @@ class LogSinkDecoder:
         self.next_pos = pos + size
 
 
+class ShadowBase(Protocol):
+    """A base copy still running into the shadow (:class:`~.basecopy.BaseCopy`): told of
+    every operation before the sink applies it, so the copy never writes over it."""
+
+    def before(self, offset: int, length: int) -> None: ...
+
+
 class LogSinkDevice(BlockDevice):
     """The NBD export QEMU's ``blklogwrites`` logs into; applies entries to ``shadow``.
 
@@ -219,6 +226,8 @@ class LogSinkDevice(BlockDevice):
         self.can_fua = False
         self.can_extents = False
         self.error: LogSinkError | None = None
+        #: the base copy while it runs (the filter sets and clears it)
+        self.base: ShadowBase | None = None
         self._lock = asyncio.Lock()
 
     async def read(self, offset: int, length: int) -> ReadableBuffer:
@@ -249,10 +258,25 @@ class LogSinkDevice(BlockDevice):
         try:
             step()
         except LogSinkError as exc:
-            self.error = exc
-            if self.on_error is not None:
-                self.on_error(exc)
-            raise BlockDeviceError(errno.EIO, str(exc)) from None
+            self._fail(exc)
+
+    def _before(self, base: ShadowBase, op: SinkOp) -> None:
+        try:
+            base.before(op.offset, op.length)
+        except OSError as exc:
+            self.decoder.ops.clear()  # applied without its base, an entry would diverge
+            self._fail(
+                LogSinkError(
+                    f"log sink: reading the disk's base under [{op.offset}, "
+                    f"+{op.length}): {exc.strerror or exc}"
+                )
+            )
+
+    def _fail(self, exc: LogSinkError) -> None:
+        self.error = exc
+        if self.on_error is not None:
+            self.on_error(exc)
+        raise BlockDeviceError(errno.EIO, str(exc)) from None
 
     async def _apply(self) -> None:
         """Apply decoded operations in log order: whoever holds the lock drains the queue,
@@ -261,6 +285,8 @@ class LogSinkDevice(BlockDevice):
             ops = self.decoder.ops
             while ops:
                 op = ops.popleft()
+                if self.base is not None and op.kind != "flush":
+                    self._before(self.base, op)
                 if op.kind == "write":
                     await self.shadow.write(op.offset, op.data)
                 elif op.kind == "zero":
