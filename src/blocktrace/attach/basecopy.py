@@ -143,6 +143,16 @@ class CopyMap:
         """Granules still without a base."""
         return self._done.count(0)
 
+    def granules(self, start: int, end: int) -> int:
+        """How many granules ``[start, end)`` touches."""
+        i, j = self._span(start, end)
+        return j - i
+
+    def missing_in(self, start: int, end: int) -> int:
+        """Granules of ``[start, end)`` still without a base."""
+        i, j = self._span(start, end)
+        return self._done.count(0, i, j)
+
 
 class BaseSource(Protocol):
     """The VM's disk as blocktrace reads it while QEMU writes it."""
@@ -200,6 +210,8 @@ class CopyStats:
     read: int = 0  # bytes read from the file by the copy
     written: int = 0  # bytes written into the shadow by the copy and by fills
     skipped: int = 0  # bytes the copy read but an entry had reached first
+    #: granules an entry reached while the copy was reading them (the race the map is for)
+    raced: int = 0
     filled: int = 0  # granules filled for an entry before the copy reached them
     seconds: float = 0.0
 
@@ -248,14 +260,17 @@ class BaseCopy:
             stop = min(-(-end // g) * g, size)
             while off < stop and not self.cancelled:
                 n = min(self.chunk, stop - off)
+                unclaimed = self.map.missing_in(off, off + n)
                 data = memoryview(await self.source.read(off, n))
                 self.stats.read += n
-                kept = 0
+                kept = claimed = 0
                 # one step: no await between the claim and the writes
                 for s, e in self.map.claim(off, off + n):
                     self._put(s, data[s - off : e - off])
                     kept += e - s
+                    claimed += self.map.granules(s, e)
                 self.stats.skipped += n - kept
+                self.stats.raced += unclaimed - claimed
                 off += n
             pos = stop
         self.stats.seconds = time.perf_counter() - t0

@@ -180,13 +180,14 @@ class Filter:
         st = base.stats
         log.info(
             "attach %s: base copied in %.2f s (%.1f MiB read, %.1f MiB written, %.1f MiB "
-            "already newer, %d granules filled first by entries); settled (guest paused "
-            "%.1f ms: blockdev-reopen)",
+            "skipped for newer entries, %d granules reached by an entry while being read, "
+            "%d filled for an entry first); settled (guest paused %.1f ms: blockdev-reopen)",
             self.disk.spec,
             st.seconds,
             st.read / (1 << 20),
             st.written / (1 << 20),
             st.skipped / (1 << 20),
+            st.raced,
             st.filled,
             self.pause_seconds[-1] * 1000,
         )
