@@ -236,17 +236,23 @@ def test_filter_raw_vm_log_replica_introspect_detach(tmp_path: Path) -> None:
     along (a hot file overwritten in place with O_DIRECT, a file rewritten with fsync, files
     created and removed) while blocktrace inserts blklogwrites and copies the base with the
     VM running: after the detach the shadow, the log replayed from zero and the replica all
-    equal the VM's disk, and the introspection target saw the files."""
+    equal the VM's disk, and the introspection target saw the files.  With the copy map's
+    skip removed (the copy writing every chunk it read) the shadow differed from the disk in
+    1-4 blocks in 5 of 6 runs (2026-12-03): the attach log counts the entries that reached
+    a chunk while it was being read."""
     size = 384 << 20
     disk = tmp_path / "vm.raw"
     make_filled_ext4(tmp_path, disk, size, {"hot": 64, "cold": 136})
     with Guest(tmp_path, [GuestDisk(disk, "raw")]) as g:
         g.sh("mount -o discard /dev/vda /mnt && echo before > /mnt/before && sync")
         start_background_writer(g, "/mnt/bg")
-        # in place, 4 KiB at a time, front to back: each block written once, so a stale
-        # base under one would last until the comparison
-        g.sh("(dd if=/dev/urandom of=/mnt/hot bs=4k count=16384 oflag=direct conv=notrunc "
-             ">/dev/null 2>&1; touch /tmp/hot-done) & echo $! > /tmp/hot-pid")  # fmt: skip
+        # eight writers in place, 4 KiB at a time, each front to back through its eighth of
+        # /mnt/hot: a block is written once, so a base copied over its entry would last
+        # until the comparison (and the copy's read of the chunk a writer is in overlaps
+        # that writer's next write more often than not)
+        g.sh("for q in 0 1 2 3 4 5 6 7; do dd if=/dev/urandom of=/mnt/hot bs=4k count=2048 "
+             "seek=$((q*2048)) oflag=direct conv=notrunc >/dev/null 2>&1 & echo $! "
+             ">> /tmp/hot-pids; done")  # fmt: skip
         g.sh("touch /tmp/churn; (i=0; while [ -e /tmp/churn ]; do i=$((i+1)); dd "
              "if=/dev/urandom of=/mnt/c$i bs=4k count=4 conv=fsync 2>/dev/null; rm -f "
              "/mnt/c$((i-2)); done; touch /tmp/churn-done) >/dev/null 2>&1 &")  # fmt: skip
@@ -260,8 +266,9 @@ def test_filter_raw_vm_log_replica_introspect_detach(tmp_path: Path) -> None:
         names = {n["node-name"] for n in qemu_qmp(g.test_qmp, "query-named-block-nodes")}
         assert {"blocktrace-blw-disk0-log", "blocktrace-log-disk0-log"} <= names
         guest_workload(g, "f")
-        g.sh("kill $(cat /tmp/hot-pid) 2>/dev/null; rm /tmp/churn; "
-             "while [ ! -e /tmp/churn-done ]; do sleep 1; done")  # fmt: skip
+        g.sh("for p in $(cat /tmp/hot-pids); do kill $p; while kill -0 $p; do sleep 1; done; "
+             "done 2>/dev/null; rm /tmp/churn; while [ ! -e /tmp/churn-done ]; do sleep 1; "
+             "done")  # fmt: skip
         stop_background_writer(g)
         freeze(g)
         blocktrace("detach", "--socket", att.qmp, timeout=300)

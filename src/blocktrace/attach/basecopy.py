@@ -62,7 +62,7 @@ GRANULE = 64 * 1024
 #: the map never has more granules than this (one byte each)
 MAX_GRANULES = 4 << 20
 #: bytes read from the file per copy step (rounded up to a granule)
-COPY_CHUNK = 1024 * 1024
+COPY_CHUNK = 4 * 1024 * 1024
 #: zero blocks of copied data are not written (the shadow reads zeroes there already)
 ZERO_BLOCK = 4096
 _ZEROES = bytes(ZERO_BLOCK)
@@ -143,16 +143,6 @@ class CopyMap:
         """Granules still without a base."""
         return self._done.count(0)
 
-    def granules(self, start: int, end: int) -> int:
-        """How many granules ``[start, end)`` touches."""
-        i, j = self._span(start, end)
-        return j - i
-
-    def missing_in(self, start: int, end: int) -> int:
-        """Granules of ``[start, end)`` still without a base."""
-        i, j = self._span(start, end)
-        return self._done.count(0, i, j)
-
 
 class BaseSource(Protocol):
     """The VM's disk as blocktrace reads it while QEMU writes it."""
@@ -210,7 +200,8 @@ class CopyStats:
     read: int = 0  # bytes read from the file by the copy
     written: int = 0  # bytes written into the shadow by the copy and by fills
     skipped: int = 0  # bytes the copy read but an entry had reached first
-    #: granules an entry reached while the copy was reading them (the race the map is for)
+    #: entries applied to a chunk while the copy was reading it (the race the map is for:
+    #: the chunk's bytes may be older than the entry)
     raced: int = 0
     filled: int = 0  # granules filled for an entry before the copy reached them
     seconds: float = 0.0
@@ -234,10 +225,13 @@ class BaseCopy:
         self.stats = CopyStats()
         #: set to stop :meth:`run` at its next step (the disk was detached meanwhile)
         self.cancelled = False
+        self._reading = (0, 0)  # the chunk being read
 
     def before(self, offset: int, length: int) -> None:
         """An entry is about to be applied to ``[offset, offset+length)`` (raises OSError
         when the file cannot be read for a fill: the sink then fails)."""
+        if offset < self._reading[1] and offset + length > self._reading[0]:
+            self.stats.raced += 1
         for start, end in self.map.touch(offset, length):
             self._put(start, self.source.read_now(start, end - start))
             self.stats.filled += 1
@@ -260,17 +254,18 @@ class BaseCopy:
             stop = min(-(-end // g) * g, size)
             while off < stop and not self.cancelled:
                 n = min(self.chunk, stop - off)
-                unclaimed = self.map.missing_in(off, off + n)
-                data = memoryview(await self.source.read(off, n))
+                self._reading = (off, off + n)
+                try:
+                    data = memoryview(await self.source.read(off, n))
+                finally:
+                    self._reading = (0, 0)
                 self.stats.read += n
-                kept = claimed = 0
+                kept = 0
                 # one step: no await between the claim and the writes
                 for s, e in self.map.claim(off, off + n):
                     self._put(s, data[s - off : e - off])
                     kept += e - s
-                    claimed += self.map.granules(s, e)
                 self.stats.skipped += n - kept
-                self.stats.raced += unclaimed - claimed
                 off += n
             pos = stop
         self.stats.seconds = time.perf_counter() - t0

@@ -180,7 +180,7 @@ class Filter:
         st = base.stats
         log.info(
             "attach %s: base copied in %.2f s (%.1f MiB read, %.1f MiB written, %.1f MiB "
-            "skipped for newer entries, %d granules reached by an entry while being read, "
+            "skipped for newer entries, %d entries applied to a chunk while it was read, "
             "%d filled for an entry first); settled (guest paused %.1f ms: blockdev-reopen)",
             self.disk.spec,
             st.seconds,
