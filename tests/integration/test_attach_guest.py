@@ -458,14 +458,20 @@ def test_faults_kill9_blocktrace_resume_then_kill9_qemu(tmp_path: Path) -> None:
         blocktrace("verify", replayed, tmp_path / "bt3.img")
 
 
-def test_pivot_on_qemu_storage_daemon_export(tmp_path: Path) -> None:
-    """qemu-storage-daemon: the disk is a node behind its NBD export (no device); the pivot
-    moves the export's backend onto blocktrace and back, the NBD client writing through."""
+@pytest.mark.parametrize("mechanism", ["pivot", "filter"])
+def test_attach_on_qemu_storage_daemon_export(tmp_path: Path, mechanism: str) -> None:
+    """qemu-storage-daemon: the disk is a node behind its NBD export (no device, no
+    ``stop``).  The pivot moves the export's backend onto blocktrace and back; the filter
+    inserts blklogwrites under it and copies its 5 MiB of data; an NBD client writes through
+    the export while attached; either way the log replays to the daemon's image (and the
+    filter's shadow is that image at the detach)."""
     require("qemu-storage-daemon", "qemu-io")
     size = 16 << 20
     img = tmp_path / "src.raw"
     with open(img, "wb") as f:
         f.truncate(size)
+        f.seek(3 << 20)
+        f.write(os.urandom(5 << 20))  # data for the filter's base copy
     qmp, nbd = tmp_path / "qsd.sock", tmp_path / "qsd-nbd.sock"
     argv = ["qemu-storage-daemon",
             "--blockdev", f"driver=file,filename={img},node-name=p0",
@@ -481,13 +487,18 @@ def test_pivot_on_qemu_storage_daemon_export(tmp_path: Path) -> None:
         while not (qmp.exists() and nbd.exists()):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        log = tmp_path / "q.log"
-        att = AttachProcess(tmp_path, qmp, [f"n0={tmp_path / 'bt.img'}"], [f"log:{log}"])
+        log, bt = tmp_path / "q.log", tmp_path / "bt.img"
+        att = AttachProcess(tmp_path, qmp, [f"n0={bt}"], [f"log:{log}"],
+                            extra=("--mechanism", mechanism))  # fmt: skip
         att.wait_ready(1)
         run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 4096 65536", "-c", "flush",
-             "-c", "write -z 1048576 131072", uri])  # fmt: skip
+             "-c", "write -z 1048576 131072", "-c", "discard 4194304 65536",
+             "-c", "write -P 0x17 7340032 4096", uri])  # fmt: skip
         att.proc.send_signal(signal.SIGTERM)
         assert att.wait() == 0, att.stderr()
+        if mechanism == "filter":
+            assert len(re.findall(r"guest paused [0-9.]+ ms", att.stderr())) == 3
+            blocktrace("verify", bt, img)  # the shadow is the image at the detach
         run(["qemu-io", "-f", "raw", "-c", "write -P 0x33 2097152 4096", uri])
         with QMPClient.connect_to(str(qmp)) as c:
             nodes = {n["node-name"] for n in c.execute("query-named-block-nodes")}
