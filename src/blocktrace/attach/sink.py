@@ -46,6 +46,9 @@ from blocktrace.logwrites.format import (
 
 #: the log child's size as QEMU sees it: positions only grow, nothing is stored
 SINK_SIZE = 1 << 50
+_FLUSH = int(LogFlag.FLUSH)
+_DISCARD = int(LogFlag.DISCARD)
+_KNOWN_FLAGS = _FLUSH | _DISCARD
 
 
 class LogSinkError(BlocktraceError):
@@ -84,14 +87,35 @@ class LogSinkDecoder:
         #: a zero entry's (guest offset, length) whose zeroes are due at next_pos
         self._zero_due: tuple[int, int] | None = None
 
-    def feed_write(self, offset: int, data: bytes) -> None:
+    def feed_write(self, offset: int, data: ReadableBuffer) -> None:
+        """A log write; ``data`` may be a buffer the caller reuses (what is kept is copied).
+
+        The common case, the next entry whole and plain (a data write, not a zero write,
+        FLUSH or DISCARD), is decoded at once with one copy of its payload; everything else
+        waits in position order (:meth:`_put`)."""
         s = self.sector_size
+        n = len(data)
+        if (
+            offset == self.next_pos
+            and self._zero_due is None
+            and n > s
+            and offset not in self._pending
+        ):
+            sector, nr, flags, _data_len = LOG_WRITE_ENTRY.unpack_from(data)
+            if flags == 0 and n == s + nr * s:
+                self.entries += 1
+                self.next_pos = offset + n
+                self.ops.append(SinkOp("write", sector * s, nr * s, bytes(memoryview(data)[s:])))
+                if self._pending:
+                    self._drain()
+                return
+        data = bytes(data)
         if offset == 0:
             self._check_super(data[:s])
-            if len(data) > s:
-                self._put(s, _Piece(False, data[s:], len(data) - s))
+            if n > s:
+                self._put(s, _Piece(False, data[s:], n - s))
             return
-        self._put(offset, _Piece(False, data, len(data)))
+        self._put(offset, _Piece(False, data, n))
 
     def feed_zeroes(self, offset: int, length: int) -> None:
         self._put(offset, _Piece(True, b"", length))
@@ -156,12 +180,12 @@ class LogSinkDecoder:
             sector, nr, flags, _data_len = LOG_WRITE_ENTRY.unpack_from(data)
             pos = self.next_pos
             self.entries += 1
-            if flags & ~int(LogFlag.FLUSH | LogFlag.DISCARD):
+            if flags & ~_KNOWN_FLAGS:
                 raise LogSinkError(f"log sink: entry at log byte {pos}: flags {flags:#x}")
-            if flags & LogFlag.FLUSH:
+            if flags & _FLUSH:
                 self.ops.append(SinkOp("flush"))
                 self._after(pos, piece, s)
-            elif flags & LogFlag.DISCARD:
+            elif flags & _DISCARD:
                 self.ops.append(SinkOp("trim", sector * s, nr * s))
                 self._after(pos, piece, s)
             elif len(data) == s and nr > 0:
@@ -234,7 +258,7 @@ class LogSinkDevice(BlockDevice):
         return bytes(length)
 
     async def write(self, offset: int, data: ReadableBuffer, *, fua: bool = False) -> None:
-        self._feed(lambda: self.decoder.feed_write(offset, bytes(data)))
+        self._feed(lambda: self.decoder.feed_write(offset, data))
         await self._apply()
 
     async def write_zeroes(
