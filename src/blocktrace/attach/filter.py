@@ -27,8 +27,10 @@ reads the file).  No ``stop``/``cont`` is used, so ``qemu-storage-daemon`` works
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,7 @@ from blocktrace.attach.basecopy import BaseCopy, CopyStats, RawFileSource
 from blocktrace.attach.monitor import AttachError, Disk, Monitor
 from blocktrace.attach.sink import LogSinkDevice
 from blocktrace.block.device import BlockDevice
+from blocktrace.errors import BlocktraceError
 from blocktrace.trace.filter import TraceFilter
 
 log = logging.getLogger("blocktrace.attach")
@@ -102,6 +105,7 @@ class Filter:
         """Insert the filter, copy the base with the VM running, settle (module doc)."""
         if self.sink is None:
             raise AttachError(f"device {self.disk.spec!r}: no log sink to attach to")
+        await self._presync()
         t0 = time.perf_counter()
         await self._insert()
         self.pause_seconds.append(time.perf_counter() - t0)
@@ -174,6 +178,7 @@ class Filter:
         self.copy = base.stats
         if not self.attached or sink.error is not None:
             raise AttachError(f"device {self.disk.spec!r}: detached during the base copy")
+        await self._presync(sink)
         t0 = time.perf_counter()
         await self._reopen(self.filter_node)  # a drain: every entry the copy saw is applied
         self.pause_seconds.append(time.perf_counter() - t0)
@@ -197,6 +202,7 @@ class Filter:
             return
         if self._base is not None:
             self._base.cancelled = True  # detached while copying (a sink failure)
+        await self._presync(self.sink)
         t0 = time.perf_counter()
         await self._reopen(self._proto)
         pause = time.perf_counter() - t0
@@ -208,6 +214,21 @@ class Filter:
             self.disk.spec,
             pause * 1000,
         )
+
+    async def _presync(self, sink: LogSinkDevice | None = None) -> None:
+        """Write out what the host holds dirty for the disk's file (and the shadow's) before
+        a ``blockdev-reopen``: QEMU flushes the node inside the reopen's drain
+        (``bdrv_reopen_multiple``), down to the file and, through blklogwrites, the sink's
+        shadow, so whatever is dirty then is synced while guest I/O waits.  Synced here
+        first, with the VM running, the reopen finds (almost) nothing left.  Best effort:
+        a failure only makes the pause longer."""
+        try:
+            await asyncio.to_thread(_fdatasync, self.disk.filename)
+            if sink is not None:
+                # the raw file only: a flush of the trace filter would add a FLUSH record
+                await _raw_image(sink.shadow).flush()
+        except (OSError, BlocktraceError) as exc:
+            log.warning("attach %s: sync before reopen: %s", self.disk.spec, exc)
 
     async def _reopen(self, file: str) -> None:
         info: dict[str, Any] = self.disk.info
@@ -226,11 +247,22 @@ class Filter:
         await self.monitor.execute("blockdev-reopen", {"options": [options]})
 
 
+def _fdatasync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _raw_image(shadow: BlockDevice) -> BlockDevice:
+    """The raw image under the shadow's trace filter."""
+    return shadow.child if isinstance(shadow, TraceFilter) else shadow
+
+
 def _image_under(shadow: BlockDevice) -> BlockDevice:
     """The raw image under the shadow's trace filter: the base copy writes there directly
     (it runs before any trace attaches, and must write without suspending)."""
-    if isinstance(shadow, TraceFilter):
-        if shadow.sinks:
-            raise AttachError("the shadow is traced already: the base copy comes first")
-        return shadow.child
-    return shadow
+    if isinstance(shadow, TraceFilter) and shadow.sinks:
+        raise AttachError("the shadow is traced already: the base copy comes first")
+    return _raw_image(shadow)
