@@ -107,15 +107,16 @@ class Filter:
             raise AttachError(f"device {self.disk.spec!r}: no log sink to attach to")
         await self._presync()
         t0 = time.perf_counter()
-        await self._insert()
+        reopen = await self._insert()
         self.pause_seconds.append(time.perf_counter() - t0)
         self.attached = True
         log.info(
             "attach %s: blklogwrites under %s logs to blocktrace (guest paused %.1f ms: "
-            "blockdev-add x2, blockdev-reopen)",
+            "blockdev-add x2, blockdev-reopen %.1f ms)",
             self.disk.spec,
             self.disk.node,
             self.pause_seconds[-1] * 1000,
+            reopen * 1000,
         )
         try:
             await self._copy_base(self.sink)
@@ -124,7 +125,8 @@ class Filter:
                 await self.detach()
             raise
 
-    async def _insert(self) -> None:
+    async def _insert(self) -> float:
+        """Steps 1-2; returns the reopen's time (the drain: the moment guest I/O waits)."""
         added: list[str] = []
         try:
             await self.monitor.execute(
@@ -149,7 +151,9 @@ class Filter:
                 },
             )
             added.append(self.filter_node)
+            t0 = time.perf_counter()
             await self._reopen(self.filter_node)
+            return time.perf_counter() - t0
         except BaseException:
             for node in reversed(added):
                 try:
