@@ -67,6 +67,10 @@ class Filter:
     copy: CopyStats | None = None
     attached: bool = False
     _base: BaseCopy | None = None
+    #: a detach has begun (a sink failure may start one while :meth:`attach` copies)
+    _detaching: bool = False
+    #: one detach at a time; a second waits for the first (then finds nothing to do)
+    _detach_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _proto: str = ""
 
     @property
@@ -180,12 +184,13 @@ class Filter:
         finally:
             source.close()
         self.copy = base.stats
-        if not self.attached or sink.error is not None:
-            raise AttachError(f"device {self.disk.spec!r}: detached during the base copy")
+        self._check_attached(sink)
         await self._presync(sink)
+        self._check_attached(sink)
         t0 = time.perf_counter()
         await self._reopen(self.filter_node)  # a drain: every entry the copy saw is applied
         self.pause_seconds.append(time.perf_counter() - t0)
+        self._check_attached(sink)
         st = base.stats
         log.info(
             "attach %s: base copied in %.2f s (%.1f MiB read, %.1f MiB written, %.1f MiB "
@@ -201,9 +206,21 @@ class Filter:
             self.pause_seconds[-1] * 1000,
         )
 
+    def _check_attached(self, sink: LogSinkDevice) -> None:
+        if self._detaching or not self.attached or sink.error is not None:
+            raise AttachError(f"device {self.disk.spec!r}: detached during the base copy")
+
     async def detach(self) -> None:
-        if not self.attached:
-            return
+        async with self._detach_lock:
+            if not self.attached:
+                return
+            self._detaching = True
+            try:
+                await self._remove()
+            finally:
+                self._detaching = False
+
+    async def _remove(self) -> None:
         if self._base is not None:
             self._base.cancelled = True  # detached while copying (a sink failure)
         await self._presync(self.sink)
