@@ -62,6 +62,9 @@ class Filter:
     #: the log-sink device of ``sink_export`` (set by the session before :meth:`attach`):
     #: its shadow is what the base is copied into
     sink: LogSinkDevice | None = None
+    #: seconds QEMU's log node holds log writes (and so the guest's writes) when blocktrace
+    #: dies, waiting for a restart (recover.py) before they fail
+    reconnect_delay: int = 10
     #: each guest pause (QEMU's drains): insertion, settle after the copy, removal
     pause_seconds: list[float] = field(default_factory=list)
     copy: CopyStats | None = None
@@ -140,6 +143,7 @@ class Filter:
                     "node-name": self.log_node,
                     "server": {"type": "unix", "path": self.socket},
                     "export": self.sink_export,
+                    "reconnect-delay": self.reconnect_delay,
                 },
             )
             added.append(self.log_node)

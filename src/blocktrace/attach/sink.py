@@ -3,9 +3,10 @@
 The *filter* mechanism inserts QEMU's own ``blklogwrites`` filter under a running VM's disk;
 its ``log`` child is an NBD export blocktrace serves with a :class:`LogSinkDevice`.  Nothing
 is stored: each entry is decoded as it arrives and applied, as the guest operation it
-describes, to a :class:`~blocktrace.trace.filter.TraceFilter` over a *shadow* image (a copy of
-the disk taken with the VM stopped), so the traces of the shadow export see exactly what
-they would see if blocktrace served the disk itself: every target, ``sync=full``, marks.
+describes, to a :class:`~blocktrace.trace.filter.TraceFilter` over a *shadow* image (a copy
+of the disk made while the VM runs, :mod:`.basecopy`), so the traces of the shadow export see
+exactly what they would see if blocktrace served the disk itself: every target,
+``sync=full``, marks.
 
 :class:`LogSinkDecoder` is the sans-IO core.  What QEMU 7.2 writes (reference notes,
 dm-log-writes-format.md 5.3-5.6), and what the decoder does with it:
@@ -228,9 +229,14 @@ class LogSinkDevice(BlockDevice):
     A log write is acknowledged once every operation it completed is applied to the shadow
     (and, for FLUSH entries, durable in every trace): so a guest flush, which QEMU completes
     only after its FLUSH entry is written, is acknowledged only when the traces hold it.
-    A decoding failure fails this and every later log write with EIO (QEMU returns it to
-    the guest) and calls ``on_error``: the traces stop at the last operation decoded, never
-    diverge silently, and the session removes the filter so the guest carries on untraced.
+
+    A decoding failure applies what was decoded before it, fails that log write with EIO
+    and calls ``on_error``: the traces stop at the last operation decoded, never diverge
+    silently, and the session removes the filter.  Every later write is acknowledged and
+    dropped (nothing is decoded or applied any more): removing the filter needs QEMU's
+    ``blockdev-reopen``, which flushes through blklogwrites and so writes a FLUSH entry
+    here; an EIO for it would leave the filter in place, and each guest write (whose data
+    already reached the image) would fail too.
     """
 
     def __init__(
@@ -258,8 +264,7 @@ class LogSinkDevice(BlockDevice):
         return bytes(length)
 
     async def write(self, offset: int, data: ReadableBuffer, *, fua: bool = False) -> None:
-        self._feed(lambda: self.decoder.feed_write(offset, data))
-        await self._apply()
+        await self._feed(lambda: self.decoder.feed_write(offset, data))
 
     async def write_zeroes(
         self,
@@ -270,37 +275,44 @@ class LogSinkDevice(BlockDevice):
         fua: bool = False,
         fast: bool = False,
     ) -> None:
-        self._feed(lambda: self.decoder.feed_zeroes(offset, length))
-        await self._apply()
+        await self._feed(lambda: self.decoder.feed_zeroes(offset, length))
 
     async def flush(self) -> None:
-        await self._apply()
+        if self.error is None:
+            await self._apply()
 
-    def _feed(self, step: Callable[[], None]) -> None:
+    async def _feed(self, step: Callable[[], None]) -> None:
         if self.error is not None:
-            raise BlockDeviceError(errno.EIO, str(self.error))
+            return  # failed: dropped, see the class docstring
         try:
             step()
         except LogSinkError as exc:
-            self._fail(exc)
+            self.error = exc
+            try:
+                await self._apply()  # the operations decoded before the failure
+            finally:
+                if self.on_error is not None:
+                    self.on_error(exc)
+            raise BlockDeviceError(errno.EIO, str(exc)) from None
+        await self._apply()
 
     def _before(self, base: ShadowBase, op: SinkOp) -> None:
+        """Tell the base copy an operation is about to be applied (it may fill a granule
+        from the disk's file first).  A file that cannot be read fails the sink as a
+        decoding failure does: nothing is applied without its base."""
         try:
             base.before(op.offset, op.length)
         except OSError as exc:
-            self.decoder.ops.clear()  # applied without its base, an entry would diverge
-            self._fail(
-                LogSinkError(
-                    f"log sink: reading the disk's base under [{op.offset}, "
-                    f"+{op.length}): {exc.strerror or exc}"
-                )
+            err = LogSinkError(
+                f"log sink: reading the disk's base under [{op.offset}, +{op.length}): "
+                f"{exc.strerror or exc}"
             )
-
-    def _fail(self, exc: LogSinkError) -> None:
-        self.error = exc
-        if self.on_error is not None:
-            self.on_error(exc)
-        raise BlockDeviceError(errno.EIO, str(exc)) from None
+            self.decoder.ops.clear()
+            if self.error is None:
+                self.error = err
+                if self.on_error is not None:
+                    self.on_error(err)
+            raise BlockDeviceError(errno.EIO, str(err)) from None
 
     async def _apply(self) -> None:
         """Apply decoded operations in log order: whoever holds the lock drains the queue,
