@@ -19,7 +19,7 @@ from blocktrace.jetstream.conn import NatsURL
 from blocktrace.jetstream.consumer import StreamSource
 from blocktrace.stream.records import RecordKind
 from nats_helpers import NatsCluster, require_nats
-from support import BLOCKTRACE, ServerProcess, blocktrace, make_image, require, run
+from support import BLOCKTRACE, ServerProcess, blocktrace, make_image, qemu_io, require, run
 
 MiB = 1024 * 1024
 SIZE = 16 * MiB
@@ -31,13 +31,6 @@ def nats1(tmp_path: Path) -> NatsCluster:
     # a small max_payload, so 1 MiB writes are split into chunks and reassembled
     with NatsCluster(tmp_path / "nats", 1, max_payload=64 * 1024) as cluster:
         yield cluster
-
-
-def qemu_io(uri: str, *cmds: str) -> None:
-    args = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        args += ["-c", c]
-    run([*args, uri])
 
 
 def stream_records(url: str) -> list[tuple[int, object]]:

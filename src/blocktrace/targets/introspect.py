@@ -263,6 +263,11 @@ TARGET_TYPE = TargetType(
             "bytes of such data kept for attribution",
         ),
         Option(
+            "max-prior-bytes",
+            Integer(0, (1 << 63) - 1, kind="uint64", size=True),
+            "bytes overwritten by queued records kept for the engine (default 64M)",
+        ),
+        Option(
             "force",
             Flag(),
             "overwrite an existing file (not a symlink; default off)",
@@ -279,6 +284,9 @@ TARGET_TYPE = TargetType(
         max_pending_bytes=v["max-pending-bytes"],
         force=bool(v["force"]),
         events_to=v["events-to"],
+        max_prior_bytes=(
+            DEFAULT_MAX_PRIOR_BYTES if v["max-prior-bytes"] is None else v["max-prior-bytes"]
+        ),
     ),
 )
 
