@@ -110,7 +110,7 @@ class PriorContents:
             if g1 - g0 <= len(saved) + self.max_bytes // GRANULE:
                 have = [saved.get(g) for g in range(g0, g1)]
                 cap.saved = [(g0 + i, s) for i, s in enumerate(have) if s is not None]
-            else:  # a range bigger than any budget: walk what is saved, not the range
+            else:  # bigger than the bound (so lost, below): walk what is saved, not the range
                 have = []
                 cap.saved = [(g, s) for g, s in saved.items() if g0 <= g < g1]
             for _, s in cap.saved:
@@ -127,8 +127,8 @@ class PriorContents:
                 self.lost_granules += missing
                 return cap
             old = self.file.pread(g0 * GRANULE, (g1 - g0) * GRANULE)
-            for i, s in enumerate(have):
-                if s is None:
+            for i, got in enumerate(have):
+                if got is None:
                     new = _Saved(bytearray(old[i * GRANULE : (i + 1) * GRANULE]), inflight=1)
                     saved[g0 + i] = new
                     cap.saved.append((g0 + i, new))

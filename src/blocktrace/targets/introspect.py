@@ -21,9 +21,10 @@ overwrites, and the engine sees the image exactly as of the record it is at.  Wi
 metadata block written in place (debugfs, e2fsprogs, a file system without a journal, a JBD2
 checkpoint the target has not reached yet) already held its new bytes when the engine read
 its "previous" ones: no difference, no event.  Prior contents beyond their bound (a huge
-WRITE_ZEROES, or a target far behind) are reported as ``error`` events, never guessed.  Inference runs in a worker thread, one batch at a
-time (the delivery layer never calls a target concurrently), so the event loop keeps serving
-I/O; with ``copy-mode=background`` a slow inference only lengthens the trace's queue.
+WRITE_ZEROES, or a target far behind) are reported as ``error`` events, never guessed.
+Inference runs in a worker thread, one batch at a time (the delivery layer never calls a
+target concurrently), so the event loop keeps serving I/O; with ``copy-mode=background`` a
+slow inference only lengthens the trace's queue.
 """
 
 from __future__ import annotations
