@@ -7,7 +7,8 @@ costs nothing measurable.  With traces attached, each WRITE, WRITE_ZEROES and TR
 
 1. reserves queue space in every attached trace (the backpressure point: a full queue makes
    the client's request wait *before* it touches the image, never drops a record);
-2. applies the operation to the child;
+2. applies the operation to the child (first saving, for a trace that reads the image as of
+   its records, the bytes it overwrites: :mod:`blocktrace.stream.prior`);
 3. assigns the sequence number and appends the record to every trace's queue, with no
    ``await`` between the child returning and the append;
 4. waits, if the trace's copy mode or the request's FUA asks for it, for the target.
