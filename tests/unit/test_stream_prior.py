@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 from blocktrace.stream.prior import GRANULE, PriorContents
 from blocktrace.stream.records import Record, RecordKind
@@ -72,15 +73,43 @@ def test_over_the_bound_reads_are_reported_stale(tmp_path: Path) -> None:
     prior = PriorContents(path, max_bytes=GRANULE)
     prod = Producer(path, prior)
     prod.zero(0, 4 * GRANULE)  # 4 granules: over the bound, lost
-    prod.write(8192, b"x" * 4096)  # next to lost bytes: lost too (the image is ahead there)
-    assert prior.bytes == 0 and prior.lost_granules == 5
+    prod.write(8192, b"x" * 4096)  # on lost bytes: lost too (the image is ahead there)
+    assert prior.bytes == 0 and prior.lost_granules == 4
     assert prior.pread(GRANULE, 100) == bytes(100)  # the image as it is now...
     assert prior.take_stale() == [(GRANULE, GRANULE)]  # ...and said so
     assert prior.take_stale() == []
+    prior.advance(prod.queue[0])
+    assert prior.pread(2 * GRANULE, 10) == b"x" * 10  # still ahead: the write is queued
+    assert prior.take_stale() == [(2 * GRANULE, GRANULE)]
     for rec in prod.queue:
         prior.advance(rec)
     assert prior.pread(0, 3 * GRANULE) == bytes(8192) + b"x" * 4096
     assert prior.take_stale() == [], "lost ranges outlived their records"
+    prod.close()
+    prior.close()
+
+
+def test_a_wide_operation_over_the_bound_is_one_range(tmp_path: Path, monkeypatch: Any) -> None:
+    """An operation over more than WIDE granules (a TRIM of a whole disk) costs one range,
+    not an entry per granule; its granules read as stale until its record is processed."""
+    from blocktrace.stream import prior as prior_module
+
+    monkeypatch.setattr(prior_module, "WIDE", 4)
+    path, base = image(tmp_path)
+    prior = PriorContents(path, max_bytes=2 * GRANULE)
+    prod = Producer(path, prior)
+    prod.write(GRANULE, b"a" * 10)  # saved: one granule
+    prod.zero(0, 8 * GRANULE)  # wide and over the bound
+    assert prior.bytes == GRANULE and len(prior._saved) == 1 and prior.lost_granules == 8
+    assert prior.pread(GRANULE, 4) == bytes(base[GRANULE : GRANULE + 4])
+    assert prior.take_stale() == []  # the saved granule is exact...
+    prior.pread(3 * GRANULE, 1)
+    assert prior.take_stale() == [(3 * GRANULE, GRANULE)]  # ...the others are not
+    prod.write(5 * GRANULE, b"b")  # inside the wide range: lost as well
+    for rec in prod.queue:
+        prior.advance(rec)
+    assert prior.pread(0, 8 * GRANULE) == path.read_bytes()[: 8 * GRANULE]
+    assert prior.take_stale() == [] and prior.bytes == 0 and not prior._saved
     prod.close()
     prior.close()
 

@@ -39,22 +39,25 @@ from blocktrace.stream.records import Record, RecordKind
 GRANULE = 4096
 #: default bound of the saved copies' bytes
 DEFAULT_MAX_PRIOR_BYTES = 64 << 20
+#: an operation lost over more granules than this is remembered as one range, not per granule
+#: (a TRIM of the whole disk must not cost an entry per 4 KiB)
+WIDE = 4096
 
 _CHANGES = (RecordKind.WRITE, RecordKind.ZERO, RecordKind.TRIM)
 
 
 @dataclass(slots=True)
 class _Saved:
-    """One granule's bytes as of the consumer's position."""
+    """One granule as of the consumer's position; ``data`` None: lost (over the bound)."""
 
-    data: bytearray
+    data: bytearray | None
     last: int = 0  #: sequence number of the last record that changes the granule
-    inflight: int = 0  #: captured operations not yet recorded
+    inflight: int = 1  #: captured operations not yet recorded
 
 
 @dataclass(slots=True)
-class _Lost:
-    """Granules ``[start, end)`` changed while over budget: their prior bytes are gone."""
+class _Wide:
+    """Granules ``[start, end)`` of one wide operation made while over the bound: lost."""
 
     start: int
     end: int
@@ -66,15 +69,16 @@ class _Lost:
 class Capture:
     """What :meth:`PriorContents.capture` marked in flight, for :meth:`~PriorContents.recorded`."""
 
-    saved: list[tuple[int, _Saved]] = field(default_factory=list)
-    lost: _Lost | None = None
+    granules: list[tuple[int, _Saved]] = field(default_factory=list)
+    wide: _Wide | None = None
 
 
 class PriorContents:
     """The image ``path`` as of the last record :meth:`advance` was given (a ``ByteSource``).
 
     Thread-safe: the trace filter captures on the event loop while the consumer reads and
-    advances in a worker thread."""
+    advances in a worker thread; each call holds the lock for a few dictionary operations
+    (the file itself is read outside it)."""
 
     def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_PRIOR_BYTES):
         self.file = FileSource(path)
@@ -83,13 +87,13 @@ class PriorContents:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._saved: dict[int, _Saved] = {}
-        self._lost: list[_Lost] = []
+        self._wide: list[_Wide] = []
         self._due: list[tuple[int, int]] = []  #: (last, granule), a heap
         self._stale: list[tuple[int, int]] = []
         self._processed = 0
         self.bytes = 0  #: saved bytes now
         self.peak_bytes = 0
-        self.lost_granules = 0  #: granules changed while over budget (count over the run)
+        self.lost_granules = 0  #: granules changed while over the bound (count over the run)
 
     def close(self) -> None:
         self.file.close()
@@ -100,39 +104,45 @@ class PriorContents:
         """Save the bytes ``[offset, offset+length)`` will lose, before they are changed.
 
         Must be followed by :meth:`recorded` once the operation's records are queued (or it
-        failed): until then its granules are kept whatever the consumer processes."""
+        failed): until then its granules are kept whatever the consumer processes.  The old
+        bytes are read before the lock is taken: only this thread changes the file, so they
+        are still the image's bytes when the copies are made."""
         cap = Capture()
         if length <= 0:
             return cap
         g0, g1 = offset // GRANULE, -(-(offset + length) // GRANULE)
+        n = g1 - g0
+        room = n * GRANULE <= self.max_bytes - self.bytes  # (read unlocked: only we add)
+        old = self.file.pread(g0 * GRANULE, n * GRANULE) if room else None
         with self._lock:
             saved = self._saved
-            if g1 - g0 <= len(saved) + self.max_bytes // GRANULE:
-                have = [saved.get(g) for g in range(g0, g1)]
-                cap.saved = [(g0 + i, s) for i, s in enumerate(have) if s is not None]
-            else:  # bigger than the bound (so lost, below): walk what is saved, not the range
-                have = []
-                cap.saved = [(g, s) for g, s in saved.items() if g0 <= g < g1]
-            for _, s in cap.saved:
-                s.inflight += 1
-            missing = g1 - g0 - len(cap.saved)
-            if not missing:
-                return cap
-            # over budget, or next to lost bytes (the image there is already ahead): lost
-            if self.bytes + missing * GRANULE > self.max_bytes or any(
-                x.start < g1 and g0 < x.end for x in self._lost
+            processed = self._processed
+            wide = self._wide
+            if wide and any(
+                w.start < g1 and g0 < w.end and (w.inflight or w.last > processed) for w in wide
             ):
-                cap.lost = _Lost(g0, g1)
-                self._lost.append(cap.lost)
-                self.lost_granules += missing
+                old = None  # the image there is already ahead of the consumer
+            if old is None and n > WIDE:
+                cap.wide = _Wide(g0, g1)
+                wide.append(cap.wide)
+                cap.granules = [(g, x) for g, x in saved.items() if g0 <= g < g1]
+                for _, held in cap.granules:
+                    held.inflight += 1
+                self.lost_granules += n
                 return cap
-            old = self.file.pread(g0 * GRANULE, (g1 - g0) * GRANULE)
-            for i, got in enumerate(have):
-                if got is None:
-                    new = _Saved(bytearray(old[i * GRANULE : (i + 1) * GRANULE]), inflight=1)
-                    saved[g0 + i] = new
-                    cap.saved.append((g0 + i, new))
-            self.bytes += missing * GRANULE
+            granules = cap.granules
+            for i in range(n):
+                g = g0 + i
+                s = saved.get(g)
+                if s is not None:
+                    s.inflight += 1
+                elif old is not None:
+                    s = saved[g] = _Saved(bytearray(old[i * GRANULE : (i + 1) * GRANULE]))
+                    self.bytes += GRANULE
+                else:
+                    s = saved[g] = _Saved(None)
+                    self.lost_granules += 1
+                granules.append((g, s))
             self.peak_bytes = max(self.peak_bytes, self.bytes)
         return cap
 
@@ -140,14 +150,16 @@ class PriorContents:
         """The captured operation's records are queued, the last numbered ``last_seq`` (or
         it failed and ``last_seq`` is the stream's position then)."""
         with self._lock:
-            for g, s in cap.saved:
+            due = self._due
+            for g, s in cap.granules:
                 s.inflight -= 1
-                s.last = max(s.last, last_seq)
+                if last_seq > s.last:
+                    s.last = last_seq
                 if not s.inflight:
-                    heapq.heappush(self._due, (s.last, g))
-            if cap.lost is not None:
-                cap.lost.inflight -= 1
-                cap.lost.last = max(cap.lost.last, last_seq)
+                    heapq.heappush(due, (s.last, g))
+            if cap.wide is not None:
+                cap.wide.inflight -= 1
+                cap.wide.last = max(cap.wide.last, last_seq)
             self._drop(self._processed)
 
     # -- the consumer side (a worker thread) -------------------------------------------------
@@ -170,6 +182,8 @@ class PriorContents:
             items = [(g, s) for g, s in saved.items() if g0 <= g < g1]
         data = memoryview(rec.data) if rec.kind is RecordKind.WRITE and rec.data else None
         for g, s in items:
+            if s.data is None:
+                continue  # lost: stays so until no queued record touches it
             base = g * GRANULE
             lo, hi = max(start, base), min(end, base + GRANULE)
             if data is not None:
@@ -178,34 +192,38 @@ class PriorContents:
                 s.data[lo - base : hi - base] = bytes(hi - lo)
 
     def _drop(self, processed: int) -> None:
-        """Forget the copies no queued record changes any more (the image holds them now)."""
+        """Forget what no queued record changes any more (the image holds it now)."""
         due, saved = self._due, self._saved
         while due and due[0][0] <= processed:
             _, g = heapq.heappop(due)
             s = saved.get(g)
             if s is not None and not s.inflight and s.last <= processed:
                 del saved[g]
-                self.bytes -= GRANULE
-        if self._lost:
-            self._lost = [x for x in self._lost if x.inflight or x.last > processed]
+                if s.data is not None:
+                    self.bytes -= GRANULE
+        if self._wide:
+            self._wide = [w for w in self._wide if w.inflight or w.last > processed]
 
     def pread(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` as of the last processed record (past the end:
-        zeroes).  Granules lost to the budget read as the image is now, and are noted."""
+        zeroes).  Granules lost to the bound read as the image is now, and are noted."""
         data = self.file.pread(offset, length)  # first the file, then the copies (see capture)
         if length <= 0:
             return data
         with self._lock:
-            if not self._saved and not self._lost:
+            saved, wide = self._saved, self._wide
+            if not saved and not wide:
                 return data
             end = offset + length
-            g0, g1 = offset // GRANULE, -(-end // GRANULE)
             out: bytearray | None = None
-            for g in range(g0, g1):
-                s = self._saved.get(g)
+            for g in range(offset // GRANULE, -(-end // GRANULE)):
+                s = saved.get(g)
                 if s is None:
-                    if any(x.start <= g < x.end for x in self._lost):
+                    if wide and any(w.start <= g < w.end for w in wide):
                         self._stale.append((g * GRANULE, GRANULE))
+                    continue
+                if s.data is None:
+                    self._stale.append((g * GRANULE, GRANULE))
                     continue
                 if out is None:
                     out = bytearray(data)
