@@ -11,10 +11,10 @@ in one run by alternating interpreters (another tree's venv runs this same file)
         $py bench/trace_cpu.py --writes 100000 --copy-mode background; done; done
 
 Uses only the API both trees share (``TraceManager.start`` with a QMP-shaped target).
-``--target introspect`` traces into a live ``introspect`` target instead of a log (the image
-gets an ext4 file system first; the random writes land wherever they fall): its CPU includes
-the engine's, and the saving of prior contents the filter does for it (docs/introspection.md,
-*Live: the image as of each record*).
+``--target introspect`` traces into a live ``introspect`` target instead of a log: the image
+gets an ext4 file system holding one file of half its size, and the writes overwrite that
+file's blocks (``write`` events); its CPU includes the engine's, and the saving of prior
+contents the filter does for it (docs/introspection.md, *Live: the image as of each record*).
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ async def run(n: int, mode: str, size: int, workdir: Path, kind: str) -> dict[st
     with open(img, "wb") as f:
         f.truncate(size)
     target = {"type": "log", "filename": str(workdir / "t.log")}
+    rng = random.Random(1)
+    offsets = [rng.randrange(size // 4096) * 4096 for _ in range(n)]
     if kind == "introspect":
-        subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+        offsets = file_blocks(img, size, workdir, n)
         target = {"type": "introspect", "filename": str(workdir / "events.jsonl")}
     reg = ExportRegistry()
     exp = open_export("disk", img)
@@ -53,8 +55,6 @@ async def run(n: int, mode: str, size: int, workdir: Path, kind: str) -> dict[st
         await mgr.start("j", "disk", target, TraceOptions.from_dict({"copy-mode": mode}))
     dev = exp.device
     payloads = [os.urandom(4096) for _ in range(64)]
-    rng = random.Random(1)
-    offsets = [rng.randrange(size // 4096) * 4096 for _ in range(n)]
 
     async def writer(k: int) -> None:
         for i in range(k, n, 16):
@@ -68,6 +68,30 @@ async def run(n: int, mode: str, size: int, workdir: Path, kind: str) -> dict[st
         await mgr.stop("j")
     await dev.close()
     return {"cpu_us_per_write": cpu / n * 1e6, "writes_per_s": n / wall}
+
+
+def file_blocks(img: Path, size: int, workdir: Path, n: int) -> list[int]:
+    """Make ``img`` an ext4 file system holding one file of half its size; ``n`` random
+    offsets of that file's data blocks (overwrites the engine turns into ``write`` events,
+    the same work for every tree)."""
+    from blocktrace.ext4.watcher import Watcher
+
+    content = workdir / "content"
+    content.mkdir()
+    with open(content / "big", "wb") as f:
+        f.truncate(size // 2)
+        f.write(b"x")  # not sparse: real blocks
+        for off in range(0, size // 2, 1 << 20):
+            f.seek(off)
+            f.write(b"x")
+    cmd = ["mkfs.ext4", "-q", "-F", "-b", "4096", "-d", str(content), str(img)]
+    subprocess.run(cmd, check=True)
+    with Watcher(str(img)) as w:
+        eng = w.engines[0][1]
+        ino = eng.ns.children[2]["big"]
+        blocks = [e.pblk + i for e in eng.istate[ino].map.extents for i in range(e.length)]
+    rng = random.Random(1)
+    return [rng.choice(blocks) * 4096 for _ in range(n)]
 
 
 def main() -> int:
