@@ -82,6 +82,7 @@ class PriorContents:
 
     def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_PRIOR_BYTES):
         self.file = FileSource(path)
+        self._fd = self.file.fd
         self.name = self.file.name
         self.length = self.file.length
         self.max_bytes = max_bytes
@@ -112,8 +113,11 @@ class PriorContents:
             return cap
         g0, g1 = offset // GRANULE, -(-(offset + length) // GRANULE)
         n = g1 - g0
-        room = n * GRANULE <= self.max_bytes - self.bytes  # (read unlocked: only we add)
-        old = self.file.pread(g0 * GRANULE, n * GRANULE) if room else None
+        old: bytes | None = None
+        if n * GRANULE <= self.max_bytes - self.bytes:  # (read unlocked: only we add)
+            old = os.pread(self._fd, n * GRANULE, g0 * GRANULE)
+            if len(old) < n * GRANULE:  # past the end of the file: zeroes
+                old += bytes(n * GRANULE - len(old))
         with self._lock:
             saved = self._saved
             processed = self._processed
@@ -131,6 +135,12 @@ class PriorContents:
                 self.lost_granules += n
                 return cap
             granules = cap.granules
+            if n == 1 and g0 not in saved and old is not None:  # the common case
+                new = saved[g0] = _Saved(bytearray(old))
+                self.bytes += GRANULE
+                granules.append((g0, new))
+                self.peak_bytes = max(self.peak_bytes, self.bytes)
+                return cap
             for i in range(n):
                 g = g0 + i
                 s = saved.get(g)
@@ -181,9 +191,12 @@ class PriorContents:
         else:
             items = [(g, s) for g, s in saved.items() if g0 <= g < g1]
         data = memoryview(rec.data) if rec.kind is RecordKind.WRITE and rec.data else None
+        seq = rec.seq
         for g, s in items:
             if s.data is None:
                 continue  # lost: stays so until no queued record touches it
+            if not s.inflight and s.last <= seq:
+                continue  # no later record touches it: dropped right after this
             base = g * GRANULE
             lo, hi = max(start, base), min(end, base + GRANULE)
             if data is not None:
