@@ -16,9 +16,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from ext4_recording import debugfs, diff_records, mkfs, nbd_file
+from ext4_recording import debugfs, mkfs, nbd_file, qemu_io_commands
 
-from blocktrace.stream import RecordKind
 from support import ServerProcess, blocktrace, qemu_io, require, require_fuse_and_loop, run
 
 
@@ -46,14 +45,7 @@ def debugfs_workload(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     payload = tmp_path / "payload"
     payload.write_bytes(bytes(range(256)) * 40)
     debugfs(new, f"mkdir /docs/sub\nwrite {payload} /docs/sub/payload\nrm /docs/readme\n")
-    cmds = []
-    for i, rec in enumerate(diff_records(base, new)):
-        if rec.kind is RecordKind.WRITE:
-            chunk = tmp_path / f"chunk{i}"
-            chunk.write_bytes(bytes(rec.data))
-            cmds.append(f"write -s {chunk} {rec.offset} {len(rec.data)}")
-        else:
-            cmds.append("flush")
+    cmds = qemu_io_commands(tmp_path, base, new)
     return img, base, cmds
 
 
