@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from attach_graph import block_graph, qemu_qmp
 
 from blocktrace.qmp.client import QMPClient
 from guest import Guest, GuestDisk, guest_visible, make_ext4_disk
@@ -67,12 +68,6 @@ class AttachProcess:
             return self.proc.wait(timeout)
         finally:
             self._err.close()
-
-
-def qemu_qmp(path: Path, command: str, args: dict[str, Any] | None = None) -> Any:
-    """One command on QEMU's own monitor (blocktrace's client speaks plain QMP)."""
-    with QMPClient.connect_to(str(path), timeout=60) as c:
-        return c.execute(command, args)
 
 
 def device_node(path: Path, device: str) -> str:
@@ -456,3 +451,159 @@ def test_pivot_on_qemu_storage_daemon_export(tmp_path: Path) -> None:
     finally:
         qsd.kill()
         qsd.wait()
+
+
+def guest_md5(g: Guest, skip: int, count: int) -> str:
+    """md5 of ``count`` 4 KiB blocks of the guest's disk from block ``skip`` (O_DIRECT)."""
+    cmd = f"dd if=/dev/vda bs=4k skip={skip} count={count} iflag=direct 2>/dev/null | md5sum"
+    return g.sh(cmd).split()[0]
+
+
+def host_md5(path: Path, skip: int, count: int) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        f.seek(skip * 4096)
+        return hashlib.md5(f.read(count * 4096)).hexdigest()
+
+
+def guest_write(g: Guest, seek: int, count: int, name: str) -> tuple[int, str]:
+    """Write ``count`` random 4 KiB blocks at block ``seek`` (O_DIRECT, fsync): (exit status,
+    md5 of what was written)."""
+    g.sh(f"dd if=/dev/urandom of=/tmp/{name} bs=4k count={count} 2>/dev/null")
+    rc, _ = g.run(f"dd if=/tmp/{name} of=/dev/vda bs=4k seek={seek} oflag=direct conv=fsync "
+                  "2>/dev/null")  # fmt: skip
+    return rc, g.sh(f"md5sum < /tmp/{name}").split()[0]
+
+
+def empty_raw(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def start_raw_writer(g: Guest, seek: int) -> None:
+    """A guest loop writing the raw disk (O_DIRECT, no flush) until told to stop; a write
+    that fails leaves /tmp/failed."""
+    g.sh(f"touch /tmp/run; rm -f /tmp/done /tmp/failed; (while [ -e /tmp/run ]; do "
+         f"dd if=/dev/urandom of=/dev/vda bs=4k seek={seek} count=8 oflag=direct 2>/dev/null "
+         "|| touch /tmp/failed; done; touch /tmp/done) >/dev/null 2>&1 &")  # fmt: skip
+
+
+def stop_raw_writer(g: Guest) -> bool:
+    """Stop :func:`start_raw_writer`'s loop; whether one of its writes failed."""
+    g.sh("rm /tmp/run; while [ ! -e /tmp/done ]; do sleep 1; done")
+    return g.run("ls /tmp/failed")[0] == 0
+
+
+def test_filter_kill9_detach_qemu_then_kill9_attach_resume(tmp_path: Path) -> None:
+    """--mechanism filter, blocktrace killed (SIGKILL) while the guest writes: its writes fail
+    (after the log node's reconnect delay) but reach the image, reads work; ``blocktrace
+    detach --qemu`` puts the graph back exactly as before the attach and the guest writes
+    again, everything it saw acknowledged on its disk.  Killed again, ``attach --resume
+    --mechanism filter`` removes the stale filter and starts a new trace on a new base, whose
+    log replays to the disk at detach."""
+    size = 64 << 20
+    disk = empty_raw(tmp_path / "vm.raw", size)
+    with Guest(tmp_path, [GuestDisk(disk, "raw")]) as g:
+        before = block_graph(g.test_qmp)
+        filt = ("--mechanism", "filter", "--reconnect-delay", "2")
+        att = AttachProcess(tmp_path, g.qmp, [f"disk0={tmp_path / 's1.img'}"],
+                            [f"log:{tmp_path / 'a.log'}"], extra=filt)  # fmt: skip
+        att.wait_ready(1)
+        assert block_graph(g.test_qmp) != before
+        rc, want_a = guest_write(g, 100, 64, "a")
+        assert rc == 0
+        start_raw_writer(g, 2000)
+        att.proc.kill()
+        att.wait()
+        # Writes fail (EIO once the reconnect delay is over) but their data is on the image
+        # (blklogwrites writes the data, then the log entry; dd stops at the first EIO).
+        rc, want_b = guest_write(g, 200, 1, "b")
+        assert rc != 0
+        assert host_md5(disk, 200, 1) == want_b
+        assert guest_md5(g, 100, 64) == want_a  # reads go to the image: they work
+        assert stop_raw_writer(g)  # it saw its writes fail
+
+        out = blocktrace("detach", "--qemu", g.qmp, "disk0", timeout=300)
+        assert "detached disk0: back on proto0" in out.stdout, out
+        assert block_graph(g.test_qmp) == before
+        rc, want_c = guest_write(g, 300, 16, "c")
+        assert rc == 0
+        assert host_md5(disk, 100, 64) == want_a and host_md5(disk, 300, 16) == want_c
+
+        # Killed again; this time a restarted attach removes the filter and attaches afresh,
+        # within the reconnect delay: the guest's write meanwhile waits and then succeeds.
+        filt = ("--mechanism", "filter", "--reconnect-delay", "600")
+        att2 = AttachProcess(tmp_path, g.qmp, [f"disk0={tmp_path / 's2.img'}"],
+                             [f"log:{tmp_path / 'b.log'}"], name="att2", extra=filt)  # fmt: skip
+        att2.wait_ready(1)
+        assert guest_write(g, 400, 16, "d")[0] == 0
+        att2.proc.kill()
+        att2.wait()
+        g.sh("dd if=/dev/urandom of=/tmp/e bs=4k count=1 2>/dev/null")
+        want_e = g.sh("md5sum < /tmp/e").split()[0]
+        g.sh("rm -f /tmp/rc_e; (dd if=/tmp/e of=/dev/vda bs=4k seek=500 oflag=direct "
+             "conv=fsync 2>/dev/null; echo $? > /tmp/rc_e) >/dev/null 2>&1 &")  # fmt: skip
+        deadline = time.monotonic() + 300
+        while host_md5(disk, 500, 1) != want_e:  # data on the image, its log write held
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert g.run("ls /tmp/rc_e")[0] != 0  # still waiting
+        new_log = tmp_path / "c.log"
+        att3 = AttachProcess(tmp_path, g.qmp, [f"disk0={tmp_path / 's3.img'}"],
+                             [f"log:{new_log}"], name="att3", extra=(*filt, "--resume"),
+                             nbd=att2.nbd)  # fmt: skip
+        att3.wait_ready(1)
+        assert "a new trace on a new base" in att3.stderr()
+        g.sh("while [ ! -e /tmp/rc_e ]; do sleep 1; done")
+        assert g.sh("cat /tmp/rc_e").strip() == "0"  # the held write succeeded
+        rc, want_f = guest_write(g, 600, 16, "f")
+        assert rc == 0
+        att3.proc.send_signal(signal.SIGTERM)
+        assert att3.wait() == 0, att3.stderr()
+        assert block_graph(g.test_qmp) == before
+        # The new trace (sync=full) rebuilds the disk at detach from zeroes.
+        blocktrace("verify", replay_from_zero(tmp_path, new_log, size, "c.raw"), disk)
+        blocktrace("verify", tmp_path / "s3.img", disk)
+        assert host_md5(disk, 600, 16) == want_f
+
+
+def test_filter_sink_failure_detaches_and_keeps_the_trace(tmp_path: Path) -> None:
+    """The sink cannot decode what it receives (here: a second NBD client writes a super block
+    without magic into the sink export): the filter is removed, the trace ends at the last
+    decoded operation with its data, the attach process exits 1 with one line, the VM runs
+    on."""
+    require("qemu-io")
+    size = 64 << 20
+    disk = empty_raw(tmp_path / "vm.raw", size)
+    with Guest(tmp_path, [GuestDisk(disk, "raw")]) as g:
+        before = block_graph(g.test_qmp)
+        shadow, log = tmp_path / "shadow.img", tmp_path / "f.log"
+        att = AttachProcess(tmp_path, g.qmp, [f"disk0={shadow}"], [f"log:{log}"],
+                            extra=("--mechanism", "filter"))  # fmt: skip
+        att.wait_ready(1)
+        rc, want_a = guest_write(g, 100, 64, "a")
+        assert rc == 0
+        # The guest keeps writing (no flush: the detach's reopen flushes through the filter)
+        # and counts the writes that fail.
+        start_raw_writer(g, 2000)
+        time.sleep(2)
+        bad = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x55 0 512",
+                              f"nbd+unix:///disk0-log?socket={att.nbd}"],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert bad.returncode != 0 and "Input/output error" in bad.stdout, bad
+        assert att.wait() == 1
+        last = att.stderr().strip().splitlines()[-1]
+        assert last == "blocktrace: a log sink failed (see above); its disk was detached", last
+        assert "super block written without dm-log-writes magic" in att.stderr()
+        assert block_graph(g.test_qmp) == before
+        assert not stop_raw_writer(g), "the guest saw a write fail"
+        # The VM runs on, untraced; the trace ends with what was decoded.
+        rc, want_b = guest_write(g, 300, 16, "b")
+        assert rc == 0 and host_md5(disk, 300, 16) == want_b
+        replayed = replay_from_zero(tmp_path, log, size, "r.raw")
+        blocktrace("verify", replayed, shadow)
+        assert host_md5(replayed, 100, 64) == want_a
+        assert host_md5(replayed, 300, 16) == host_md5(tmp_path / "r.raw", 300, 16)
+        assert host_md5(shadow, 300, 16) != want_b

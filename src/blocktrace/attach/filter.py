@@ -47,6 +47,9 @@ class Filter:
     #: the shadow image (new, empty, the disk's size) the base is copied into
     shadow: str
     sector_size: int = 512
+    #: seconds QEMU's log node holds log writes (and so the guest's writes) when blocktrace
+    #: dies, waiting for a restart (recover.py) before they fail
+    reconnect_delay: int = 10
     pause_seconds: list[float] = field(default_factory=list)
     attached: bool = False
     _proto: str = ""
@@ -99,6 +102,7 @@ class Filter:
                     "node-name": self.log_node,
                     "server": {"type": "unix", "path": self.socket},
                     "export": self.sink_export,
+                    "reconnect-delay": self.reconnect_delay,
                 },
             )
             added.append(self.log_node)

@@ -197,9 +197,14 @@ class LogSinkDevice(BlockDevice):
     A log write is acknowledged once every operation it completed is applied to the shadow
     (and, for FLUSH entries, durable in every trace): so a guest flush, which QEMU completes
     only after its FLUSH entry is written, is acknowledged only when the traces hold it.
-    A decoding failure fails this and every later log write with EIO (QEMU returns it to
-    the guest) and calls ``on_error``: the traces stop at the last operation decoded, never
-    diverge silently, and the session removes the filter so the guest carries on untraced.
+
+    A decoding failure applies what was decoded before it, fails that log write with EIO
+    and calls ``on_error``: the traces stop at the last operation decoded, never diverge
+    silently, and the session removes the filter.  Every later write is acknowledged and
+    dropped (nothing is decoded or applied any more): removing the filter needs QEMU's
+    ``blockdev-reopen``, which flushes through blklogwrites and so writes a FLUSH entry
+    here; an EIO for it would leave the filter in place, and each guest write (whose data
+    already reached the image) would fail too.
     """
 
     def __init__(
@@ -225,8 +230,7 @@ class LogSinkDevice(BlockDevice):
         return bytes(length)
 
     async def write(self, offset: int, data: ReadableBuffer, *, fua: bool = False) -> None:
-        self._feed(lambda: self.decoder.feed_write(offset, bytes(data)))
-        await self._apply()
+        await self._feed(lambda: self.decoder.feed_write(offset, bytes(data)))
 
     async def write_zeroes(
         self,
@@ -237,22 +241,24 @@ class LogSinkDevice(BlockDevice):
         fua: bool = False,
         fast: bool = False,
     ) -> None:
-        self._feed(lambda: self.decoder.feed_zeroes(offset, length))
-        await self._apply()
+        await self._feed(lambda: self.decoder.feed_zeroes(offset, length))
 
     async def flush(self) -> None:
-        await self._apply()
+        if self.error is None:
+            await self._apply()
 
-    def _feed(self, step: Callable[[], None]) -> None:
+    async def _feed(self, step: Callable[[], None]) -> None:
         if self.error is not None:
-            raise BlockDeviceError(errno.EIO, str(self.error))
+            return  # failed: dropped, see the class docstring
         try:
             step()
         except LogSinkError as exc:
             self.error = exc
+            await self._apply()  # the operations decoded before the failure
             if self.on_error is not None:
                 self.on_error(exc)
             raise BlockDeviceError(errno.EIO, str(exc)) from None
+        await self._apply()
 
     async def _apply(self) -> None:
         """Apply decoded operations in log order: whoever holds the lock drains the queue,
