@@ -287,6 +287,8 @@ class AttachSession:
         for a in self.disks:
             a.shadow = service.registry.remove(a.export)
             sink = LogSinkDevice(a.shadow.device, on_error=functools.partial(self._sink_failed, a))
+            if isinstance(a.mech, Filter):
+                a.mech.sink = sink  # the base copy runs into the sink's shadow
             if a.stale is None:
                 service.registry.add(Export(a.sink, sink))
             else:

@@ -74,8 +74,8 @@ DEFAULT_NBD_SOCKET = "./blocktrace-attach.sock"
     default="pivot",
     show_default=True,
     help="pivot: live-migrate the disk onto blocktrace (any format, no pause).  filter: "
-    "insert QEMU's blklogwrites logging into blocktrace (raw disks; pauses the VM for the "
-    "base copy).  See docs/attach.md.",
+    "insert QEMU's blklogwrites logging into blocktrace (raw disks; the base is copied "
+    "with the VM running).  See docs/attach.md.",
 )
 @click.option(
     "--resume",
