@@ -65,7 +65,7 @@ def measure(
         spec = f"{EXPORT}=stream:{cluster.url(0, SUBJECT)},copy-mode={mode},replicas={nodes}"
     proc = serve(image, sock, spec)
     try:
-        figure = run_fio(f"nbd+unix:///{EXPORT}?socket={sock}", w, size, runtime)
+        figure, _ios = run_fio(f"nbd+unix:///{EXPORT}?socket={sock}", w, size, runtime)
         rss = peak_rss(proc.pid)
     finally:
         stop(proc)  # the trace drains before the server exits: every record is published
