@@ -196,7 +196,11 @@ async def follow_stream(
     on_batch: Callable[[Applied], None] | None = None,
 ) -> Applied:
     """Keep ``image`` equal to the stream: apply in order, flush the image, then acknowledge
-    (durable consumer), so a restart re-applies only what was not acknowledged."""
+    (durable consumer), so a restart re-applies only what was not acknowledged.
+
+    Acknowledgements fall only at the end of a message (a group's last record): one covers
+    its whole message, so acknowledging mid-group would let a restart skip the group's rest.
+    A FLUSH always ends its group (the publisher closes a group there)."""
     applier = ImageApplier(image)
     try:
         async with source:
@@ -204,8 +208,10 @@ async def follow_stream(
             count = 0
             async for item in source.records(follow=follow):
                 await applier.apply(item)
-                pending = item
                 count += 1
+                if not item.ends_message:
+                    continue
+                pending = item
                 if count >= ack_every or item.record.kind is RecordKind.FLUSH:
                     await applier.flush()
                     await source.ack(item)

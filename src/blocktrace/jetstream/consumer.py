@@ -62,6 +62,9 @@ class Positioned:
     record: Record
     #: the message's acknowledgement subject (durable consumers)
     reply: str = ""
+    #: the record is its message's last (a group's last, or a whole version 1 record): only
+    #: there may a consumer acknowledge, since an acknowledgement covers the whole message
+    ends_message: bool = True
 
 
 class StreamSource:
@@ -235,7 +238,11 @@ class StreamSource:
                 self._last = seq
                 decoded = self.decoder.feed(msg.headers, msg.data)
                 if decoded is not None:
-                    yield Positioned(seq, decoded.trace, decoded.record, msg.reply or "")
+                    trace, reply = decoded.trace, msg.reply or ""
+                    *head, last = decoded.records
+                    for rec in head:
+                        yield Positioned(seq, trace, rec, reply, False)
+                    yield Positioned(seq, trace, last, reply)
                 if not follow and seq >= end:
                     if self.decoder.in_record:
                         raise FormatError(f"{self.name}: stream ends inside record")
@@ -243,9 +250,14 @@ class StreamSource:
 
     async def ack(self, item: Positioned) -> None:
         """Acknowledge every message up to ``item``'s (durable consumers; ``AckPolicy.ALL``),
-        and wait until the server has it: call only once ``item`` is applied."""
+        and wait until the server has it: call only once ``item`` is applied, and only for the
+        last record of its message (``item.ends_message``), since the acknowledgement covers
+        every record of the message: acknowledging mid-group would let a restart skip the
+        rest of the group."""
         import nats.errors
 
+        if not item.ends_message:
+            raise ValueError(f"record #{item.record.seq} is not the last of its message")
         if self.durable is None or self._nc is None or not item.reply:
             return
         try:
