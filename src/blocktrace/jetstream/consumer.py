@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -65,6 +65,17 @@ class Positioned:
     #: the record is its message's last (a group's last, or a whole version 1 record): only
     #: there may a consumer acknowledge, since an acknowledgement covers the whole message
     ends_message: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """The records one message completed, and the stream sequence of that message."""
+
+    stream_seq: int
+    trace: str
+    records: Sequence[Record]
+    #: the message's acknowledgement subject (durable consumers)
+    reply: str = ""
 
 
 class StreamSource:
@@ -181,8 +192,23 @@ class StreamSource:
     async def records(
         self, *, start: int = 1, follow: bool = False, idle: float = 1.0
     ) -> AsyncIterator[Positioned]:
-        """Yield records from stream sequence ``start``.  Without ``follow``, stop at the end
-        the stream has now; with it, wait for more (``idle`` seconds per empty pull).
+        """Yield records from stream sequence ``start``, each with its position (see
+        :meth:`messages`, which this flattens)."""
+        async for batch in self.messages(start=start, follow=follow, idle=idle):
+            seq, trace, reply = batch.stream_seq, batch.trace, batch.reply
+            *head, last = batch.records
+            for rec in head:
+                yield Positioned(seq, trace, rec, reply, False)
+            yield Positioned(seq, trace, last, reply)
+
+    async def messages(
+        self, *, start: int = 1, follow: bool = False, idle: float = 1.0
+    ) -> AsyncIterator[Batch]:
+        """Yield the records of each message from stream sequence ``start`` (a group's, or a
+        whole version 1 record once its last chunk arrived), as one :class:`Batch`: what a
+        consumer that applies many small records iterates, one step per message rather than
+        per record.  Without ``follow``, stop at the end the stream has now; with it, wait
+        for more (``idle`` seconds per empty pull).
 
         Every message is checked to follow the previous one: a message lost on its way (a
         consumer leader failing over can advance past messages that never arrived) makes
@@ -238,11 +264,7 @@ class StreamSource:
                 self._last = seq
                 decoded = self.decoder.feed(msg.headers, msg.data)
                 if decoded is not None:
-                    trace, reply = decoded.trace, msg.reply or ""
-                    *head, last = decoded.records
-                    for rec in head:
-                        yield Positioned(seq, trace, rec, reply, False)
-                    yield Positioned(seq, trace, last, reply)
+                    yield Batch(seq, decoded.trace, decoded.records, msg.reply or "")
                 if not follow and seq >= end:
                     if self.decoder.in_record:
                         raise FormatError(f"{self.name}: stream ends inside record")
