@@ -25,6 +25,7 @@ from blocktrace.stream import Record, RecordKind, TargetInfo
 from blocktrace.stream.registry import targets
 from blocktrace.targets.stream import StreamTarget
 from nats_helpers import NatsCluster, require_nats
+from support import make_image
 
 MiB = 1024 * 1024
 TRACE = "00112233445566ff"
@@ -79,9 +80,7 @@ def test_follower_acknowledges_only_whole_groups(tmp_path: Path, nats1: NatsClus
     url = nats1.url(0, "grp.disk")
     recs = writes(600)
     asyncio.run(publish(url, [recs]))
-    base = tmp_path / "base.img"
-    with open(base, "wb") as f:
-        f.truncate(4 * MiB)
+    base = make_image(tmp_path / "base.img", 4 * MiB, seed=1)
     replica = tmp_path / "replica.img"
     shutil.copyfile(base, replica)
     acks: list[int] = []
@@ -132,9 +131,7 @@ def test_streams_of_the_old_format_stay_readable(tmp_path: Path, nats1: NatsClus
     asyncio.run(publish_v1())
     new = [*writes(300, first=11), Record(311, RecordKind.FLUSH)]
     asyncio.run(publish(url, [new]))
-    base = tmp_path / "base.img"
-    with open(base, "wb") as f:
-        f.truncate(4 * MiB)
+    base = make_image(tmp_path / "base.img", 4 * MiB, seed=2)
     copy = tmp_path / "copy.img"
     shutil.copyfile(base, copy)
 
