@@ -4,7 +4,9 @@
 pulls batches from a JetStream pull consumer and reassembles records with
 :class:`~blocktrace.jetstream.wire.Decoder` (bounded memory; hostile messages are a
 :class:`~blocktrace.errors.FormatError`).  Each record comes with the stream sequence of its
-last message: the position a consumer acknowledges, or resumes after.
+last message: the position a consumer acknowledges, or resumes after.  A message may hold a
+group of records (wire format version 2): :meth:`StreamSource.messages` yields them together,
+and a consumer acknowledges only after a message's last record (``Positioned.ends_message``).
 
 Two kinds of consumer:
 
