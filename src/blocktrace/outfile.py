@@ -16,6 +16,11 @@ under rules that hold whatever the name points at:
 * the output is locked (``flock(LOCK_EX | LOCK_NB)``) for as long as the descriptor is open:
   a second trace, in this process or another, naming a live log is refused before anything
   is truncated;
+* it also takes QEMU's image locks (the ``lock`` the caller passes:
+  :func:`blocktrace.block.locking.lock_output`, since this module sits below ``block``), so
+  an output naming an image something is writing (a live replica, a replay, QEMU, a served
+  image in another process) is refused before anything is truncated, and that writer is
+  refused while the output is open;
 * FIFOs, sockets and character devices are refused; the open is non-blocking so a FIFO
   cannot hang it.  Block devices are accepted only with ``overwrite`` (nothing is truncated).
 
@@ -29,13 +34,18 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from blocktrace.errors import UsageError
 
 #: the widest mode a new output file gets (it holds the guest's data)
 DEFAULT_MODE = 0o600
+
+#: ``lock(fd, label)`` takes the image locks of the file about to be written and raises
+#: :class:`UsageError` (naming ``label``) on a conflict: in practice always
+#: :func:`blocktrace.block.locking.lock_output`, passed in because ``block`` is above us.
+OutputLock = Callable[[int, str], None]
 
 
 class FileId(NamedTuple):
@@ -80,14 +90,15 @@ def open_output(
     path: str,
     *,
     overwrite: bool,
+    lock: OutputLock,
     protected: Iterable[Protected] = (),
     mode: int = DEFAULT_MODE,
     what: str = "output",
     allow_block_device: bool = False,
 ) -> int:
     """Open ``path`` read-write for a trace's output under the rules of this module; return the
-    descriptor (holding the exclusive ``flock``).  ``what`` names the file in errors (``log``,
-    ``events file``)."""
+    descriptor (holding the exclusive ``flock`` and what ``lock`` took).  ``what`` names the
+    file in errors (``log``, ``events file``)."""
     flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     created = True
     try:
@@ -101,7 +112,7 @@ def open_output(
     except OSError as exc:
         raise _refusal(path, what, exc) from exc
     try:
-        _check_existing(fd, path, what, protected, created, overwrite, allow_block_device)
+        _check_existing(fd, path, what, protected, created, overwrite, allow_block_device, lock)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         os.close(fd)
@@ -119,6 +130,7 @@ def _check_existing(
     created: bool,
     overwrite: bool,
     allow_block_device: bool,
+    lock: OutputLock,
 ) -> None:
     st = os.fstat(fd)
     me = FileId.of(st)
@@ -133,6 +145,7 @@ def _check_existing(
                 f"{what} {path}: in use by a running trace (locked); refusing to overwrite it"
             ) from None
         raise UsageError(f"{what} {path}: cannot lock: {exc.strerror}") from exc
+    lock(fd, f"{what} {path}")  # before any truncation: a live replica's image stays whole
     if created:
         return
     if stat.S_ISBLK(st.st_mode):
@@ -165,4 +178,12 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
 
 
-__all__ = ["DEFAULT_MODE", "FileId", "Protected", "open_output", "output_mode", "protect_path"]
+__all__ = [
+    "DEFAULT_MODE",
+    "FileId",
+    "OutputLock",
+    "Protected",
+    "open_output",
+    "output_mode",
+    "protect_path",
+]

@@ -10,62 +10,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from lock_helpers import LOCKED, locks_on, qemu_process, storage_daemon, wait_locked
 from tests.support import BLOCKTRACE, MiB, ServerProcess, make_image, require, run
 
 from blocktrace.block.file import FileDevice
 from blocktrace.block.locking import PERM_BASE, SHARED_BASE, ImageLockedError, Perm
 from blocktrace.errors import UsageError
 from blocktrace.service import Service, ServiceConfig
-
-LOCKED = 'Failed to get "write" lock'
-
-
-def locks_on(path: Path) -> set[int]:
-    """Byte offsets of the OFD locks /proc/locks shows on ``path`` (any holder)."""
-    ino = os.stat(path).st_ino
-    found: set[int] = set()
-    for line in Path("/proc/locks").read_text().splitlines():
-        f = line.split()
-        if "OFDLCK" in f and f[-3].endswith(f":{ino}"):
-            found.update(range(int(f[-2]), int(f[-1]) + 1))
-    return found
-
-
-def wait_locked(path: Path, byte: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while byte not in locks_on(path):
-        assert time.monotonic() < deadline, f"nobody took lock byte {byte} of {path}"
-        time.sleep(0.05)
-
-
-@contextmanager
-def qemu_process(cmd: list[str], image: Path, byte: int) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_locked(image, byte)
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def storage_daemon(img: Path, sock: Path) -> list[str]:
-    """qemu-storage-daemon exporting ``img`` writable over NBD on ``sock``."""
-    return [
-        "qemu-storage-daemon",
-        "--blockdev",
-        f"driver=file,filename={img},node-name=f",
-        "--nbd-server",
-        f"addr.type=unix,addr.path={sock}",
-        "--export",
-        "type=nbd,id=e,node-name=f,writable=on",
-    ]
 
 
 def serve_fails(tmp_path: Path, *args: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from blocktrace.block.locking import lock_output
 from blocktrace.errors import UsageError
 from blocktrace.logwrites.replay import replay_records
 from blocktrace.logwrites.writer import LogWriter
@@ -23,7 +24,7 @@ from blocktrace.outfile import open_output, output_mode, protect_path
 def test_new_file_is_created_exclusively_and_owner_only(tmp_path: Path) -> None:
     old = os.umask(0)
     try:
-        fd = open_output(str(tmp_path / "new"), overwrite=False)
+        fd = open_output(str(tmp_path / "new"), overwrite=False, lock=lock_output)
     finally:
         os.umask(old)
     os.close(fd)
@@ -35,9 +36,9 @@ def test_existing_file_needs_overwrite_then_is_truncated_and_narrowed(tmp_path: 
     f.write_bytes(b"data")
     f.chmod(0o644)
     with pytest.raises(UsageError, match=r"exists \(4 bytes\); refusing to overwrite"):
-        open_output(str(f), overwrite=False)
+        open_output(str(f), overwrite=False, lock=lock_output)
     assert f.read_bytes() == b"data"
-    os.close(open_output(str(f), overwrite=True))
+    os.close(open_output(str(f), overwrite=True, lock=lock_output))
     assert f.read_bytes() == b"" and stat.S_IMODE(f.stat().st_mode) == 0o600
 
 
@@ -48,7 +49,7 @@ def test_symlinks_are_never_followed(tmp_path: Path) -> None:
         link = tmp_path / f"link-{target.name}"
         link.symlink_to(target)
         with pytest.raises(UsageError, match="symbolic link; refusing to follow it"):
-            open_output(str(link), overwrite=True)
+            open_output(str(link), overwrite=True, lock=lock_output)
     assert victim.read_bytes() == b"v" and not (tmp_path / "dangling").exists()
 
 
@@ -60,7 +61,7 @@ def test_protected_files_are_refused_by_identity(tmp_path: Path) -> None:
     protected = protect_path(str(img), "a served image")
     for name in (img, hard, tmp_path / "." / "disk.img"):
         with pytest.raises(UsageError, match="refusing to write to a served image"):
-            open_output(str(name), overwrite=True, protected=protected)
+            open_output(str(name), overwrite=True, lock=lock_output, protected=protected)
     assert img.read_bytes() == b"i" * 4096
 
 
@@ -69,7 +70,7 @@ def test_fifo_and_character_device_are_refused_without_blocking(tmp_path: Path) 
     os.mkfifo(fifo)
     for path in (str(fifo), "/dev/null"):
         with pytest.raises(UsageError, match="not a regular file"):
-            open_output(path, overwrite=True)
+            open_output(path, overwrite=True, lock=lock_output)
 
 
 def test_output_mode_follows_the_image(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from blocktrace.block.device import (
     ReadableBuffer,
     WriteCallback,
 )
-from blocktrace.block.locking import READ_ONLY, WRITABLE, lock_image
+from blocktrace.block.locking import EXPORT_ADVICE, READ_ONLY, WRITABLE, lock_image
 from blocktrace.errors import BlockDeviceError, UsageError
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -74,10 +74,16 @@ class FileDevice(PipelinedWrites):
     applies_inline = True
 
     def __init__(
-        self, path: str | os.PathLike[str], *, read_only: bool = False, lock: bool = False
+        self,
+        path: str | os.PathLike[str],
+        *,
+        read_only: bool = False,
+        lock: bool = False,
+        lock_advice: str = EXPORT_ADVICE,
     ) -> None:
-        """``lock``: take QEMU-compatible image locks (:mod:`.locking`) so another writer of
-        the same image (QEMU, qemu-nbd, a second export) is refused, and refuses us."""
+        """``lock``: take QEMU-compatible image locks (:mod:`.locking`) for as long as the
+        device is open, so another writer of the same image (QEMU, qemu-nbd, a second export,
+        a replica, a replay) is refused, and refuses us; ``lock_advice`` ends that refusal."""
         self.path = os.fspath(path)
         flags = os.O_RDONLY if read_only else os.O_RDWR
         try:
@@ -92,7 +98,9 @@ class FileDevice(PipelinedWrites):
             raise UsageError(f"{self.path}: {exc.strerror}") from None
         if lock:
             try:
-                lock_image(self.fd, self.path, READ_ONLY if read_only else WRITABLE)
+                lock_image(
+                    self.fd, self.path, READ_ONLY if read_only else WRITABLE, advice=lock_advice
+                )
             except BaseException:
                 os.close(self.fd)
                 raise

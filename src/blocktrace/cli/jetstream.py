@@ -87,12 +87,14 @@ class ImageApplier:
     written outside nor grown.  FLUSH and FUA are the caller's: it flushes the image where it
     needs durability (at the end of a replay, before a follower acknowledges)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, what: str = "replay target") -> None:
         from blocktrace.logwrites.replay import open_target
 
         if not os.path.isfile(path) and not path.startswith("/dev/"):
             raise UsageError(f"{path}: no such image (replay writes onto an existing image)")
-        self.device = open_target(path)  # refuses anything but a regular file or block device
+        # refuses anything but a regular file or block device, and locks the image (QEMU's
+        # locks) until close: no VM, export, replica, log or other follower writes it meanwhile
+        self.device = open_target(path, what=what)
         self.stats = Applied()
 
     def admit(self, rec: Record) -> None:
@@ -238,7 +240,7 @@ async def follow_stream(
     Acknowledgements fall only at the end of a message (a group's last record): one covers
     its whole message, so acknowledging mid-group would let a restart skip the group's rest.
     A FLUSH always ends its group (the publisher closes a group there)."""
-    applier = ImageApplier(image)
+    applier = ImageApplier(image, what="follow target")
     try:
         async with source:
             pending: Positioned | None = None

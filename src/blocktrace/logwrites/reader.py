@@ -41,6 +41,7 @@ from blocktrace.logwrites.format import (
     entry_crc,
     unpack_entry_header,
 )
+from blocktrace.outfile import FileId
 
 
 def _continue_crc(crc: int, data: bytes) -> int:
@@ -229,6 +230,8 @@ class LogReader:
             raise LogFormatError(f"cannot open: {exc.strerror}", path=self.path) from exc
         try:
             st = os.fstat(self._fd)
+            #: the log's identity (a replay must not write onto the log it reads)
+            self.file_id = FileId.of(st)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise LogFormatError(
                     f"not a regular file or block device ({file_kind(st.st_mode)})",

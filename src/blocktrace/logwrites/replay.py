@@ -35,11 +35,12 @@ from typing import Literal
 
 from blocktrace.block.device import BlockDevice
 from blocktrace.block.file import FileDevice
+from blocktrace.block.locking import ImageLockedError, lock_output
 from blocktrace.errors import BlockDeviceError, UsageError
 from blocktrace.logwrites.format import LogFlag, LogFormatError
 from blocktrace.logwrites.reader import LogEntry, LogReader, file_kind
 from blocktrace.logwrites.records import entry_records
-from blocktrace.outfile import open_output, output_mode
+from blocktrace.outfile import FileId, open_output, output_mode
 from blocktrace.stream.apply import apply_inline, apply_record, write_inline
 from blocktrace.stream.records import Record, RecordKind
 
@@ -206,24 +207,35 @@ def check_entry_bounds(entry: LogEntry, target_size: int, *, grow: bool = False)
         raise BadEntry(problem, entry=entry.index, offset=entry.offset, path=entry.log_path)
 
 
-def open_target(path: str | os.PathLike[str]) -> FileDevice:
+#: how a refused replay target ends its error line
+REPLAY_ADVICE = "stop it first: this writes the whole image"
+
+
+def open_target(path: str | os.PathLike[str], *, what: str = "replay target") -> FileDevice:
     """The replay target, an existing file or block device, as the stream's block device.
 
     Only regular files and block devices (loop devices, real disks) are replay targets: a
     character device (``/dev/zero``) accepts writes it does not keep, and a FIFO would take
     the data away.  The open does not block on a FIFO (``O_RDWR``), and the type is checked
     on the opened descriptor (``fstat``) before anything is written.
+
+    The target is locked like a writable export (QEMU's image locks,
+    :mod:`blocktrace.block.locking`) until it is closed: a replay (of a log or a JetStream
+    trace, or ``follow``) onto an image QEMU, a blocktrace export, a live replica, a live log
+    or another replay holds is refused before anything is written, and they are refused
+    while it runs.  ``what`` names the target in errors (``follow target``).
     """
     try:
-        device = FileDevice(path)
+        device = FileDevice(path, lock=True, lock_advice=REPLAY_ADVICE)
+    except ImageLockedError as exc:
+        raise UsageError(f"{what} {exc}") from None
     except UsageError as exc:
-        raise UsageError(f"cannot open replay target {os.fspath(path)}: {exc}") from None
+        raise UsageError(f"cannot open {what} {os.fspath(path)}: {exc}") from None
     mode = os.fstat(device.fd).st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
         os.close(device.fd)
         raise UsageError(
-            f"replay target {os.fspath(path)} is {file_kind(mode)}, "
-            "not a regular file or block device"
+            f"{what} {os.fspath(path)} is {file_kind(mode)}, not a regular file or block device"
         )
     return device
 
@@ -264,6 +276,8 @@ def replay(
     size = device.size
     can_grow = not device.is_block_device
     try:
+        if FileId.of(os.fstat(device.fd)) == reader.file_id:
+            raise UsageError(f"replay target {device.path} is the log being replayed")
         for entry in select_entries(reader, opts, result):
             if _admit(entry, size, opts, result, can_grow=can_grow):
                 with _io_errors(entry, device.path):
@@ -418,7 +432,11 @@ def replay_records(
     operations."""
     if base is not None:
         fd = open_output(
-            os.fspath(image), overwrite=overwrite, mode=output_mode(os.fspath(base)), what="image"
+            os.fspath(image),
+            overwrite=overwrite,
+            mode=output_mode(os.fspath(base)),
+            what="image",
+            lock=lock_output,
         )
         with open(base, "rb") as src, os.fdopen(fd, "wb") as dst:
             shutil.copyfileobj(src, dst)

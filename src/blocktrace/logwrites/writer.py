@@ -62,6 +62,7 @@ from typing import Literal
 from zlib import crc32
 
 from blocktrace.block.file import fsync_dir
+from blocktrace.block.locking import lock_output
 from blocktrace.errors import StateError, TargetError, UsageError
 from blocktrace.logwrites.fileio import MAX_IOV as _MAX_IOV
 from blocktrace.logwrites.fileio import Buffer, LogFile, OpenHeader, PackBuffer
@@ -195,7 +196,9 @@ class LogWriter:
         created ``O_EXCL`` with ``mode`` (at most 0600), an existing file (or block device)
         only with ``overwrite`` (a regular file is then truncated), never one of
         ``protected`` (the served images), and locked while the writer is open so a second
-        writer on a live log is refused (:class:`~blocktrace.errors.UsageError`).
+        writer on a live log is refused (:class:`~blocktrace.errors.UsageError`), as is a log
+        naming an image something else is writing (QEMU's image locks,
+        :func:`~blocktrace.block.locking.lock_output`).
         """
         check_sector_size(sector_size, for_writing=True)
         if zeroes not in ("discard", "data"):
@@ -208,6 +211,7 @@ class LogWriter:
             mode=mode,
             what="log",
             allow_block_device=True,
+            lock=lock_output,
         )
         try:
             log_id = random.getrandbits(32) if checksums else 0
@@ -262,6 +266,11 @@ class LogWriter:
         except OSError:
             os.close(fd)
             raise UsageError(f"log {p}: in use by a running trace (locked)") from None
+        try:
+            lock_output(fd, f"log {p}")  # not the image of a live replica, replay or VM
+        except BaseException:
+            os.close(fd)
+            raise
         try:
             if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size > end:
                 log.info(

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
+from blocktrace.block.locking import lock_output
 from blocktrace.errors import BlocktraceError, TargetError, UsageError
 from blocktrace.outfile import open_output, output_mode
 from blocktrace.stream import Record, SyncMode, Target, TargetInfo
@@ -90,6 +91,7 @@ class IntrospectTarget(Target):
                 protected=served_images(info),
                 mode=output_mode(info.filename),
                 what="events file",
+                lock=lock_output,
             )
             self._out = os.fdopen(fd, "w", encoding="utf-8")
 

@@ -4,6 +4,12 @@
 created, sparse and of the source's size, if it does not exist.  Metadata lives beside it in
 ``PATH.btreplica`` unless ``meta=`` says otherwise.  All the logic is the shared engine,
 :class:`blocktrace.replica.target.ReplicaTarget`; see docs/replica.md.
+
+The image is locked like a writable export (QEMU's image locks,
+:mod:`blocktrace.block.locking`) from the target's open to its close, streaming, resyncing,
+comparing, and degraded too: QEMU, qemu-img, qemu-nbd, another replica, a replay or a live
+log on the same file refuse it and are refused (whatever path names it), and a served image
+is refused as a replica by device and inode with a reason of its own.
 """
 
 from __future__ import annotations
@@ -15,9 +21,13 @@ from typing import Any
 
 from blocktrace.block.device import BlockDevice
 from blocktrace.block.file import FileDevice
+from blocktrace.block.locking import WRITABLE, lock_image
+from blocktrace.errors import UsageError
+from blocktrace.outfile import FileId, Protected
 from blocktrace.replica.bitmap import DEFAULT_GRANULARITY
 from blocktrace.replica.meta import META_SUFFIX, Fingerprint, file_fingerprint
 from blocktrace.replica.target import ReplicaTarget
+from blocktrace.stream.contract import TargetInfo, served_images
 from blocktrace.stream.schema import Choice, Flag, Integer, Option, Seconds, TargetType, Text
 
 #: options every replica-type target accepts besides its main argument (docs/replica.md)
@@ -51,6 +61,10 @@ def replica_keywords(values: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+#: how a refused replica image ends its error line
+REPLICA_ADVICE = "stop it or name another replica image"
+
+
 class LocalReplicaTarget(ReplicaTarget):
     """A replica in a local raw image (a file or a block device)."""
 
@@ -58,15 +72,67 @@ class LocalReplicaTarget(ReplicaTarget):
 
     def __init__(self, filename: str, **kw: Any) -> None:
         self.filename = filename
+        self._served: list[Protected] = []
+        #: the image's identity and the descriptor holding its QEMU locks (:meth:`_hold_lock`)
+        self._image_lock: tuple[FileId, int] | None = None
         super().__init__(f"replica:{filename}", os.path.realpath(filename), **kw)
         if self.meta_path is None:
             self.meta_path = Path(filename + META_SUFFIX)
+
+    async def open(self, info: TargetInfo) -> None:
+        self._served = served_images(info)
+        try:
+            await super().open(info)
+        except BaseException:  # a target whose open failed is not closed: drop the lock now
+            self._release_lock()
+            raise
+
+    async def close(self, *, clean: bool) -> None:
+        try:
+            await super().close(clean=clean)
+        finally:
+            self._release_lock()
 
     async def open_device(self) -> BlockDevice:
         if not os.path.exists(self.filename):
             with open(self.filename, "xb") as f:
                 f.truncate(self.size)
-        return FileDevice(self.filename)
+        dev = FileDevice(self.filename)  # locked by _hold_lock, for the target's whole life
+        try:
+            me = FileId.of(os.fstat(dev.fd))
+            self._refuse_served(me)  # before the lock: a served image, say why, not who
+            self._hold_lock(dev.fd, me)
+        except BaseException:
+            await dev.close()
+            raise
+        return dev
+
+    def _hold_lock(self, fd: int, me: FileId) -> None:
+        """Lock the image for the target's life, not the device's: a replica that degrades
+        (ENOSPC, EIO) closes its device but keeps the image locked, so nothing writes it
+        behind the dirty bitmap's back before the resync; released by :meth:`close`.  The
+        lock is taken on a second open file description of the file ``fd`` has open (the
+        same inode, not the path again), and moves if the image was replaced meanwhile."""
+        if self._image_lock is not None and self._image_lock[0] == me:
+            return
+        lock_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            lock_image(lock_fd, self.filename, WRITABLE, advice=REPLICA_ADVICE)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        self._release_lock()
+        self._image_lock = (me, lock_fd)
+
+    def _release_lock(self) -> None:
+        if self._image_lock is not None:
+            os.close(self._image_lock[1])
+            self._image_lock = None
+
+    def _refuse_served(self, me: FileId) -> None:
+        for p in self._served:
+            if p.id == me:
+                raise UsageError(f"{self.name}: refusing to write to {p.what}")
 
     def replica_fingerprint(self) -> Fingerprint | None:
         return file_fingerprint(self.filename)
