@@ -143,3 +143,27 @@ def test_streams_of_the_old_format_stay_readable(tmp_path: Path, nats1: NatsClus
     stats = asyncio.run(replay_stream(StreamSource(NatsURL.parse(url)), str(copy)))
     assert stats.records == len(old) + len(new)
     assert copy.read_bytes() == applied(base, old + new, tmp_path / "expected.img")
+
+
+def test_small_messages_then_large_ones_are_all_read(
+    tmp_path: Path, nats1: NatsCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """600 one-record messages (FUA writes), then 100 groups of about 1 MiB: a pull sized by
+    the small messages seen so far would ask for 512 messages, 100 MiB, beyond the
+    subscription's pending limit, and nats-py would drop the rest silently (the server counts
+    them delivered: at the stream's end they never come).  Every record is read, once, with no
+    consumer to re-create."""
+    url = nats1.url(0, "mixed.disk")
+    small = [r._replace(fua=True) for r in writes(600)]
+    large = writes(100 * 250, first=601)
+    asyncio.run(publish(url, [small, *(large[i : i + 250] for i in range(0, len(large), 250))]))
+
+    async def read() -> list[Record]:
+        async with StreamSource(NatsURL.parse(url)) as src:
+            out = [p.record async for p in src.records()]
+            assert src.skipped == 0
+            return out
+
+    with caplog.at_level("WARNING", logger="blocktrace.jetstream.consumer"):
+        assert asyncio.run(read()) == small + large
+    assert not caplog.records, [r.getMessage() for r in caplog.records]

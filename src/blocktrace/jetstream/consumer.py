@@ -47,9 +47,12 @@ T = TypeVar("T")
 RECOVER_SECONDS = 60.0
 #: most messages per pull request
 FETCH_BATCH = 512
-#: most bytes one pull request asks for: the batch shrinks for large messages, because
-#: nats-py *drops* messages past a subscription's pending limit (the gap check would catch it,
-#: at the price of re-reading); the limit is set above two such pulls
+#: most bytes one pull request may bring: nats-py *drops* messages past a subscription's
+#: pending limit (set above two such pulls), and a pull cannot be bounded in bytes through
+#: nats-py, so a pull asks for as many messages as fit if every one is as large as the server
+#: allows (32 with the default 1 MiB ``max_payload``).  Sizing it by the messages seen so far
+#: is wrong: a group's size depends on how many records its batch had, so small messages can
+#: be followed by large ones, and the messages dropped at the end of a stream never arrive
 FETCH_BYTES = 32 * 1024 * 1024
 #: empty pulls in a row after which a bounded read gives up (a message expired meanwhile)
 MAX_IDLE_PULLS = 10
@@ -227,14 +230,11 @@ class StreamSource:
             return
         idle_pulls = 0
         gap_at = 0
-        largest = int(self._nc.max_payload)  # until messages show their size
+        batch = max(1, min(FETCH_BATCH, FETCH_BYTES // int(self._nc.max_payload)))
         recover_by: float | None = None
         while True:
             try:
-                batch = max(1, min(FETCH_BATCH, FETCH_BYTES // largest))
                 msgs = await self._sub.fetch(batch, timeout=idle)
-                if msgs:
-                    largest = max(len(m.data) for m in msgs) + 1024
                 idle_pulls = 0
                 recover_by = None
             except (TimeoutError, nats.errors.TimeoutError):
