@@ -105,6 +105,14 @@ def wait_for_socket(
     raise AssertionError(f"{path} did not accept connections within {timeout}s")
 
 
+def qemu_io(uri: str, *cmds: str) -> None:
+    """Run qemu-io's ``cmds`` (``write -P 1 0 4M``, ``flush``...) on a raw NBD ``uri``."""
+    args = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        args += ["-c", c]
+    run([*args, uri])
+
+
 class ServerProcess:
     """``blocktrace serve`` in a subprocess: ``with ServerProcess(tmp_path, [img]) as srv:``.
 

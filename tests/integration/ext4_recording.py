@@ -142,6 +142,21 @@ def diff_records(base: Path, new: Path, *, chunk: int = 1024, start: int = 0) ->
     return records
 
 
+def qemu_io_commands(workdir: Path, base: Path, new: Path) -> list[str]:
+    """qemu-io commands that write, block by block and then flush, what turns ``base`` into
+    ``new`` (each block's bytes in a file under ``workdir``): how a debugfs-made change is sent
+    through an NBD export."""
+    cmds = []
+    for i, rec in enumerate(diff_records(base, new)):
+        if rec.kind is RecordKind.WRITE:
+            chunk = workdir / f"chunk{i}"
+            chunk.write_bytes(bytes(rec.data))
+            cmds.append(f"write -s {chunk} {rec.offset} {len(rec.data)}")
+        else:
+            cmds.append("flush")
+    return cmds
+
+
 def qemu_log(workdir: Path, image: Path, log: Path, records: list[Any]) -> None:
     """Write ``records`` to ``image`` through QEMU's blklogwrites with qemu-io, so QEMU itself
     makes the log (no FUSE or mount needed)."""

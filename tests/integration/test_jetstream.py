@@ -17,9 +17,8 @@ import pytest
 
 from blocktrace.jetstream.conn import NatsURL
 from blocktrace.jetstream.consumer import StreamSource
-from blocktrace.stream.records import RecordKind
 from nats_helpers import NatsCluster, require_nats
-from support import BLOCKTRACE, ServerProcess, blocktrace, make_image, require, run
+from support import BLOCKTRACE, ServerProcess, blocktrace, make_image, qemu_io, require, run
 
 MiB = 1024 * 1024
 SIZE = 16 * MiB
@@ -31,13 +30,6 @@ def nats1(tmp_path: Path) -> NatsCluster:
     # a small max_payload, so 1 MiB writes are split into chunks and reassembled
     with NatsCluster(tmp_path / "nats", 1, max_payload=64 * 1024) as cluster:
         yield cluster
-
-
-def qemu_io(uri: str, *cmds: str) -> None:
-    args = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        args += ["-c", c]
-    run([*args, uri])
 
 
 def stream_records(url: str) -> list[tuple[int, object]]:
@@ -135,7 +127,7 @@ def test_watch_reads_a_stream_and_publishes_events(tmp_path: Path, nats1: NatsCl
     (one server, a stream and a log target side by side), and ``--events`` publishes each of
     them, as the JSON line printed, to a subject."""
     require("mkfs.ext4", "debugfs", "qemu-io")
-    from ext4_recording import debugfs, diff_records
+    from ext4_recording import debugfs, qemu_io_commands
 
     src = tmp_path / "src"
     (src / "docs").mkdir(parents=True)
@@ -151,14 +143,7 @@ def test_watch_reads_a_stream_and_publishes_events(tmp_path: Path, nats1: NatsCl
     payload = tmp_path / "payload"
     payload.write_bytes(bytes(range(256)) * 40)
     debugfs(new, f"mkdir /docs/sub\nwrite {payload} /docs/sub/payload\nrm /docs/readme\n")
-    cmds = []
-    for i, rec in enumerate(diff_records(base, new)):
-        if rec.kind is RecordKind.WRITE:
-            chunk = tmp_path / f"chunk{i}"
-            chunk.write_bytes(bytes(rec.data))
-            cmds.append(f"write -s {chunk} {rec.offset} {len(rec.data)}")
-        else:
-            cmds.append("flush")
+    cmds = qemu_io_commands(tmp_path, base, new)
     url = nats1.url(0, "vm3.disk")
     log = tmp_path / "t.log"
     args = ["--trace", f"disk=stream:{url}", "--trace", f"disk=log:{log}"]

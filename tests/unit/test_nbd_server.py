@@ -162,7 +162,7 @@ def test_suspended_payload_bytes_are_bounded(tmp_path: Path) -> None:
     """Large writes parked in the device (a full trace queue, a slow remote) hold their
     payloads; past MAX_HELD_BYTES the connection stops reading instead of buffering more of
     the client's pipeline, and resumes once they finish."""
-    from blocktrace.nbd import connection
+    from blocktrace.nbd import connbase as connection
 
     async def body(path: str, dev: GatedDevice, srv: NBDServer) -> None:
         dev.gate.clear()

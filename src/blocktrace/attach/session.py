@@ -39,6 +39,12 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from blocktrace.attach.filter import Filter
 from blocktrace.attach.monitor import AttachError, Disk, Monitor
 from blocktrace.attach.pivot import Pivot
+from blocktrace.attach.recover import (
+    StaleFilter,
+    drain_export,
+    find_stale_filter,
+    remove_stale_filter,
+)
 from blocktrace.attach.sink import LogSinkDevice
 from blocktrace.errors import UsageError
 from blocktrace.exports import Export
@@ -80,6 +86,10 @@ class Attached:
     sink: str = ""
     #: filter: the shadow export (not served over NBD; traces attach to it)
     shadow: Export | None = None
+    #: filter --resume: what a killed attach left (removed before the fresh attach), and
+    #: the new sink export, served once the stale log node is gone
+    stale: StaleFilter | None = None
+    new_sink: Export | None = None
     specs: list[TraceSpec] = field(default_factory=list)
     traces: list[Trace] = field(default_factory=list)
     watcher: asyncio.Task[None] | None = None
@@ -115,11 +125,10 @@ class AttachSession:
         self.trace_texts = list(traces)
         self.nbd_socket = os.path.abspath(nbd_socket)
         self.reconnect_delay = reconnect_delay
-        #: the disks already run on blocktrace exports (a previous attach process died):
-        #: serve their existing images again, start new traces, detach as usual
+        #: a previous attach process died.  pivot: the disks still run on its exports; serve
+        #: their images again, start new traces, detach as usual.  filter: remove the stale
+        #: blklogwrites first (recover.py), then attach afresh: a new shadow, a new trace
         self.resume = resume
-        if resume and mechanism != "pivot":
-            raise UsageError("attach --resume: only with --mechanism pivot")
         self.mechanism = mechanism
         #: QEMU went away while attached (the traces were stopped, their data kept)
         self.qemu_lost = False
@@ -153,7 +162,10 @@ class AttachSession:
         seen: set[str] = set()
         for device, image in self.requests:
             disk = await self.monitor.resolve(device)
-            if self.resume:
+            stale = None
+            if self.resume and self.mechanism == "filter":
+                stale = await self._stale_filter(disk)
+            elif self.resume:
                 disk = await self._resumed(disk, image)
             if disk.node in seen:
                 raise AttachError(f"device {device!r}: given twice")
@@ -165,7 +177,14 @@ class AttachSession:
             sink = ""
             if self.mechanism == "filter":
                 sink = f"{export}-log"
-                mech = Filter(self.monitor, disk, self.nbd_socket, sink, os.path.abspath(image))
+                mech = Filter(
+                    self.monitor,
+                    disk,
+                    self.nbd_socket,
+                    sink,
+                    os.path.abspath(image),
+                    reconnect_delay=self.reconnect_delay,
+                )
             else:
                 mech = Pivot(
                     self.monitor,
@@ -174,16 +193,27 @@ class AttachSession:
                     export=export,
                     reconnect_delay=self.reconnect_delay,
                 )
-            mech.attached = self.resume
-            self.disks.append(Attached(disk, export, image, mech, sink=sink))
+            mech.attached = self.resume and stale is None
+            self.disks.append(Attached(disk, export, image, mech, sink=sink, stale=stale))
         self._bind_traces()
         for a in self.disks:
-            await a.mech.check()
-        if self.resume:
+            if a.stale is None:  # else checked once the stale filter is gone
+                await a.mech.check()
+        if self.resume and self.mechanism == "pivot":
             return
         for a in self.disks:
             _create_image(a.image, a.disk.size)
             created.append(a.image)
+
+    async def _stale_filter(self, disk: Disk) -> StaleFilter:
+        """The filter a killed attach left under ``disk``, reachable through our socket."""
+        stale = await find_stale_filter(self.monitor, disk)
+        if stale.socket != self.nbd_socket:
+            raise AttachError(
+                f"device {disk.spec!r}: its stale log node connects to {stale.socket}: "
+                f"give --socket {stale.socket}"
+            )
+        return stale
 
     async def _resumed(self, running: Disk, image: str) -> Disk:
         """The disk as it was before an earlier attach moved it onto ``running.node``."""
@@ -255,7 +285,34 @@ class AttachSession:
         for a in self.disks:
             a.shadow = service.registry.remove(a.export)
             sink = LogSinkDevice(a.shadow.device, on_error=functools.partial(self._sink_failed, a))
-            service.registry.add(Export(a.sink, sink))
+            if isinstance(a.mech, Filter):
+                a.mech.sink = sink  # the base copy runs into the sink's shadow
+            if a.stale is None:
+                service.registry.add(Export(a.sink, sink))
+            else:
+                service.registry.add(drain_export(a.stale))
+                a.new_sink = Export(a.sink, sink)
+
+    async def _recover(self, service: Service, a: Attached) -> None:
+        """Filter --resume: remove what the killed attach left, then serve the new sink."""
+        assert a.stale is not None and a.new_sink is not None
+        drain = service.registry.get(a.stale.sink)
+        assert drain is not None
+        await remove_stale_filter(self.monitor, a.stale, drain)
+        service.registry.remove(a.stale.sink)
+        service.nbd.disconnect_export(a.stale.sink)
+        service.registry.add(a.new_sink)
+        a.new_sink = None
+        log.info(
+            "attach %s: removed the filter a killed attach left; the old trace ends there. "
+            "Attaching again: a new trace on a new base",
+            a.disk.spec,
+        )
+        # the disk as it is now (its file name no longer names the filter)
+        a.disk = await self.monitor.resolve(a.disk.spec)
+        assert isinstance(a.mech, Filter)
+        a.mech.disk = a.disk
+        await a.mech.check()
 
     def _sink_failed(self, a: Attached, exc: Exception) -> None:
         """The log QEMU wrote could not be decoded: end this disk's attachment now (the
@@ -282,6 +339,8 @@ class AttachSession:
                 if a.mech.attached:
                     await self._reconnected(service, a)
                 else:
+                    if a.stale is not None:
+                        await self._recover(service, a)
                     await a.mech.attach()
                 for spec in a.specs:
                     job_id = spec.job_id

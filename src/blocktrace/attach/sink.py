@@ -3,9 +3,10 @@
 The *filter* mechanism inserts QEMU's own ``blklogwrites`` filter under a running VM's disk;
 its ``log`` child is an NBD export blocktrace serves with a :class:`LogSinkDevice`.  Nothing
 is stored: each entry is decoded as it arrives and applied, as the guest operation it
-describes, to a :class:`~blocktrace.trace.filter.TraceFilter` over a *shadow* image (a copy of
-the disk taken with the VM stopped), so the traces of the shadow export see exactly what
-they would see if blocktrace served the disk itself: every target, ``sync=full``, marks.
+describes, to a :class:`~blocktrace.trace.filter.TraceFilter` over a *shadow* image (a copy
+of the disk made while the VM runs, :mod:`.basecopy`), so the traces of the shadow export see
+exactly what they would see if blocktrace served the disk itself: every target,
+``sync=full``, marks.
 
 :class:`LogSinkDecoder` is the sans-IO core.  What QEMU 7.2 writes (reference notes,
 dm-log-writes-format.md 5.3-5.6), and what the decoder does with it:
@@ -32,7 +33,7 @@ import errno
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from blocktrace.block.device import BlockDevice, ReadableBuffer
 from blocktrace.errors import BlockDeviceError, BlocktraceError
@@ -46,6 +47,9 @@ from blocktrace.logwrites.format import (
 
 #: the log child's size as QEMU sees it: positions only grow, nothing is stored
 SINK_SIZE = 1 << 50
+_FLUSH = int(LogFlag.FLUSH)
+_DISCARD = int(LogFlag.DISCARD)
+_KNOWN_FLAGS = _FLUSH | _DISCARD
 
 
 class LogSinkError(BlocktraceError):
@@ -84,14 +88,35 @@ class LogSinkDecoder:
         #: a zero entry's (guest offset, length) whose zeroes are due at next_pos
         self._zero_due: tuple[int, int] | None = None
 
-    def feed_write(self, offset: int, data: bytes) -> None:
+    def feed_write(self, offset: int, data: ReadableBuffer) -> None:
+        """A log write; ``data`` may be a buffer the caller reuses (what is kept is copied).
+
+        The common case, the next entry whole and plain (a data write, not a zero write,
+        FLUSH or DISCARD), is decoded at once with one copy of its payload; everything else
+        waits in position order (:meth:`_put`)."""
         s = self.sector_size
+        n = len(data)
+        if (
+            offset == self.next_pos
+            and self._zero_due is None
+            and n > s
+            and offset not in self._pending
+        ):
+            sector, nr, flags, _data_len = LOG_WRITE_ENTRY.unpack_from(data)
+            if flags == 0 and n == s + nr * s:
+                self.entries += 1
+                self.next_pos = offset + n
+                self.ops.append(SinkOp("write", sector * s, nr * s, bytes(memoryview(data)[s:])))
+                if self._pending:
+                    self._drain()
+                return
+        data = bytes(data)
         if offset == 0:
             self._check_super(data[:s])
-            if len(data) > s:
-                self._put(s, _Piece(False, data[s:], len(data) - s))
+            if n > s:
+                self._put(s, _Piece(False, data[s:], n - s))
             return
-        self._put(offset, _Piece(False, data, len(data)))
+        self._put(offset, _Piece(False, data, n))
 
     def feed_zeroes(self, offset: int, length: int) -> None:
         self._put(offset, _Piece(True, b"", length))
@@ -156,12 +181,12 @@ class LogSinkDecoder:
             sector, nr, flags, _data_len = LOG_WRITE_ENTRY.unpack_from(data)
             pos = self.next_pos
             self.entries += 1
-            if flags & ~int(LogFlag.FLUSH | LogFlag.DISCARD):
+            if flags & ~_KNOWN_FLAGS:
                 raise LogSinkError(f"log sink: entry at log byte {pos}: flags {flags:#x}")
-            if flags & LogFlag.FLUSH:
+            if flags & _FLUSH:
                 self.ops.append(SinkOp("flush"))
                 self._after(pos, piece, s)
-            elif flags & LogFlag.DISCARD:
+            elif flags & _DISCARD:
                 self.ops.append(SinkOp("trim", sector * s, nr * s))
                 self._after(pos, piece, s)
             elif len(data) == s and nr > 0:
@@ -191,15 +216,27 @@ class LogSinkDecoder:
         self.next_pos = pos + size
 
 
+class ShadowBase(Protocol):
+    """A base copy still running into the shadow (:class:`~.basecopy.BaseCopy`): told of
+    every operation before the sink applies it, so the copy never writes over it."""
+
+    def before(self, offset: int, length: int) -> None: ...
+
+
 class LogSinkDevice(BlockDevice):
     """The NBD export QEMU's ``blklogwrites`` logs into; applies entries to ``shadow``.
 
     A log write is acknowledged once every operation it completed is applied to the shadow
     (and, for FLUSH entries, durable in every trace): so a guest flush, which QEMU completes
     only after its FLUSH entry is written, is acknowledged only when the traces hold it.
-    A decoding failure fails this and every later log write with EIO (QEMU returns it to
-    the guest) and calls ``on_error``: the traces stop at the last operation decoded, never
-    diverge silently, and the session removes the filter so the guest carries on untraced.
+
+    A decoding failure applies what was decoded before it, fails that log write with EIO
+    and calls ``on_error``: the traces stop at the last operation decoded, never diverge
+    silently, and the session removes the filter.  Every later write is acknowledged and
+    dropped (nothing is decoded or applied any more): removing the filter needs QEMU's
+    ``blockdev-reopen``, which flushes through blklogwrites and so writes a FLUSH entry
+    here; an EIO for it would leave the filter in place, and each guest write (whose data
+    already reached the image) would fail too.
     """
 
     def __init__(
@@ -219,14 +256,15 @@ class LogSinkDevice(BlockDevice):
         self.can_fua = False
         self.can_extents = False
         self.error: LogSinkError | None = None
+        #: the base copy while it runs (the filter sets and clears it)
+        self.base: ShadowBase | None = None
         self._lock = asyncio.Lock()
 
     async def read(self, offset: int, length: int) -> ReadableBuffer:
         return bytes(length)
 
     async def write(self, offset: int, data: ReadableBuffer, *, fua: bool = False) -> None:
-        self._feed(lambda: self.decoder.feed_write(offset, bytes(data)))
-        await self._apply()
+        await self._feed(lambda: self.decoder.feed_write(offset, data))
 
     async def write_zeroes(
         self,
@@ -237,22 +275,44 @@ class LogSinkDevice(BlockDevice):
         fua: bool = False,
         fast: bool = False,
     ) -> None:
-        self._feed(lambda: self.decoder.feed_zeroes(offset, length))
-        await self._apply()
+        await self._feed(lambda: self.decoder.feed_zeroes(offset, length))
 
     async def flush(self) -> None:
-        await self._apply()
+        if self.error is None:
+            await self._apply()
 
-    def _feed(self, step: Callable[[], None]) -> None:
+    async def _feed(self, step: Callable[[], None]) -> None:
         if self.error is not None:
-            raise BlockDeviceError(errno.EIO, str(self.error))
+            return  # failed: dropped, see the class docstring
         try:
             step()
         except LogSinkError as exc:
             self.error = exc
-            if self.on_error is not None:
-                self.on_error(exc)
+            try:
+                await self._apply()  # the operations decoded before the failure
+            finally:
+                if self.on_error is not None:
+                    self.on_error(exc)
             raise BlockDeviceError(errno.EIO, str(exc)) from None
+        await self._apply()
+
+    def _before(self, base: ShadowBase, op: SinkOp) -> None:
+        """Tell the base copy an operation is about to be applied (it may fill a granule
+        from the disk's file first).  A file that cannot be read fails the sink as a
+        decoding failure does: nothing is applied without its base."""
+        try:
+            base.before(op.offset, op.length)
+        except OSError as exc:
+            err = LogSinkError(
+                f"log sink: reading the disk's base under [{op.offset}, +{op.length}): "
+                f"{exc.strerror or exc}"
+            )
+            self.decoder.ops.clear()
+            if self.error is None:
+                self.error = err
+                if self.on_error is not None:
+                    self.on_error(err)
+            raise BlockDeviceError(errno.EIO, str(err)) from None
 
     async def _apply(self) -> None:
         """Apply decoded operations in log order: whoever holds the lock drains the queue,
@@ -261,6 +321,8 @@ class LogSinkDevice(BlockDevice):
             ops = self.decoder.ops
             while ops:
                 op = ops.popleft()
+                if self.base is not None and op.kind != "flush":
+                    self._before(self.base, op)
                 if op.kind == "write":
                     await self.shadow.write(op.offset, op.data)
                 elif op.kind == "zero":

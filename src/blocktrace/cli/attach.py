@@ -14,7 +14,7 @@ import time
 import click
 
 from blocktrace.cli.qmp import command_failed, connection_options, open_client
-from blocktrace.errors import BlocktraceError
+from blocktrace.errors import BlocktraceError, UsageError
 from blocktrace.qmp.client import CommandError, QMPClient
 from blocktrace.service import Service, ServiceConfig, run
 
@@ -53,7 +53,8 @@ DEFAULT_NBD_SOCKET = "./blocktrace-attach.sock"
     type=click.IntRange(0, 3600),
     default=10,
     show_default=True,
-    help="Seconds QEMU holds the guest's requests if blocktrace dies, waiting for a restart.",
+    help="Seconds QEMU holds the guest's requests (filter: its log writes) if blocktrace "
+    "dies, waiting for a restart.",
 )
 @click.option(
     "--mechanism",
@@ -61,14 +62,15 @@ DEFAULT_NBD_SOCKET = "./blocktrace-attach.sock"
     default="pivot",
     show_default=True,
     help="pivot: live-migrate the disk onto blocktrace (any format, no pause).  filter: "
-    "insert QEMU's blklogwrites logging into blocktrace (raw disks; pauses the VM for the "
-    "base copy).  See docs/attach.md.",
+    "insert QEMU's blklogwrites logging into blocktrace (raw disks; the base is copied "
+    "with the VM running).  See docs/attach.md.",
 )
 @click.option(
     "--resume",
     is_flag=True,
-    help="The disks still run on the IMAGEs of an attach process that died: serve them "
-    "again (QEMU reconnects), trace, and detach as usual.",
+    help="An attach process on the same --socket died.  pivot: the disks still run on its "
+    "IMAGEs: serve them again (QEMU reconnects), trace, and detach as usual.  filter: remove "
+    "the blklogwrites it left, then attach afresh into new IMAGEs (a new trace, a new base).",
 )
 def attach(
     disks: tuple[str, ...],
@@ -121,20 +123,35 @@ def attach(
 
 
 @click.command()
-@click.argument("exports", nargs=-1, metavar="[EXPORT]...")
+@click.argument("exports", nargs=-1, metavar="[EXPORT|DEVICE]...")
 @connection_options
+@click.option(
+    "--qemu",
+    "qemu_socket",
+    metavar="PATH",
+    default=None,
+    help="No attach process is running (it was killed): remove the blklogwrites filter it "
+    "left under each DEVICE given instead of EXPORTs, through QEMU's QMP socket PATH.",
+)
 def detach(
     exports: tuple[str, ...],
     socket_path: str | None,
     tcp: str | None,
     timeout: float,
     as_json: bool,
+    qemu_socket: str | None,
 ) -> None:
     """Detach disks from a running `blocktrace attach` (its --qmp socket).
 
     With EXPORTs, stops their traces: each disk goes back onto its own image.  Without, the
     attach process detaches every disk and exits.  Returns when that is done.
+
+    With --qemu QMP DEVICE...: the attach process (--mechanism filter) was killed; put each
+    DEVICE back on its own file, as before the attach, the VM running on.
     """
+    if qemu_socket is not None:
+        _detach_stale(qemu_socket, exports, socket_path, tcp)
+        return
     with open_client(socket_path, tcp, timeout) as client:
         try:
             if not exports:
@@ -170,3 +187,16 @@ def _wait_closed(client: QMPClient, timeout: float) -> None:
             if not str(exc).startswith("timed out"):
                 return  # connection closed: the attach process is done
     raise BlocktraceError("timed out waiting for the attach process to detach")
+
+
+def _detach_stale(
+    qemu_socket: str, devices: tuple[str, ...], socket_path: str | None, tcp: str | None
+) -> None:
+    from blocktrace.attach.recover import detach_stale
+
+    if socket_path is not None or tcp is not None:
+        raise UsageError("detach --qemu talks to QEMU only: no --socket/--tcp")
+    if not devices:
+        raise UsageError("detach --qemu: name the DEVICEs to detach")
+    for stale in run(detach_stale(qemu_socket, list(devices))):
+        click.echo(f"detached {stale.disk.spec}: back on {stale.proto}; the old trace ends there")

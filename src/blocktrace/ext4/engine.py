@@ -412,7 +412,7 @@ class Ext4Engine:
         self.stats.transactions += 1
         last = self._recovered_last
         if last is not None and (last - tx.sequence) & 0xFFFFFFFF < 1 << 31:
-            # a live attach read the base while this commit landed: it is in the base already
+            # the base already holds this commit (a base newer than the stream's start)
             self.error(
                 record,
                 f"journal transaction {tx.sequence} was already in the base image (committed "

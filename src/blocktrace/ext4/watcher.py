@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from blocktrace.block.source import FileSource
 from blocktrace.errors import FormatError
@@ -33,24 +33,40 @@ from blocktrace.stream.records import Record, RecordKind
 WRITE, ZERO, TRIM, FLUSH = RecordKind.WRITE, RecordKind.ZERO, RecordKind.TRIM, RecordKind.FLUSH
 
 
+class ImageSource(Protocol):
+    """A base image already opened: :class:`~blocktrace.block.source.FileSource`, or a live
+    image as of the records processed (:class:`~blocktrace.stream.prior.PriorContents`)."""
+
+    name: str
+    length: int
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 class Watcher:
     """Every ext4 file system of one disk, following one write stream."""
 
     def __init__(
         self,
-        base: str | os.PathLike[str],
+        base: str | os.PathLike[str] | ImageSource,
         *,
         max_pending: int = DEFAULT_MAX_PENDING,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
     ) -> None:
-        self.source = FileSource(base)
+        """``base``: the image's path, or an opened source (closed with the watcher)."""
+        self.source: ImageSource = (
+            FileSource(base) if isinstance(base, (str, os.PathLike)) else base
+        )
+        name = self.source.name
         self.errors: list[FileEvent] = []
         self.engines: list[tuple[Partition, Ext4Engine]] = []
         try:
             self.partitions = discover(self.source, self.source.length)
         except FormatError as exc:
             self.source.close()
-            raise Ext4FormatError(f"{os.fspath(base)}: partition table: {exc}") from None
+            raise Ext4FormatError(f"{name}: partition table: {exc}") from None
         for part in self.partitions:
             if not part.ext4:
                 continue
@@ -70,7 +86,7 @@ class Watcher:
         if not self.engines:
             self.source.close()
             why = "; ".join(e.message or "" for e in self.errors) or "none found"
-            raise Ext4FormatError(f"{os.fspath(base)}: no ext4 file system to watch ({why})")
+            raise Ext4FormatError(f"{name}: no ext4 file system to watch ({why})")
         self.last_record = -1
 
     def close(self) -> None:

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from blocktrace.block.device import BlockDevice
 from blocktrace.exports import Export, ExportRegistry
-from blocktrace.nbd.connection import BUFFER_SIZE, MAX_INFLIGHT, NBDConnection
+from blocktrace.nbd.connbase import BUFFER_SIZE, MAX_INFLIGHT
+from blocktrace.nbd.connection import NBDConnection
 from blocktrace.nbd.constants import NBD_DEFAULT_MAX_PAYLOAD, TransmissionFlag
 from blocktrace.nbd.events import ExportInfo
 from blocktrace.nbd.limits import PayloadBudget, ServerLimits

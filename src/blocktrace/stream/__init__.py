@@ -2,8 +2,10 @@
 
 * :mod:`.records`: :class:`Record`, :class:`RecordKind` (the one record type);
 * :mod:`.contract`: :class:`Target` (and :class:`TargetInfo`, :class:`SyncMode`), the
-  capability interfaces :class:`DirectWrites` and :class:`StateReporter`, and the
+  capability interfaces :class:`DirectWrites`, :class:`StateReporter` and
+  :class:`ReadsImageAsOfRecord`, and the
   :class:`RecordSource` protocol;
+* :mod:`.prior`: :class:`~.prior.PriorContents`, an image as of a consumer's record;
 * :mod:`.apply`: the one applier of records to a block device;
 * :mod:`.schema`: :class:`TargetType` and :class:`Option`, one declaration per target type;
 * :mod:`.registry`: the target types, discovered in :mod:`blocktrace.targets`.
@@ -18,6 +20,7 @@ from __future__ import annotations
 from blocktrace.stream.contract import (
     DirectWrites,
     Done,
+    ReadsImageAsOfRecord,
     RecordSource,
     StateListener,
     StateReporter,
@@ -33,6 +36,7 @@ __all__ = [
     "RECORD_OVERHEAD",
     "DirectWrites",
     "Done",
+    "ReadsImageAsOfRecord",
     "Record",
     "RecordKind",
     "RecordSource",

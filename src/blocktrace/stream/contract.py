@@ -48,6 +48,7 @@ from blocktrace.stream.records import Record
 
 if TYPE_CHECKING:
     from blocktrace.block.device import BlockDevice
+    from blocktrace.stream.prior import PriorContents
 
 
 class SyncMode(enum.Enum):
@@ -185,6 +186,18 @@ class DirectWrites(abc.ABC):
         this path does not apply (the record then goes through ``deliver``).  The target must
         not return from ``deliver``/``make_durable``/``close`` while a record handed over this
         way is in flight, so stream order and the held position stay exact."""
+
+
+class ReadsImageAsOfRecord(abc.ABC):
+    """Capability: the target reads the traced image itself while it works through the
+    stream (the live ``introspect`` target's ext4 engine), so it must see the image as of the
+    record it is at, not as later operations already left it.  The trace filter saves, before
+    each operation changes the image, what it overwrites (:mod:`blocktrace.stream.prior`)."""
+
+    @property
+    @abc.abstractmethod
+    def prior_contents(self) -> PriorContents | None:
+        """Where the filter saves prior contents (valid after ``open``; None: not needed)."""
 
 
 #: ``listener(target, state, details)``

@@ -13,9 +13,18 @@ error, handled by the trace's ``on-target-error``.
 
 The base image is the export's image file as it is when the trace becomes attached (from then
 on the stream carries every change, the trace's ``sync=none`` contract); ``sync=full`` starts
-from an all-zero image and is refused.  Inference runs in a worker thread, one batch at a
-time (the delivery layer never calls a target concurrently), so the event loop keeps serving
-I/O; with ``copy-mode=background`` a slow inference only lengthens the trace's queue.
+from an all-zero image and is refused.  The engine reads that file while clients keep writing
+to it, and the trace changes the image before it queues the record, so the target reads it
+through :class:`~blocktrace.stream.prior.PriorContents` (it declares
+:class:`~blocktrace.stream.ReadsImageAsOfRecord`): the filter saves what each operation
+overwrites, and the engine sees the image exactly as of the record it is at.  Without it, a
+metadata block written in place (debugfs, e2fsprogs, a file system without a journal, a JBD2
+checkpoint the target has not reached yet) already held its new bytes when the engine read
+its "previous" ones: no difference, no event.  Prior contents beyond their bound (a huge
+WRITE_ZEROES, or a target far behind) are reported as ``error`` events, never guessed.
+Inference runs in a worker thread, one batch at a time (the delivery layer never calls a
+target concurrently), so the event loop keeps serving I/O; with ``copy-mode=background`` a
+slow inference only lengthens the trace's queue.
 """
 
 from __future__ import annotations
@@ -30,14 +39,15 @@ from typing import IO, Any
 from blocktrace.block.locking import lock_output
 from blocktrace.errors import BlocktraceError, TargetError, UsageError
 from blocktrace.outfile import open_output, output_mode
-from blocktrace.stream import Record, SyncMode, Target, TargetInfo
+from blocktrace.stream import ReadsImageAsOfRecord, Record, SyncMode, Target, TargetInfo
 from blocktrace.stream.contract import served_images
+from blocktrace.stream.prior import DEFAULT_MAX_PRIOR_BYTES, PriorContents
 from blocktrace.stream.schema import Flag, Integer, Option, TargetType, Text
 
 EventSink = Callable[[Any], None]  #: receives each FileEvent
 
 
-class IntrospectTarget(Target):
+class IntrospectTarget(Target, ReadsImageAsOfRecord):
     """File-level events of the traced export's ext4 file systems."""
 
     def __init__(
@@ -49,6 +59,7 @@ class IntrospectTarget(Target):
         max_pending_bytes: int | None = None,
         force: bool = False,
         events_to: str | None = None,
+        max_prior_bytes: int = DEFAULT_MAX_PRIOR_BYTES,
     ) -> None:
         from blocktrace.jetstream.events import EventPublisher
 
@@ -67,6 +78,8 @@ class IntrospectTarget(Target):
         if max_pending_bytes is not None:
             self.limits["max_pending_bytes"] = max_pending_bytes
         self._info: TargetInfo | None = None
+        self.max_prior_bytes = max_prior_bytes
+        self._prior: PriorContents | None = None
         self._watcher: Any = None
         self._crawl: asyncio.Future[Any] | None = None
         self._out: IO[str] | None = None
@@ -79,6 +92,7 @@ class IntrospectTarget(Target):
             raise UsageError(f"introspect target: export {info.export} has no image file")
         self._info = info
         await asyncio.to_thread(_check_followable, info.filename, self.name)
+        self._prior = PriorContents(info.filename, max_bytes=self.max_prior_bytes)
         if self._publisher is not None:
             await self._publisher.open()
         if self.filename == "-":
@@ -95,6 +109,10 @@ class IntrospectTarget(Target):
             )
             self._out = os.fdopen(fd, "w", encoding="utf-8")
 
+    @property
+    def prior_contents(self) -> PriorContents | None:
+        return self._prior
+
     def attached(self) -> None:
         """Start the crawl of the base image (now that the stream carries every later
         change) in a worker thread; records wait for it in :meth:`deliver`."""
@@ -110,9 +128,9 @@ class IntrospectTarget(Target):
         if self._watcher is None:
             from blocktrace.ext4.watcher import Watcher
 
-            assert self._info is not None
+            assert self._prior is not None
             try:
-                self._watcher = Watcher(self._info.filename, **self.limits)
+                self._watcher = Watcher(self._prior, **self.limits)
             except BlocktraceError as exc:
                 raise TargetError(self.name, str(exc)) from exc
         return self._watcher
@@ -123,12 +141,36 @@ class IntrospectTarget(Target):
 
     def _process(self, records: Sequence[Record]) -> list[str]:
         watcher = self._ensure_watcher()
+        prior = self._prior
+        assert prior is not None
         lines: list[str] = []
         for rec in records:
             lines.extend(self._emit(watcher.process(rec)))
+            prior.advance(rec)
+            stale = prior.take_stale()
+            if stale:
+                lines.extend(self._emit([self._stale_event(rec.seq, stale)]))
         if self._out is not None:
             self._out.flush()
         return lines
+
+    def _stale_event(self, seq: int, stale: list[tuple[int, int]]) -> Any:
+        """The engine read bytes whose prior contents were over the bound: say so."""
+        from blocktrace.ext4.events import FileEvent
+
+        assert self._prior is not None
+        where = ", ".join(f"[{off}, +{n})" for off, n in stale[:4])
+        more = f" and {len(stale) - 4} more" if len(stale) > 4 else ""
+        return FileEvent(
+            "error",
+            "",
+            record=seq,
+            message=(
+                f"image bytes {where}{more} were read after later writes had changed them "
+                f"(prior contents over their bound of {self._prior.max_bytes} bytes): "
+                "events of this record may be missing or wrong"
+            ),
+        )
 
     def _emit(self, events: list[Any]) -> list[str]:
         """Hand ``events`` to the sink and the file; their JSON lines (for the subject)."""
@@ -168,6 +210,9 @@ class IntrospectTarget(Target):
                 if clean:
                     await self._publish(lines)
         finally:
+            if self._prior is not None:  # (the watcher's source: closing twice is harmless)
+                self._prior.close()
+                self._prior = None
             await self._close_outputs(clean=clean)
 
     async def _close_outputs(self, *, clean: bool) -> None:
@@ -221,6 +266,11 @@ TARGET_TYPE = TargetType(
             "bytes of such data kept for attribution",
         ),
         Option(
+            "max-prior-bytes",
+            Integer(0, (1 << 63) - 1, kind="uint64", size=True),
+            "bytes overwritten by queued records kept for the engine (default 64M)",
+        ),
+        Option(
             "force",
             Flag(),
             "overwrite an existing file (not a symlink; default off)",
@@ -237,6 +287,9 @@ TARGET_TYPE = TargetType(
         max_pending_bytes=v["max-pending-bytes"],
         force=bool(v["force"]),
         events_to=v["events-to"],
+        max_prior_bytes=(
+            DEFAULT_MAX_PRIOR_BYTES if v["max-prior-bytes"] is None else v["max-prior-bytes"]
+        ),
     ),
 )
 

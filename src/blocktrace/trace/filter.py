@@ -7,7 +7,8 @@ costs nothing measurable.  With traces attached, each WRITE, WRITE_ZEROES and TR
 
 1. reserves queue space in every attached trace (the backpressure point: a full queue makes
    the client's request wait *before* it touches the image, never drops a record);
-2. applies the operation to the child;
+2. applies the operation to the child (first saving, for a trace that reads the image as of
+   its records, the bytes it overwrites: :mod:`blocktrace.stream.prior`);
 3. assigns the sequence number and appends the record to every trace's queue, with no
    ``await`` between the child returning and the append;
 4. waits, if the trace's copy mode or the request's FUA asks for it, for the target.
@@ -40,6 +41,7 @@ from typing import Protocol
 from blocktrace.block.device import BlockDevice, ExtentFlags, ReadableBuffer
 from blocktrace.block.filter import Filter
 from blocktrace.errors import BlockDeviceError, TargetError
+from blocktrace.stream.prior import Capture, PriorContents
 from blocktrace.stream.records import RECORD_OVERHEAD, Record, RecordKind
 from blocktrace.trace.delivery import Delivery
 from blocktrace.trace.ordering import RangeLock
@@ -79,6 +81,12 @@ class TraceSink(Protocol):
         """Set while writes must fail (``on-target-error=report`` after a target failure)."""
         ...
 
+    @property
+    def prior_contents(self) -> PriorContents | None:
+        """Where to save what each operation overwrites, before it does (a target that
+        reads the image as of its records: :mod:`blocktrace.stream.prior`); None if not."""
+        ...
+
     def stream_broken(self, reason: str) -> None:
         """The stream no longer matches the image (an operation failed part-way and what it
         left could not be recorded): fail the trace as a target failure would, per its
@@ -105,6 +113,8 @@ class TraceFilter(Filter):
         #: alignment of records: the largest any attached trace needs
         self.alignment = 1
         self._any_blocking = False  # some attached trace is copy-mode=write-blocking
+        #: attached traces' prior-contents stores, saved into before each operation applies
+        self._priors: tuple[PriorContents, ...] = ()
         self._gate: asyncio.Future[None] | None = None
         self._pending = 0  # operations between the gate and their record (non-inline only)
         self._idle: asyncio.Event | None = None
@@ -294,33 +304,47 @@ class TraceFilter(Filter):
         """Steps 2-3, the ordering rule: apply the operation, then number its records and
         queue them in every sink with no ``await`` in between (a local child applies before
         its coroutine first suspends, so no other operation can come between the change of
-        the image and its record).  Returns each sink's position of the last record."""
+        the image and its record).  Returns each sink's position of the last record.
+
+        A trace that reads the image as of its records (``prior_contents``) gets the bytes
+        the operation overwrites saved first, inline too, and released once its records are
+        queued (or it failed)."""
+        caps = self._capture(offset, length) if self._priors else None
         try:
+            try:
+                if apply is None:
+                    assert data is not None
+                    await self.child.write(offset, data)
+                else:
+                    await apply(fua and not self.inline)
+            except BlockDeviceError as exc:
+                await self._image_failed(sinks, cost, kind, offset, length, exc)
+                raise
+            except BaseException:
+                self._unreserve(sinks, cost)
+                raise
             if apply is None:
                 assert data is not None
-                await self.child.write(offset, data)
+                self.seq += 1
+                payload = data if type(data) is bytes else bytes(data)
+                records = [Record(self.seq, WRITE, offset, length, fua, payload)]
             else:
-                await apply(fua and not self.inline)
-        except BlockDeviceError as exc:
-            await self._image_failed(sinks, cost, kind, offset, length, exc)
-            raise
-        except BaseException:
-            self._unreserve(sinks, cost)
-            raise
-        if apply is None:
-            assert data is not None
-            self.seq += 1
-            payload = data if type(data) is bytes else bytes(data)
-            records = [Record(self.seq, WRITE, offset, length, fua, payload)]
-        else:
-            try:
-                records = await self._records(kind, offset, length, data, fua)
-            except BaseException as exc:
-                # applied, but the image's bytes for the record cannot be read back
-                self._unreserve(sinks, cost)
-                self._break(sinks, f"cannot read back {kind.name} [{offset}, +{length}): {exc}")
-                raise
-        return self._put(sinks, records, cost)
+                try:
+                    records = await self._records(kind, offset, length, data, fua)
+                except BaseException as exc:
+                    # applied, but the image's bytes for the record cannot be read back
+                    self._unreserve(sinks, cost)
+                    self._break(sinks, f"cannot read back {kind.name} [{offset}, +{length}): {exc}")
+                    raise
+            return self._put(sinks, records, cost)
+        finally:
+            if caps is not None:
+                for prior, cap in caps:
+                    prior.recorded(cap, self.seq)
+
+    def _capture(self, offset: int, length: int) -> list[tuple[PriorContents, Capture]]:
+        start, end = self._envelope(offset, length)
+        return [(prior, prior.capture(start, end - start)) for prior in self._priors]
 
     async def _image_failed(
         self,
@@ -553,6 +577,7 @@ class TraceFilter(Filter):
     def _sinks_changed(self) -> None:
         self.alignment = max((s.alignment for s in self.sinks), default=1)
         self._any_blocking = any(s.write_blocking for s in self.sinks)
+        self._priors = tuple(p for s in self.sinks if (p := s.prior_contents) is not None)
 
     def put_mark(self, sink: TraceSink, name: str) -> int:
         """Append a MARK record to one trace's stream; returns its position there."""

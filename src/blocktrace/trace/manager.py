@@ -36,7 +36,8 @@ from typing import Any, Protocol
 
 from blocktrace.block.device import BlockDevice
 from blocktrace.errors import BlockDeviceError, StateError, TargetError, UsageError
-from blocktrace.stream.contract import SyncMode, Target, TargetInfo
+from blocktrace.stream.contract import ReadsImageAsOfRecord, SyncMode, Target, TargetInfo
+from blocktrace.stream.prior import PriorContents
 from blocktrace.stream.records import RECORD_OVERHEAD
 from blocktrace.stream.registry import create_target
 from blocktrace.trace.delivery import Delivery
@@ -196,6 +197,11 @@ class Trace:
     @property
     def blocked_error(self) -> BlockDeviceError | None:
         return self._blocked_error
+
+    @property
+    def prior_contents(self) -> PriorContents | None:
+        target = self.target
+        return target.prior_contents if isinstance(target, ReadsImageAsOfRecord) else None
 
     # -- public API ---------------------------------------------------------------------------
 
