@@ -27,9 +27,10 @@ def stream_target(spec: dict[str, str]) -> StreamTarget:
     return target
 
 
-def records(n: int, first: int = 1) -> list[Record]:
+def records(n: int, first: int = 1, *, fua: bool = False) -> list[Record]:
+    """4 KiB writes; ``fua`` ones each end their group, so each is a message of its own."""
     return [
-        Record(i, RecordKind.WRITE, (i % 1024) * 4096, 4096, data=os.urandom(4096))
+        Record(i, RecordKind.WRITE, (i % 1024) * 4096, 4096, fua=fua, data=os.urandom(4096))
         for i in range(first, first + n)
     ]
 
@@ -48,15 +49,23 @@ def test_resend_of_a_stored_batch_is_a_no_op(tmp_path: Path) -> None:
             target = stream_target({"type": "stream", "uri": url})
             await target.open(TargetInfo("disk", 1 << 30, 512))
             recs = records(300)
+            start = target.publisher.last_seq
             await target.deliver(recs)
             end = target.publisher.last_seq
+            assert 0 < end - start < 300  # grouped: a few messages
             # what a retry after a reconnect does: the same messages again
-            target.publisher.last_seq = end - 300  # it believes none of them was stored
+            target.publisher.last_seq = start  # it believes none of them was stored
             await target.deliver(recs)
-            assert target.publisher.duplicates == 300
+            assert target.publisher.duplicates == end - start
             assert target.publisher.last_seq == end
+            fua = records(300, first=301, fua=True)  # one message each
+            await target.deliver(fua)
+            assert target.publisher.last_seq == end + 300
+            target.publisher.last_seq = end
+            await target.deliver(fua)
+            assert target.publisher.duplicates == end - start + 300
             await target.close(clean=True)
-            assert await read_back(url) == recs
+            assert await read_back(url) == recs + fua
 
         asyncio.run(run())
 
@@ -65,8 +74,9 @@ def test_server_paused_mid_window_loses_and_duplicates_nothing(tmp_path: Path) -
     """SIGSTOP the server, publish, SIGCONT it 1.5 s later from another thread: no
     acknowledgement within ack-timeout, so the publisher asks where the stream ends and goes on
     from there.  Then the same at moments swept across a 4000-message window (where the pause
-    falls depends on the machine's speed; it catches windows partly acknowledged).  Every time
-    the stream holds each record once, in order."""
+    falls depends on the machine's speed; it catches windows partly acknowledged: FUA writes,
+    so that each record is a message of its own).  Every time the stream holds each record
+    once, in order."""
     require_nats()
     with NatsCluster(tmp_path / "nats", 1) as cluster:
         proc = cluster.procs[0]
@@ -83,7 +93,7 @@ def test_server_paused_mid_window_loses_and_duplicates_nothing(tmp_path: Path) -
                 {"type": "stream", "uri": url, "ack-timeout": "0.5", "retry-timeout": "30"}
             )
             await target.open(TargetInfo("disk", 1 << 30, 512))
-            recs = records(count)
+            recs = records(count, fua=True)
             if delay is None:  # paused before the window is sent
                 proc.send_signal(signal.SIGSTOP)
                 timer = threading.Timer(1.5, proc.send_signal, (signal.SIGCONT,))
@@ -92,7 +102,7 @@ def test_server_paused_mid_window_loses_and_duplicates_nothing(tmp_path: Path) -
             timer.start()
             await target.deliver(recs)
             timer.join()
-            more = records(50, first=count + 1)
+            more = records(50, first=count + 1)  # grouped
             await target.deliver(more)  # and the stream goes on from where it is
             retries = target.publisher.retries
             await target.close(clean=True)

@@ -23,7 +23,7 @@ from blocktrace.errors import FormatError, TargetError, UsageError
 from blocktrace.jetstream.conn import ConnectOptions, NatsURL
 from blocktrace.jetstream.consumer import Positioned, StreamSource
 from blocktrace.jetstream.events import EventPublisher
-from blocktrace.stream.apply import apply_record
+from blocktrace.stream.apply import apply_inline, apply_record
 from blocktrace.stream.records import Record, RecordKind
 
 T = TypeVar("T")
@@ -70,13 +70,16 @@ class Applied:
     records: int = 0
     bytes_written: int = 0
     bytes_zeroed: int = 0
-    last: Positioned | None = None
+    last: Record | None = None
     stopped_by: str = "end"
 
 
 class ImageApplier:
     """Applies a stream's records to an existing raw image (a regular file or a block device)
-    in order, through the stream's one applier (:func:`blocktrace.stream.apply.apply_record`).
+    in order, through the stream's one applier (:mod:`blocktrace.stream.apply`): synchronously
+    (:func:`~blocktrace.stream.apply.apply_inline`) on the raw file or block device ``replay``
+    opens, which applies each operation before returning, so a group of small records costs
+    no coroutine per record.
 
     A stream is untrusted input, bounded as ``replay`` bounds a log: every data record's range
     is admitted before anything is applied, and one that does not end within the image is
@@ -102,17 +105,42 @@ class ImageApplier:
                 f"({self.device.size} bytes)"
             )
 
-    async def apply(self, item: Positioned) -> None:
-        rec = item.record
-        if rec.kind.is_data:
+    @property
+    def inline(self) -> bool:
+        """The image applies each operation before returning: :meth:`apply_now` works."""
+        return self.device.applies_inline
+
+    def _count(self, rec: Record) -> bool:
+        """Admit and count ``rec``; True if it changes the image."""
+        kind = rec.kind
+        stats = self.stats
+        stats.records += 1
+        stats.last = rec
+        if kind is RecordKind.WRITE:
             self.admit(rec)
-            await apply_record(self.device, rec, fua=False)
-            if rec.kind is RecordKind.WRITE:
-                self.stats.bytes_written += rec.length
+            stats.bytes_written += rec.length
+        elif kind is RecordKind.ZERO or kind is RecordKind.TRIM:
+            self.admit(rec)
+            stats.bytes_zeroed += rec.length
+        else:
+            return False
+        return True
+
+    def apply_now(self, rec: Record) -> None:
+        """Apply ``rec`` synchronously (only when :attr:`inline`; FUA left to the caller)."""
+        if self._count(rec):
+            apply_inline(self.device, rec)
+
+    async def apply_record(self, rec: Record) -> None:
+        """Apply ``rec`` (FUA left to the caller's flush)."""
+        if self._count(rec):
+            if self.inline:
+                apply_inline(self.device, rec)
             else:
-                self.stats.bytes_zeroed += rec.length
-        self.stats.records += 1
-        self.stats.last = item
+                await apply_record(self.device, rec, fua=False)
+
+    async def apply(self, item: Positioned) -> None:
+        await self.apply_record(item.record)
 
     async def flush(self) -> None:
         await self.device.flush()
@@ -141,15 +169,24 @@ async def replay_stream(
 ) -> Applied:
     """Apply the stream's records onto ``image``, from stream sequence ``start``."""
     applier = ImageApplier(image)
+    stats = applier.stats
     try:
         async with source:
-            async for item in source.records(start=start):
-                await applier.apply(item)
-                why = stop_after(item.record, end_seq, end_mark)
-                if why is None and limit and applier.stats.records >= limit:
-                    why = f"limit {limit}"
+            inline = applier.inline
+            async for batch in source.messages(start=start):
+                why = None
+                for rec in batch.records:
+                    if inline:
+                        applier.apply_now(rec)  # a group: no coroutine per record
+                    else:
+                        await applier.apply_record(rec)
+                    why = stop_after(rec, end_seq, end_mark)
+                    if why is None and limit and stats.records >= limit:
+                        why = f"limit {limit}"
+                    if why is not None:
+                        stats.stopped_by = why
+                        break
                 if why is not None:
-                    applier.stats.stopped_by = why
                     break
         await applier.flush()
     finally:
@@ -198,7 +235,11 @@ async def follow_stream(
     on_batch: Callable[[Applied], None] | None = None,
 ) -> Applied:
     """Keep ``image`` equal to the stream: apply in order, flush the image, then acknowledge
-    (durable consumer), so a restart re-applies only what was not acknowledged."""
+    (durable consumer), so a restart re-applies only what was not acknowledged.
+
+    Acknowledgements fall only at the end of a message (a group's last record): one covers
+    its whole message, so acknowledging mid-group would let a restart skip the group's rest.
+    A FLUSH always ends its group (the publisher closes a group there)."""
     applier = ImageApplier(image, what="follow target")
     try:
         async with source:
@@ -206,8 +247,10 @@ async def follow_stream(
             count = 0
             async for item in source.records(follow=follow):
                 await applier.apply(item)
-                pending = item
                 count += 1
+                if not item.ends_message:
+                    continue
+                pending = item
                 if count >= ack_every or item.record.kind is RecordKind.FLUSH:
                     await applier.flush()
                     await source.ack(item)
@@ -323,7 +366,7 @@ def run_replay(
         replay_stream(source, image, start=start, end_seq=end_seq, end_mark=end_mark, limit=limit)
     )
     last = (
-        f", stopped after record #{result.last.record.seq} ({result.stopped_by})"
+        f", stopped after record #{result.last.seq} ({result.stopped_by})"
         if result.last is not None and result.stopped_by != "end"
         else ""
     )

@@ -4,7 +4,9 @@
 pulls batches from a JetStream pull consumer and reassembles records with
 :class:`~blocktrace.jetstream.wire.Decoder` (bounded memory; hostile messages are a
 :class:`~blocktrace.errors.FormatError`).  Each record comes with the stream sequence of its
-last message: the position a consumer acknowledges, or resumes after.
+last message: the position a consumer acknowledges, or resumes after.  A message may hold a
+group of records (wire format version 2): :meth:`StreamSource.messages` yields them together,
+and a consumer acknowledges only after a message's last record (``Positioned.ends_message``).
 
 Two kinds of consumer:
 
@@ -24,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -45,9 +47,12 @@ T = TypeVar("T")
 RECOVER_SECONDS = 60.0
 #: most messages per pull request
 FETCH_BATCH = 512
-#: most bytes one pull request asks for: the batch shrinks for large messages, because
-#: nats-py *drops* messages past a subscription's pending limit (the gap check would catch it,
-#: at the price of re-reading); the limit is set above two such pulls
+#: most bytes one pull request may bring: nats-py *drops* messages past a subscription's
+#: pending limit (set above two such pulls), and a pull cannot be bounded in bytes through
+#: nats-py, so a pull asks for as many messages as fit if every one is as large as the server
+#: allows (32 with the default 1 MiB ``max_payload``).  Sizing it by the messages seen so far
+#: is wrong: a group's size depends on how many records its batch had, so small messages can
+#: be followed by large ones, and the messages dropped at the end of a stream never arrive
 FETCH_BYTES = 32 * 1024 * 1024
 #: empty pulls in a row after which a bounded read gives up (a message expired meanwhile)
 MAX_IDLE_PULLS = 10
@@ -60,6 +65,20 @@ class Positioned:
     stream_seq: int
     trace: str
     record: Record
+    #: the message's acknowledgement subject (durable consumers)
+    reply: str = ""
+    #: the record is its message's last (a group's last, or a whole version 1 record): only
+    #: there may a consumer acknowledge, since an acknowledgement covers the whole message
+    ends_message: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """The records one message completed, and the stream sequence of that message."""
+
+    stream_seq: int
+    trace: str
+    records: Sequence[Record]
     #: the message's acknowledgement subject (durable consumers)
     reply: str = ""
 
@@ -178,8 +197,23 @@ class StreamSource:
     async def records(
         self, *, start: int = 1, follow: bool = False, idle: float = 1.0
     ) -> AsyncIterator[Positioned]:
-        """Yield records from stream sequence ``start``.  Without ``follow``, stop at the end
-        the stream has now; with it, wait for more (``idle`` seconds per empty pull).
+        """Yield records from stream sequence ``start``, each with its position (see
+        :meth:`messages`, which this flattens)."""
+        async for batch in self.messages(start=start, follow=follow, idle=idle):
+            seq, trace, reply = batch.stream_seq, batch.trace, batch.reply
+            *head, last = batch.records
+            for rec in head:
+                yield Positioned(seq, trace, rec, reply, False)
+            yield Positioned(seq, trace, last, reply)
+
+    async def messages(
+        self, *, start: int = 1, follow: bool = False, idle: float = 1.0
+    ) -> AsyncIterator[Batch]:
+        """Yield the records of each message from stream sequence ``start`` (a group's, or a
+        whole version 1 record once its last chunk arrived), as one :class:`Batch`: what a
+        consumer that applies many small records iterates, one step per message rather than
+        per record.  Without ``follow``, stop at the end the stream has now; with it, wait
+        for more (``idle`` seconds per empty pull).
 
         Every message is checked to follow the previous one: a message lost on its way (a
         consumer leader failing over can advance past messages that never arrived) makes
@@ -196,14 +230,11 @@ class StreamSource:
             return
         idle_pulls = 0
         gap_at = 0
-        largest = int(self._nc.max_payload)  # until messages show their size
+        batch = max(1, min(FETCH_BATCH, FETCH_BYTES // int(self._nc.max_payload)))
         recover_by: float | None = None
         while True:
             try:
-                batch = max(1, min(FETCH_BATCH, FETCH_BYTES // largest))
                 msgs = await self._sub.fetch(batch, timeout=idle)
-                if msgs:
-                    largest = max(len(m.data) for m in msgs) + 1024
                 idle_pulls = 0
                 recover_by = None
             except (TimeoutError, nats.errors.TimeoutError):
@@ -235,7 +266,7 @@ class StreamSource:
                 self._last = seq
                 decoded = self.decoder.feed(msg.headers, msg.data)
                 if decoded is not None:
-                    yield Positioned(seq, decoded.trace, decoded.record, msg.reply or "")
+                    yield Batch(seq, decoded.trace, decoded.records, msg.reply or "")
                 if not follow and seq >= end:
                     if self.decoder.in_record:
                         raise FormatError(f"{self.name}: stream ends inside record")
@@ -243,9 +274,14 @@ class StreamSource:
 
     async def ack(self, item: Positioned) -> None:
         """Acknowledge every message up to ``item``'s (durable consumers; ``AckPolicy.ALL``),
-        and wait until the server has it: call only once ``item`` is applied."""
+        and wait until the server has it: call only once ``item`` is applied, and only for the
+        last record of its message (``item.ends_message``), since the acknowledgement covers
+        every record of the message: acknowledging mid-group would let a restart skip the
+        rest of the group."""
         import nats.errors
 
+        if not item.ends_message:
+            raise ValueError(f"record #{item.record.seq} is not the last of its message")
         if self.durable is None or self._nc is None or not item.reply:
             return
         try:

@@ -7,9 +7,15 @@ stores a message only if the stream ends where the publisher believes, so messag
 always a prefix of what was sent: if one message is lost (a leader dies, a connection drops),
 every later one is refused rather than stored out of order.
 
-Exactly once.  Every message also carries ``Nats-Msg-Id`` (:mod:`.wire`: trace run, record,
-chunk), so a message re-sent after a reconnect that the server had in fact stored is answered
-"duplicate" and not stored twice.
+Exactly once.  Every message also carries ``Nats-Msg-Id`` (:mod:`.wire`: trace run and first
+record of a group, or record and chunk), so a message re-sent after a reconnect that the server
+had in fact stored is answered "duplicate" and not stored twice.  A batch is encoded once, so
+its re-sent messages are the same groups with the same ids.
+
+Groups.  The records of one ``publish`` call travel as few messages as the wire format allows
+(version 2 groups, :func:`.wire.encode_batch`): one message, one acknowledgement, one stored
+entry for many small records.  Nothing is held back for a later call, so grouping never delays
+an acknowledgement; the stream position (``last_seq``) counts messages, not records.
 
 Recovery.  When an acknowledgement is an error, or does not come within ``ack_timeout``, the
 publisher asks the stream where it ends (``last_seq``), checks that the last message is its own,
@@ -113,10 +119,13 @@ class Publisher:
         return int(info.state.last_seq)
 
     async def publish(self, records: Sequence[Record]) -> None:
-        """Return once every record is stored on the stream (acknowledged by JetStream)."""
-        msgs: list[wire.Message] = []
-        for rec in records:
-            msgs.extend(wire.encode(rec, self.trace, self.max_body))
+        """Return once every record is stored on the stream (acknowledged by JetStream).
+
+        The records are packed into as few messages as :func:`~.wire.encode_batch` allows (a
+        group ends at a FLUSH, FUA or mark, and at the message's bounds); only these records
+        are grouped, so a record's acknowledgement never waits for a later one.
+        """
+        msgs = wire.encode_batch(records, self.trace, self.max_body)
         self._next = 0
         deadline: float | None = None
         while self._next < len(msgs):

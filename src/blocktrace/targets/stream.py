@@ -1,9 +1,11 @@
 """The ``stream`` trace target: publish the write stream to a NATS JetStream subject.
 
 ``--trace disk=stream:nats://127.0.0.1:4222/vm1.disk[,replicas=3,...]`` or QMP
-``{"type": "stream", "uri": "nats://...", ...}``.  Each record (write with its data, zero,
-trim, flush, FUA, mark) becomes one message, or several chunks when its data is larger than the
-server's ``max_payload`` (:mod:`blocktrace.jetstream.wire`), published in stream order by
+``{"type": "stream", "uri": "nats://...", ...}``.  The records of each ``deliver`` batch
+(write with its data, zero, trim, flush, FUA, mark) travel in as few messages as the wire format
+allows: groups of whole records (a group ends at a FLUSH, a FUA record or a mark), or several
+chunks for a write larger than the server's ``max_payload`` (:mod:`blocktrace.jetstream.wire`);
+they are published in stream order by
 :class:`~blocktrace.jetstream.publisher.Publisher`: pipelined, each message conditional on the
 stream ending where the previous one was stored, and de-duplicated by ``Nats-Msg-Id``.
 
