@@ -246,3 +246,33 @@ def test_base_taken_while_mounted_is_recovered(tmp_path: Path) -> None:
         ("rmdir", "/early/deep"),
     }
     assert next(e for e in events if e.kind == "rename").old_path == "/early/deep/f"
+
+
+def test_a_file_removed_and_its_inode_reused_in_one_transaction_is_delete_and_create(
+    tmp_path: Path,
+) -> None:
+    """``rm old1; echo > new`` in one jbd2 transaction: the kernel gives ``new`` the inode
+    number ``old1`` just freed (with a new generation).  That is a delete and a create; the
+    engine used to pair the vanished name with the new one by inode number and report
+    ``rename /old1 -> /new`` (seen in the attach filter test on 2026-12-03, where a guest's
+    ``rm /c11`` and its next file shared a commit)."""
+    require_fuse_and_loop()
+    img = mkfs(tmp_path / "disk.img", 64, options=("-b", "4096"))
+    base = tmp_path / "base.img"
+    shutil.copy(img, base)
+    log = tmp_path / "disk.log"
+    with kernel_mount(tmp_path, img, log) as m:
+        for i in range(3):
+            (m / f"old{i}").write_bytes(os.urandom(5000))
+        os.sync()
+        start = entries(log)
+        ino = os.stat(m / "old1").st_ino
+        os.unlink(m / "old1")
+        (m / "new").write_bytes(b"x" * 100)
+        reused = os.stat(m / "new").st_ino == ino
+        os.sync()
+    assert reused  # the case under test: the kernel took the freed number at once
+    with Watcher(base) as w:
+        events = list(w.feed(log_records(log)))
+    later = {(e.kind, e.path) for e in events if e.record >= start}
+    assert later == {("delete", "/old1"), ("create", "/new"), ("write", "/new")}, events

@@ -345,13 +345,25 @@ class Settle:
         for ino, adds in add_by.items():
             rems = rem_by.pop(ino, [])
             inode = self.alive(ino)
-            if ino in self.allocated and not rems and inode is not None:
+            if ino in self.allocated and inode is not None and (not rems or self._reborn(ino)):
                 self._created(ino, inode, adds, creates, links)
+                if rems:  # the old file's names: deleted, not renamed to the new file
+                    rem_by[ino] = rems
                 continue
             rem_by[ino] = self._moved(ino, rems, adds, renames, links)
         for ino, rems in rem_by.items():
             deletes += self._deleted(ino, rems)
         return creates, links, renames, deletes
+
+    def _reborn(self, ino: int) -> bool:
+        """The inode number was freed and given to a new file in this record (its old
+        contents were in use and the new ones carry another generation).  The kernel reuses
+        a freed inode number at once, so ``rm a; echo > b`` in one transaction removes a name
+        of ``ino`` and adds one: that is a delete and a create, not a rename."""
+        old, new, _ = self.changes.get(ino, (None, None, b""))
+        if old is None or new is None:
+            return False
+        return old.in_use and new.in_use and old.i_generation != new.i_generation
 
     def _created(
         self,
