@@ -31,9 +31,10 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from blocktrace.attach.filter import Filter
+from blocktrace.attach.guard import nbd_node_socket
 from blocktrace.attach.monitor import AttachError, Disk, Monitor
 from blocktrace.attach.sink import SINK_SIZE
 from blocktrace.block.device import BlockDevice, ReadableBuffer
@@ -118,9 +119,8 @@ def stale_filter(disk: Disk, graph: dict[str, Any], nodes: list[dict[str, Any]])
     log_info = info.get(log_node, {})
     if log_info.get("drv") != "nbd" or parents(log_node) != [blw] or children(log_node):
         raise refuse(f"{log_node!r} is not an nbd node used by {blw!r} only")
-    url = urlsplit(str(log_info.get("file", "")))
-    socket = parse_qs(url.query).get("socket", [""])[0]
-    if url.scheme != "nbd+unix" or url.path != f"/{sink}" or not socket:
+    socket = nbd_node_socket(log_info)
+    if not socket or urlsplit(str(log_info.get("file", ""))).path != f"/{sink}":
         raise refuse(f"{log_node!r} connects to {log_info.get('file')!r}")
     return StaleFilter(disk=disk, proto=proto, sink=sink, socket=socket)
 
