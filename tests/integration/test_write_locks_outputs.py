@@ -188,3 +188,21 @@ def test_a_replica_of_a_served_image_is_refused(tmp_path: Path) -> None:
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "refusing to write to a served image" in r.stderr, r.stderr
     assert {p: p.read_bytes() for p in (img, other)} == before
+
+
+def test_a_new_replica_image_is_created_0600(tmp_path: Path) -> None:
+    """A replica holds the disk's data: like every other output it is created 0600 (never
+    wider than the source image), not with the umask's 0644."""
+    img = make_image(tmp_path / "disk.img", SIZE, seed=7)
+    os.chmod(img, 0o644)
+    rep = tmp_path / "new-replica.img"
+    qmp_sock = tmp_path / "qmp.sock"
+    args = ["--trace", f"disk=replica:{rep},sync=full,job-id=r", "--qmp", str(qmp_sock)]
+    with ServerProcess(tmp_path, [img], args):
+        qmp = QMP(qmp_sock)
+        try:
+            qmp.wait_caught_up()
+        finally:
+            qmp.close()
+        assert os.stat(rep).st_mode & 0o777 == 0o600
+    assert rep.read_bytes() == img.read_bytes()

@@ -23,7 +23,7 @@ from blocktrace.block.device import BlockDevice
 from blocktrace.block.file import FileDevice
 from blocktrace.block.locking import WRITABLE, lock_image
 from blocktrace.errors import UsageError
-from blocktrace.outfile import FileId, Protected
+from blocktrace.outfile import FileId, Protected, output_mode
 from blocktrace.replica.bitmap import DEFAULT_GRANULARITY
 from blocktrace.replica.meta import META_SUFFIX, Fingerprint, file_fingerprint
 from blocktrace.replica.target import ReplicaTarget
@@ -75,12 +75,16 @@ class LocalReplicaTarget(ReplicaTarget):
         self._served: list[Protected] = []
         #: the image's identity and the descriptor holding its QEMU locks (:meth:`_hold_lock`)
         self._image_lock: tuple[FileId, int] | None = None
+        self._new_mode = output_mode(None)
         super().__init__(f"replica:{filename}", os.path.realpath(filename), **kw)
         if self.meta_path is None:
             self.meta_path = Path(filename + META_SUFFIX)
 
     async def open(self, info: TargetInfo) -> None:
         self._served = served_images(info)
+        # a new replica holds the disk's data: created like every output (0600, never
+        # wider than the source image)
+        self._new_mode = output_mode(info.filename)
         try:
             await super().open(info)
         except BaseException:  # a target whose open failed is not closed: drop the lock now
@@ -95,8 +99,12 @@ class LocalReplicaTarget(ReplicaTarget):
 
     async def open_device(self) -> BlockDevice:
         if not os.path.exists(self.filename):
-            with open(self.filename, "xb") as f:
-                f.truncate(self.size)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(self.filename, flags, self._new_mode)
+            try:
+                os.ftruncate(fd, self.size)
+            finally:
+                os.close(fd)
         dev = FileDevice(self.filename)  # locked by _hold_lock, for the target's whole life
         try:
             me = FileId.of(os.fstat(dev.fd))
