@@ -30,3 +30,16 @@ def block_graph(qmp: Path) -> tuple[set[Any], dict[str, Any]]:
         n["image"] = {k: v for k, v in n["image"].items() if k not in ("actual-size", "dirty-flag")}
         nodes[n["node-name"]] = n
     return edges, nodes
+
+
+def qsd_export_argv(img: Path, qmp: Path, nbd: Path) -> list[str]:
+    """qemu-storage-daemon serving raw ``img`` as node ``n0`` (file node ``p0``), exported
+    writable over NBD on ``nbd`` (``nbd+unix:///n0?socket=NBD``), QMP on ``qmp``: the
+    attach tests' stand-in for a VM whose disk is a node behind an export."""
+    return ["qemu-storage-daemon",
+            "--blockdev", f"driver=file,filename={img},node-name=p0",
+            "--blockdev", "driver=raw,file=p0,node-name=n0",
+            "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+            "--export", "type=nbd,id=e0,node-name=n0,writable=on",
+            "--chardev", f"socket,id=m,path={qmp},server=on,wait=off",
+            "--monitor", "chardev=m"]  # fmt: skip

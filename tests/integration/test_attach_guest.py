@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from attach_graph import block_graph, qemu_qmp
+from attach_graph import block_graph, qemu_qmp, qsd_export_argv
 
 from blocktrace.qmp.client import QMPClient
 from guest import Guest, GuestDisk, guest_visible, make_ext4_disk
@@ -472,13 +472,7 @@ def test_attach_on_qemu_storage_daemon_export(tmp_path: Path, mechanism: str) ->
         f.seek(3 << 20)
         f.write(os.urandom(5 << 20))  # data for the filter's base copy
     qmp, nbd = tmp_path / "qsd.sock", tmp_path / "qsd-nbd.sock"
-    argv = ["qemu-storage-daemon",
-            "--blockdev", f"driver=file,filename={img},node-name=p0",
-            "--blockdev", "driver=raw,file=p0,node-name=n0",
-            "--nbd-server", f"addr.type=unix,addr.path={nbd}",
-            "--export", "type=nbd,id=e0,node-name=n0,writable=on",
-            "--chardev", f"socket,id=m,path={qmp},server=on,wait=off",
-            "--monitor", "chardev=m"]  # fmt: skip
+    argv = qsd_export_argv(img, qmp, nbd)
     qsd = subprocess.Popen(argv)
     uri = f"nbd+unix:///n0?socket={nbd}"
     try:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from attach_graph import qsd_export_argv
 from lock_helpers import LOCKED, locks_on, qemu_process, serve_once, storage_daemon, wait_locked
 
 from blocktrace.block.locking import PERM_BASE
@@ -187,13 +188,7 @@ def test_attach_replica_traces_lock_their_image_both_ways(tmp_path: Path) -> Non
     require("qemu-storage-daemon", "qemu-io")
     img = make_image(tmp_path / "src.raw", 16 * MiB)
     qmp, nbd = tmp_path / "qsd.sock", tmp_path / "qsd-nbd.sock"
-    argv = ["qemu-storage-daemon",
-            "--blockdev", f"driver=file,filename={img},node-name=p0",
-            "--blockdev", "driver=raw,file=p0,node-name=n0",
-            "--nbd-server", f"addr.type=unix,addr.path={nbd}",
-            "--export", "type=nbd,id=e0,node-name=n0,writable=on",
-            "--chardev", f"socket,id=m,path={qmp},server=on,wait=off",
-            "--monitor", "chardev=m"]  # fmt: skip
+    argv = qsd_export_argv(img, qmp, nbd)
     qsd = subprocess.Popen(argv)
     try:
         deadline = time.monotonic() + 30
